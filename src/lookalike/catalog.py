@@ -1,0 +1,565 @@
+"""The facade: one :class:`Catalog` binds one store, one extractor and one engine.
+
+Every face of lookalike (CLI, HTTP, stream, Spark) calls these methods; none reaches past the
+catalog into a backend. See ``DESIGN.md``, "The shape of the Python API".
+
+Example::
+
+    import lookalike
+    cat = lookalike.open_catalog("./cat")
+    report = cat.index(["./photos"])          # IndexReport(added, updated, skipped, failed)
+    result = cat.search("query.jpg", k=10, group_by="listing")
+    for hit in result.hits:
+        print(hit.listing_id, hit.image_id, hit.score)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from .engine import ExactEngine, SearchSpec, VectorCache, check_queries, parse_where
+from .errors import LookalikeError, ModelMismatchError, NotFoundError, QueryError
+from .extract import BaseExtractor, ModelInfo, available_extractors, get_extractor, l2_normalize
+from .images import ImageSource, decode_image, iter_sources, read_bytes, sha256_hex
+from .ingest import IndexReport, run_index
+from .store import FeatureBatch, Key, ListingRecord, Store, open_store
+
+DEFAULT_EXTRACTOR = "cnn"
+DEFAULT_K = 10
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image
+
+
+@dataclass
+class Hit:
+    """One search hit.
+
+    Attributes:
+        listing_id: the listing.
+        image_id: the image (for a grouped hit: the listing's best-scoring image).
+        score: inner product with the query in [-1, 1] (grouped: the aggregate; ``sum-top-n``
+            can exceed 1).
+        rank: 1 for the best hit.
+        n_images: grouped hits only: how many of the listing's images were scored.
+    """
+
+    listing_id: str
+    image_id: str
+    score: float
+    rank: int
+    n_images: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``listing_id``, ``image_id``, ``score``, ``rank`` (+ ``n_images``)."""
+        d: dict[str, Any] = {
+            "listing_id": self.listing_id,
+            "image_id": self.image_id,
+            "score": round(float(self.score), 6),
+            "rank": self.rank,
+        }
+        if self.n_images is not None:
+            d["n_images"] = self.n_images
+        return d
+
+
+@dataclass
+class SearchResult:
+    """The hits of one query, best first, under a ``query_id``.
+
+    Attributes:
+        query_id: unique id (32 hex digits); the key in ``query_results`` when saved.
+        hits: ordered best first.
+        saved: True if written to ``query_results``.
+    """
+
+    query_id: str
+    hits: list[Hit] = field(default_factory=list)
+    saved: bool = False
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``(len(hits),) float32`` scores."""
+        return np.array([h.score for h in self.hits], dtype=np.float32)
+
+    @property
+    def listing_ids(self) -> list[str]:
+        """Listing ids of the hits, in order."""
+        return [h.listing_id for h in self.hits]
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Image ids of the hits, in order."""
+        return [h.image_id for h in self.hits]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape shared by every face: ``{"query_id": ..., "hits": [...]}``."""
+        return {"query_id": self.query_id, "hits": [h.to_dict() for h in self.hits]}
+
+
+class Catalog:
+    """A collection of feature vectors with its store, extractor and engine.
+
+    Build one with :func:`open_catalog`. Thread-safe: searches and writes may come from several
+    threads; the engine syncs with the store (also with other processes' writes) before each
+    search.
+
+    Args:
+        store: the system of record.
+        extractor: extractor name for a new catalog (default ``cnn``); must match an existing
+            catalog's model.
+        device: passed to the ``cnn`` extractor (``auto``, ``cpu``, ``cuda``...).
+
+    Raises:
+        ModelMismatchError: ``extractor`` differs from the catalog's model.
+    """
+
+    def __init__(self, store: Store, extractor: str | None = None, device: str = "auto") -> None:
+        self.store = store
+        self.device = device
+        stored = store.model()
+        if stored is not None and extractor is not None and extractor != stored.name:
+            raise ModelMismatchError(
+                f"catalog {store.uri} holds {stored.name!r} vectors ({stored.tag}, d={stored.dim});"
+                f" it cannot take {extractor!r} vectors. Use another catalog folder."
+            )
+        self._extractor_name = extractor or (stored.name if stored else DEFAULT_EXTRACTOR)
+        self._extractor: BaseExtractor | None = None
+        self._cache: VectorCache | None = None
+        self._engine: ExactEngine | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def uri(self) -> str:
+        """Where the catalog lives (folder path)."""
+        return self.store.uri
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The model of the stored vectors (None for a new, empty catalog)."""
+        return self.store.model()
+
+    @property
+    def extractor(self) -> BaseExtractor:
+        """The extractor that embeds images for this catalog (built on first use).
+
+        Raises:
+            LookalikeError: the catalog holds external vectors with no extractor to match.
+        """
+        with self._lock:
+            if self._extractor is None:
+                if self._extractor_name not in available_extractors():
+                    raise LookalikeError(
+                        f"catalog {self.uri} holds vectors of model {self._extractor_name!r}, "
+                        "which no installed extractor makes; query it by vector or stored id"
+                    )
+                options = {"device": self.device} if self._extractor_name == "cnn" else {}
+                ext = get_extractor(self._extractor_name, **options)
+                self._check_model(ext.info)
+                self._extractor = ext
+            return self._extractor
+
+    def _check_model(self, info: ModelInfo) -> None:
+        stored = self.store.model()
+        if stored is not None and stored != info:
+            raise ModelMismatchError(
+                f"catalog {self.uri} holds vectors of {stored.tag} (d={stored.dim}); "
+                f"refusing vectors of {info.tag} (d={info.dim})"
+            )
+
+    def _claim(self, info: ModelInfo) -> None:
+        self._check_model(info)
+        stored = self.store.claim_model(info)
+        if stored != info:  # another process claimed first with another model
+            raise ModelMismatchError(
+                f"catalog {self.uri} holds vectors of {stored.tag} (d={stored.dim}); "
+                f"refusing vectors of {info.tag} (d={info.dim})"
+            )
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def index(
+        self,
+        inputs: Iterable[str | os.PathLike[str] | ImageSource],
+        *,
+        workers: int | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> IndexReport:
+        """Ingest folders, list files, manifests, image files, URLs or :class:`ImageSource` s.
+
+        Idempotent and resumable (see :mod:`lookalike.ingest`); bad files are reported in
+        :attr:`IndexReport.failed`, never raised.
+
+        Args:
+            inputs: what to ingest (see :func:`lookalike.images.iter_sources`).
+            workers: decode processes (default: one per core).
+            batch_size: images per model call and per store transaction.
+            progress: tqdm progress bar with images/s on stderr.
+
+        Raises:
+            SourceError: an input does not exist or a manifest is malformed.
+            ModelMismatchError: the catalog holds another model's vectors.
+        """
+        items = list(inputs)
+        paths = [x for x in items if not isinstance(x, ImageSource)]
+        sources = [x for x in items if isinstance(x, ImageSource)]
+        sources.extend(iter_sources(paths))
+        ext = self.extractor
+        self._claim(ext.info)
+        return run_index(
+            self.store, ext, sources, workers=workers, batch_size=batch_size, progress=progress
+        )
+
+    def add(
+        self, image: ImageInput, listing_id: str, image_id: str, *, source: str | None = None
+    ) -> Literal["added", "updated", "unchanged"]:
+        """Add or replace one image under ``(listing_id, image_id)``.
+
+        Args:
+            image: file path, URL, encoded bytes, or a PIL image.
+            source: recorded in the store (defaults to the path when one is given).
+
+        Returns:
+            ``"added"``, ``"updated"`` (new bytes under a stored key) or ``"unchanged"``.
+
+        Raises:
+            ImageError: the image cannot be read or decoded.
+        """
+        ext = self.extractor
+        self._claim(ext.info)
+        if isinstance(image, Image.Image):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            data = buf.getvalue()
+        elif isinstance(image, bytes):
+            data = image
+        else:
+            source = source or os.fspath(image)
+            data = read_bytes(image)
+        key = (listing_id, image_id)
+        known = self.store.existing([key]).get(key)
+        if known == sha256_hex(data):
+            return "unchanged"
+        decoded = decode_image(data, name=source or image_id, draft_size=ext.draft_size)
+        vector = ext.embed(ext.preprocess(decoded.image)[None])
+        self.store.upsert(
+            FeatureBatch(
+                [listing_id],
+                [image_id],
+                vector,
+                [decoded.sha256],
+                [source],
+                [decoded.width],
+                [decoded.height],
+            )
+        )
+        return "updated" if known else "added"
+
+    def add_vectors(
+        self,
+        listing_ids: Sequence[str],
+        image_ids: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        model: ModelInfo | None = None,
+        normalize: bool = True,
+    ) -> int:
+        """Store externally made vectors (upsert by key, one transaction).
+
+        Args:
+            listing_ids, image_ids: keys, ``n`` each.
+            vectors: ``(n, d)`` float array.
+            model: the model the vectors come from (default: this catalog's extractor).
+            normalize: L2-normalize rows first (the store holds unit vectors).
+
+        Returns:
+            Rows written.
+
+        Raises:
+            ModelMismatchError: ``model`` (or ``d``) differs from the catalog's.
+            QueryError: NaN/inf values, or mismatched lengths.
+        """
+        info = model or self.extractor.info
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != info.dim:
+            raise ModelMismatchError(
+                f"vectors have shape {v.shape}; model {info.tag} has d={info.dim}"
+            )
+        if not np.isfinite(v).all():
+            raise QueryError("vectors contain NaN or infinity")
+        if not (len(listing_ids) == len(image_ids) == len(v)):
+            raise QueryError("listing_ids, image_ids and vectors differ in length")
+        self._claim(info)
+        if normalize:
+            v = l2_normalize(v)
+        return self.store.upsert(
+            FeatureBatch(
+                list(listing_ids),
+                list(image_ids),
+                v,
+                [sha256_hex(row.tobytes()) for row in v],
+            )
+        )
+
+    def delete(self, image_id: str, listing_id: str | None = None) -> int:
+        """Delete an image by ``image_id`` (and ``listing_id`` when ids repeat across listings).
+
+        Returns:
+            Rows deleted (0 if none matched).
+
+        Raises:
+            QueryError: ``image_id`` matches several listings and ``listing_id`` is not given.
+        """
+        keys = self._resolve_keys(image_id, listing_id, must_exist=False)
+        return self.store.delete(keys)
+
+    def update_listing(self, listing_id: str, **attrs: Any) -> None:
+        """Set live attributes of a listing (``stock_level=0``, ``color="red"``; None removes)."""
+        for name, value in attrs.items():
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise QueryError(f"listing attribute {name!r} must be str, number or bool")
+        self.store.upsert_listing(listing_id, attrs)
+
+    def get_listing(self, listing_id: str) -> ListingRecord:
+        """A listing's attributes.
+
+        Raises:
+            NotFoundError: no such listing.
+        """
+        rec = self.store.get_listing(listing_id)
+        if rec is None:
+            raise NotFoundError(f"no listing {listing_id!r} in {self.uri}")
+        return rec
+
+    # ------------------------------------------------------------------ engine
+
+    def _sync(self) -> VectorCache:
+        """Bring the in-RAM cache up to date with the store (incremental)."""
+        with self._lock:
+            model = self.store.model()
+            if model is None:
+                raise QueryError(f"catalog {self.uri} is empty; index some images first")
+            if self._cache is None or self._cache.dim != model.dim:
+                self._cache = VectorCache(model.dim)
+                self._engine = ExactEngine(self._cache)
+            cache = self._cache
+            cache.apply(self.store.changes_since(cache.seq))
+            seq, listings = self.store.listings_since(cache.listing_seq)
+            cache.update_listings(seq, listings)
+            return cache
+
+    def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Embed images with the catalog's extractor: ``n`` inputs -> ``(n, d) float32``.
+
+        Raises:
+            ImageError: an image cannot be read or decoded.
+        """
+        ext = self.extractor
+        arrays = []
+        for im in images:
+            if isinstance(im, Image.Image):
+                pil = im.convert("RGB")
+            elif isinstance(im, bytes):
+                pil = decode_image(im, draft_size=ext.draft_size).image
+            else:
+                loc = os.fspath(im)
+                pil = decode_image(read_bytes(loc), name=loc, draft_size=ext.draft_size).image
+            arrays.append(ext.preprocess(pil))
+        return ext.embed(np.stack(arrays)) if arrays else np.zeros((0, ext.dim), np.float32)
+
+    def _resolve_keys(self, image_id: str, listing_id: str | None, must_exist: bool) -> list[Key]:
+        if listing_id is not None:
+            keys = [(listing_id, image_id)]
+            if must_exist and not self.store.existing(keys):
+                raise NotFoundError(f"no image {image_id!r} in listing {listing_id!r}")
+            return keys
+        keys = self.store.find_image(image_id)
+        if len(keys) > 1:
+            raise QueryError(
+                f"image id {image_id!r} is in {len(keys)} listings "
+                f"({', '.join(k[0] for k in keys[:5])}); give the listing id too"
+            )
+        if must_exist and not keys:
+            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+        return keys
+
+    def get_image_vector(self, image_id: str, listing_id: str | None = None) -> np.ndarray:
+        """The stored ``(d,) float32`` vector of an image.
+
+        Raises:
+            NotFoundError: no such image. QueryError: ambiguous id.
+        """
+        key = self._resolve_keys(image_id, listing_id, must_exist=True)[0]
+        rec = self.store.get(key)
+        if rec is None:
+            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+        return rec.vector
+
+    def search(
+        self,
+        query: ImageInput | None = None,
+        *,
+        image_id: str | None = None,
+        listing_id: str | None = None,
+        vector: np.ndarray | None = None,
+        k: int | None = None,
+        group_by: Literal["listing"] | None = None,
+        agg: Literal["max", "mean", "sum-top-n"] = "max",
+        top_n: int = 3,
+        threshold: float | None = None,
+        where: str | None = None,
+        save: bool = False,
+        normalize: bool = True,
+    ) -> SearchResult | list[SearchResult]:
+        """Search by image, by stored id, or by vector. Exact inner product over every vector.
+
+        Exactly one of ``query`` (path, URL, bytes, PIL image), ``image_id`` (stored image;
+        ``listing_id`` disambiguates) or ``vector`` must be given.
+
+        Args:
+            vector: ``(d,)`` -> one result; ``(n, d)`` -> a list of ``n`` results.
+            k: hits to return; default 10, or no limit when ``threshold`` is set.
+            group_by: ``"listing"``: one hit per listing, scored by ``agg``.
+            agg: ``max`` | ``mean`` | ``sum-top-n`` (sum of the ``top_n`` best images).
+            threshold: only hits with ``score > threshold``.
+            where: filter on listing attributes, e.g. ``"stock_level > 0"``
+                (grammar: :mod:`lookalike.engine.filters`).
+            save: write the hits to ``query_results`` under the result's ``query_id``.
+            normalize: L2-normalize query vectors (so scores are cosines).
+
+        Returns:
+            A :class:`SearchResult`, or a list of them for a batch of vectors.
+
+        Raises:
+            QueryError: bad arguments, NaN in a vector, unknown attribute in ``where``.
+            NotFoundError: ``image_id`` not stored. ImageError: query image unreadable.
+        """
+        given = sum(x is not None for x in (query, image_id, vector))
+        if given != 1:
+            raise QueryError("give exactly one of: a query image, image_id=, vector=")
+        batch = False
+        if vector is not None:
+            q = np.asarray(vector)
+            batch = q.ndim == 2
+        elif image_id is not None:
+            q = self.get_image_vector(image_id, listing_id)
+        else:
+            q = self.embed([query])[0]  # type: ignore[list-item]
+        with self._lock:
+            cache = self._sync()
+            q = check_queries(q, cache.dim)
+            if normalize:
+                q = l2_normalize(q)
+            mask = None
+            if where:
+                expr = parse_where(where)
+                known = (
+                    {"listing_id"}.union(*cache.listings.attrs)
+                    if len(cache.listings)
+                    else {"listing_id"}
+                )
+                unknown = sorted(expr.names() - known)
+                if unknown:
+                    raise QueryError(
+                        f"where: unknown listing attribute(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(known))}"
+                    )
+                mask = expr.mask(cache.listings)
+            spec = SearchSpec(
+                k=k if k is not None else (None if threshold is not None else DEFAULT_K),
+                threshold=threshold,
+                group_by=group_by,
+                agg=agg,
+                top_n=top_n,
+                listing_mask=mask,
+            )
+            assert self._engine is not None
+            raw = self._engine.search(q, spec)
+            results = []
+            for r in raw:
+                hits = [
+                    Hit(
+                        listing_id=cache.keys[row][0],
+                        image_id=cache.keys[row][1],
+                        score=float(score),
+                        rank=i + 1,
+                        n_images=int(cnt) if group_by == "listing" else None,
+                    )
+                    for i, (row, score, cnt) in enumerate(
+                        zip(r.rows, r.scores, r.counts, strict=True)
+                    )
+                ]
+                results.append(SearchResult(uuid.uuid4().hex, hits))
+        if save:
+            for res in results:
+                self.store.save_results(
+                    res.query_id, [(h.listing_id, h.image_id, h.score) for h in res.hits]
+                )
+                res.saved = True
+        return results if batch else results[0]
+
+    def stats(self) -> dict[str, Any]:
+        """Catalog facts: model, image and listing counts, engine cache memory (bytes)."""
+        model = self.store.model()
+        out: dict[str, Any] = {"catalog": self.uri, "images": self.store.count()}
+        if model is None:
+            out["model"] = None
+            return out
+        cache = self._sync()
+        out.update(
+            model={"name": model.name, "version": model.version, "dim": model.dim},
+            listings=int(np.unique(cache.codes[cache.alive]).size),
+            engine=self._engine.name if self._engine else None,
+            cache_rows=cache.n_rows,
+            cache_bytes=cache.nbytes(),
+        )
+        return out
+
+
+def open_catalog(
+    location: str | os.PathLike[str],
+    extractor: str | None = None,
+    *,
+    device: str = "auto",
+    create: bool = True,
+) -> Catalog:
+    """Open (or create) the catalog at ``location``.
+
+    Args:
+        location: catalog folder (embedded SQLite store).
+        extractor: for a new catalog, the extractor (default ``cnn``); for an existing one,
+            checked against the stored model.
+        device: ``cnn`` inference device: ``auto`` (GPU if present), ``cpu``, ``cuda``.
+        create: create the catalog if missing.
+
+    Raises:
+        NotFoundError: missing catalog and ``create`` is False.
+        ModelMismatchError: ``extractor`` differs from the catalog's model.
+    """
+    return Catalog(
+        open_store(Path(location) if not isinstance(location, str) else location, create=create),
+        extractor=extractor,
+        device=device,
+    )

@@ -1,0 +1,524 @@
+"""The ``lookalike`` command: a thin layer over :class:`lookalike.Catalog`.
+
+Exit codes: 0 success; 1 error (message on stderr); 2 usage error; 3 ``index`` finished but
+some images failed (listed on stderr and, with ``--failed-csv``, in a file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LookalikeError
+
+app = typer.Typer(
+    name="lookalike",
+    help=(
+        "Semantic image search: index images into a catalog of feature vectors, then find "
+        "lookalikes by image, stored id or vector.\n\n"
+        "Start with:  lookalike demo ./demo  (writes a demo collection of real photos and "
+        "prints the next commands)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+listing_app = typer.Typer(
+    help="Read and set live listing attributes (stock_level, ...).", no_args_is_help=True
+)
+app.add_typer(listing_app, name="listing")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+
+CatalogOpt = Annotated[
+    str,
+    typer.Option(
+        "--catalog",
+        "-c",
+        envvar="LOOKALIKE_CATALOG",
+        help="Catalog folder (created on first index). Env: LOOKALIKE_CATALOG.",
+    ),
+]
+
+
+class OutputFormat(StrEnum):
+    """Output formats."""
+
+    table = "table"
+    json = "json"
+
+
+class GroupBy(StrEnum):
+    """Group keys."""
+
+    listing = "listing"
+
+
+class Agg(StrEnum):
+    """Per-listing aggregations."""
+
+    max = "max"
+    mean = "mean"
+    sum_top_n = "sum-top-n"
+
+
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="table (for people) or json (for programs).")
+]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    return typer.Exit(EXIT_ERROR)
+
+
+def _open(catalog: str, extractor: str | None = None, device: str = "auto", create: bool = False):
+    from .catalog import open_catalog
+
+    return open_catalog(catalog, extractor=extractor, device=device, create=create)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def index(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Folders (recursive; listing_id = parent folder name, image_id = path under the "
+            "folder), list files (.txt: one path/URL a line), manifests (.csv/.parquet with "
+            "listing_id,image_id,path), image files or http(s) URLs."
+        ),
+    ],
+    catalog: CatalogOpt,
+    extractor: Annotated[
+        str,
+        typer.Option(
+            help="Extractor for a new catalog: cnn (EfficientNet-Lite0, 1280-d), hog (1764-d), "
+            "colorhist (512-d). An existing catalog keeps its own."
+        ),
+    ] = "",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Decode worker processes (default: one per core; 0 = decode in-process)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per model call and per transaction.")
+    ] = 32,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="cnn inference: auto (GPU if present, else ONNX Runtime CPU), cpu, cuda."
+        ),
+    ] = "auto",
+    failed_csv: Annotated[
+        Path | None, typer.Option(help="Write failed files as CSV (location,reason).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Extract feature vectors from images and store them in the catalog.
+
+    Idempotent: images already stored with the same bytes are skipped, so re-running the same
+    command adds nothing and an interrupted run resumes. A file that cannot be decoded is
+    reported and skipped; the exit code is 3 if any failed.
+    """
+    try:
+        cat = _open(catalog, extractor or None, device, create=True)
+        with cat:
+            report = cat.index(inputs, workers=workers, batch_size=batch_size, progress=progress)
+    except KeyboardInterrupt:
+        err.print("interrupted: committed batches are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if failed_csv:
+        with open(failed_csv, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["location", "reason"])
+            writer.writerows(report.failed)
+    for _, reason in report.failed[:20]:
+        err.print(f"failed: {reason}", highlight=False, markup=False)
+    if len(report.failed) > 20:
+        err.print(f"... and {len(report.failed) - 20} more", highlight=False)
+    if fmt == OutputFormat.json:
+        _print_json(
+            {
+                "added": report.added,
+                "updated": report.updated,
+                "skipped": report.skipped,
+                "failed": [{"location": loc, "reason": why} for loc, why in report.failed],
+                "seconds": round(report.seconds, 3),
+                "images_per_s": round(report.images_per_s, 2),
+            }
+        )
+    else:
+        out.print(report.summary(), highlight=False)
+    if report.failed:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def search(
+    catalog: CatalogOpt,
+    query: Annotated[
+        str | None, typer.Argument(help="Query image file or URL (or use --id / --vector).")
+    ] = None,
+    image_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Search by a stored image id, e.g. truck-17/front.jpg."),
+    ] = None,
+    listing: Annotated[
+        str | None,
+        typer.Option(help="Listing of --id, when the same image id exists in several listings."),
+    ] = None,
+    vector: Annotated[
+        Path | None, typer.Option(help="Search by a vector: a .npy file of shape (d,) or (n, d).")
+    ] = None,
+    k: Annotated[
+        int | None,
+        typer.Option("-k", "--k", help="Number of hits (default 10; unlimited with --threshold)."),
+    ] = None,
+    group_by: Annotated[
+        GroupBy | None, typer.Option(help="listing: one hit per listing, scored by --agg.")
+    ] = None,
+    agg: Annotated[
+        Agg,
+        typer.Option(
+            help="Per-listing score: max, mean, or sum-top-n (sum of the --top-n best images)."
+        ),
+    ] = Agg.max,
+    top_n: Annotated[int, typer.Option(help="n of sum-top-n.")] = 3,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Only hits with score > THRESHOLD (score = cosine, in [-1, 1])."),
+    ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Filter on listing attributes, e.g. \"stock_level > 0 and category = 'vehicle'\"."
+        ),
+    ] = None,
+    save: Annotated[
+        bool, typer.Option(help="Write the hits to query_results under the printed query_id.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="cnn inference device: auto, cpu, cuda.")] = "auto",
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Find the images (or listings) most like a query: exact inner product over every vector.
+
+    Examples:
+
+      lookalike search query.jpg -c ./cat -k 5 --group-by listing
+
+      lookalike search --id chelsea/chelsea-01.jpg -c ./cat --threshold 0.8
+
+      lookalike search q.jpg -c ./cat --where "stock_level > 0" --save --format json
+    """
+    try:
+        with _open(catalog, device=device) as cat:
+            vec = np.load(vector) if vector is not None else None
+            result = cat.search(
+                query,
+                image_id=image_id,
+                listing_id=listing,
+                vector=vec,
+                k=k,
+                group_by=group_by.value if group_by else None,
+                agg=agg.value,
+                top_n=top_n,
+                threshold=threshold,
+                where=where,
+                save=save,
+            )
+    except (LookalikeError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    results = result if isinstance(result, list) else [result]
+    if fmt == OutputFormat.json:
+        for res in results:
+            _print_json(res.to_dict())
+        return
+    for res in results:
+        table = Table(
+            title=f"query {res.query_id}" + (" (saved)" if res.saved else ""), title_justify="left"
+        )
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("listing_id")
+        table.add_column("image_id")
+        if group_by:
+            table.add_column("images", justify="right")
+        for h in res.hits:
+            row = [str(h.rank), f"{h.score:.4f}", h.listing_id, h.image_id]
+            if group_by:
+                row.append(str(h.n_images))
+            table.add_row(*row)
+        out.print(table)
+        if not res.hits:
+            out.print("no hits")
+
+
+@app.command()
+def stats(catalog: CatalogOpt, fmt: FormatOpt = OutputFormat.table) -> None:
+    """Catalog facts: model, number of images and listings, engine memory."""
+    try:
+        with _open(catalog) as cat:
+            facts = cat.stats()
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if fmt == OutputFormat.json:
+        _print_json(facts)
+        return
+    for key, value in facts.items():
+        if key == "cache_bytes":
+            value = f"{value} ({value / 2**20:.1f} MiB)"
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        out.print(f"{key:>12}: {value}", highlight=False)
+
+
+@app.command()
+def delete(
+    image_id: Annotated[str, typer.Argument(help="Stored image id to delete.")],
+    catalog: CatalogOpt,
+    listing: Annotated[str | None, typer.Option(help="Listing, if the id is ambiguous.")] = None,
+) -> None:
+    """Delete a stored image (the next search no longer returns it)."""
+    try:
+        with _open(catalog) as cat:
+            n = cat.delete(image_id, listing)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if n == 0:
+        err.print(f"error: no image {image_id!r}", highlight=False)
+        raise typer.Exit(EXIT_ERROR)
+    out.print(f"deleted {n} image(s)")
+
+
+@app.command()
+def results(
+    query_id: Annotated[str, typer.Argument(help="A query_id printed by search --save.")],
+    catalog: CatalogOpt,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Show the hits a search saved with --save."""
+    try:
+        with _open(catalog) as cat:
+            rows = cat.store.get_results(query_id)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if not rows:
+        err.print(f"error: no saved results for query {query_id!r}", highlight=False)
+        raise typer.Exit(EXIT_ERROR)
+    hits = [
+        {
+            "listing_id": r.listing_id,
+            "image_id": r.image_id,
+            "score": round(r.score, 6),
+            "rank": r.rank,
+        }
+        for r in rows
+    ]
+    if fmt == OutputFormat.json:
+        _print_json({"query_id": query_id, "hits": hits})
+        return
+    for h in hits:
+        out.print(
+            f"{h['rank']:>4}  {h['score']:.4f}  {h['listing_id']}  {h['image_id']}", highlight=False
+        )
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``key=value`` value: int, float, true/false, null (removes), else the string."""
+    low = text.strip().lower()
+    if low in ("null", "none", ""):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if re.fullmatch(r"[-+]?\d+", text.strip()):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@listing_app.command("set")
+def listing_set(
+    listing_id: Annotated[str, typer.Argument(help="The listing.")],
+    assignments: Annotated[
+        list[str],
+        typer.Argument(
+            help="key=value pairs, e.g. stock_level=0 color=red (value null removes the key)."
+        ),
+    ],
+    catalog: CatalogOpt,
+) -> None:
+    """Set live attributes of a listing; searches with --where see them at once."""
+    attrs = {}
+    for item in assignments:
+        if "=" not in item:
+            err.print(f"error: {item!r} is not key=value", highlight=False)
+            raise typer.Exit(2)
+        key, value = item.split("=", 1)
+        attrs[key.strip()] = parse_value(value)
+    try:
+        with _open(catalog, create=True) as cat:
+            cat.update_listing(listing_id, **attrs)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+
+
+@listing_app.command("show")
+def listing_show(
+    listing_id: Annotated[str, typer.Argument(help="The listing.")],
+    catalog: CatalogOpt,
+) -> None:
+    """Print a listing's attributes as JSON."""
+    try:
+        with _open(catalog) as cat:
+            rec = cat.get_listing(listing_id)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    _print_json({"listing_id": rec.listing_id, **rec.attrs})
+
+
+@listing_app.command("import")
+def listing_import(
+    csv_file: Annotated[
+        Path,
+        typer.Argument(help="CSV with a listing_id column; every other column is an attribute."),
+    ],
+    catalog: CatalogOpt,
+) -> None:
+    """Set listing attributes from a CSV file (numbers and true/false are parsed)."""
+    try:
+        with open(csv_file, newline="", encoding="utf-8") as fh, _open(catalog, create=True) as cat:
+            reader = csv.DictReader(fh)
+            if "listing_id" not in (reader.fieldnames or []):
+                raise LookalikeError(f"{csv_file}: no listing_id column")
+            n = 0
+            for i, row in enumerate(reader, start=1):
+                lid = (row.pop("listing_id") or "").strip()
+                if not lid:
+                    raise LookalikeError(f"{csv_file}: row {i}: empty listing_id")
+                cat.update_listing(lid, **{k: parse_value(v or "") for k, v in row.items()})
+                n += 1
+    except (LookalikeError, OSError) as exc:
+        raise _fail(exc) from None
+    out.print(f"updated {n} listing(s)")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Where to write the demo collection.")],
+    images_per_listing: Annotated[int, typer.Option(help="Indexed variants per photo.")] = 6,
+    queries_per_listing: Annotated[int, typer.Option(help="Held-out query variants.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed of the variants.")] = 0,
+) -> None:
+    """Write a demo collection of real photos (from scikit-image and scikit-learn; no download).
+
+    Each of 14 photos becomes a listing of seeded variants (crop, mirror, rotation, colour,
+    JPEG quality) in FOLDER/photos, with held-out queries in FOLDER/queries and listing
+    attributes in FOLDER/listings.csv.
+    """
+    from .demo import write_demo
+
+    counts = write_demo(folder, images_per_listing, queries_per_listing, seed)
+    out.print(
+        f"wrote {counts['images']} images in {counts['listings']} listings to {folder}/photos, "
+        f"{counts['queries']} queries to {folder}/queries. Next:\n"
+        f"  lookalike index {folder}/photos --catalog {folder}/cat\n"
+        f"  lookalike listing import {folder}/listings.csv --catalog {folder}/cat\n"
+        f"  lookalike search {folder}/queries/chelsea/q-01.jpg --catalog {folder}/cat "
+        "-k 5 --group-by listing",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+def eval_(
+    catalog: CatalogOpt,
+    queries: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of query images in <listing_id>/ subfolders (the relevant listing)."
+        ),
+    ],
+    k: Annotated[int, typer.Option("-k", "--k", help="Cut-off for precision@k, recall@k.")] = 10,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Measure retrieval quality: top-1, precision@k, recall@k and mAP over labelled queries."""
+    from .evaluate import evaluate, query_set
+
+    try:
+        with _open(catalog) as cat:
+            report = evaluate(cat, query_set(queries), k=k)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    d = report.to_dict()
+    if fmt == OutputFormat.json:
+        _print_json(d)
+    else:
+        for key, value in d.items():
+            out.print(f"{key:>15}: {value}", highlight=False)
+
+
+@app.command()
+def extractors(
+    prepare: Annotated[
+        bool,
+        typer.Option(help="Build and verify the cnn ONNX file now (otherwise done on first use)."),
+    ] = False,
+) -> None:
+    """List the available extractors (name, dimension, version)."""
+    from .extract import available_extractors, get_extractor
+
+    for name in available_extractors():
+        info = get_extractor(name).info
+        out.print(f"{name:>10}  d={info.dim:<5} {info.version}", highlight=False)
+    if prepare:
+        from .extract.cnn import export_onnx, onnx_path
+
+        path = onnx_path()
+        out.print(f"cnn ONNX: {export_onnx(path) if not path.exists() else path}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The engine's in-RAM copy of a collection: vectors, keys, listing codes and listing attributes.
+
+Rows are kept clustered by ``listing_id`` (the seed's "partition on the group key"): the first
+load comes from the store ordered by ``(listing_id, image_id)``; later writes are appended and
+the cache is re-clustered when it compacts. Listings are numbered with dense integer *listing
+codes* so that grouping and filtering work on integer arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..store import Changes, Key, ListingRecord
+
+#: Compact (drop dead rows and re-cluster) once this fraction of the rows is dead.
+COMPACT_DEAD_FRACTION = 0.25
+
+
+class ListingTable:
+    """Listing ids <-> dense integer codes, and each listing's live attributes.
+
+    Codes are assigned on first sight (from a feature row or a listing record) and never reused.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.code_of: dict[str, int] = {}
+        self.attrs: list[dict[str, Any]] = []
+        self._columns: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def code(self, listing_id: str) -> int:
+        """The code of ``listing_id``, assigning the next one if it is new."""
+        c = self.code_of.get(listing_id)
+        if c is None:
+            c = len(self.ids)
+            self.code_of[listing_id] = c
+            self.ids.append(listing_id)
+            self.attrs.append({})
+            self._columns.clear()
+        return c
+
+    def codes(self, listing_ids: Sequence[str]) -> np.ndarray:
+        """``(n,) int32`` codes for ``listing_ids`` (new ones assigned)."""
+        n = len(listing_ids)
+        return np.fromiter((self.code(x) for x in listing_ids), dtype=np.int32, count=n)
+
+    def update(self, records: Sequence[ListingRecord]) -> None:
+        """Replace the attributes of the listings in ``records``."""
+        for rec in records:
+            self.attrs[self.code(rec.listing_id)] = dict(rec.attrs)
+        if records:
+            self._columns.clear()
+
+    def column(self, name: str) -> np.ndarray:
+        """``(len(self),) object`` array of attribute ``name`` per listing code (None if unset).
+
+        ``listing_id`` is a column too. Cached until the next change.
+        """
+        col = self._columns.get(name)
+        if col is None:
+            col = np.empty(len(self.ids), dtype=object)
+            if name == "listing_id":
+                col[:] = self.ids
+            else:
+                col[:] = [a.get(name) for a in self.attrs]
+            self._columns[name] = col
+        return col
+
+
+class VectorCache:
+    """The collection's vectors in RAM, synced from a store's change sequence.
+
+    Attributes:
+        dim: vector dimension ``d``.
+        seq: last store sequence number applied.
+        listings: the :class:`ListingTable`.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.seq = 0
+        self.listing_seq = 0
+        self.listings = ListingTable()
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+        self._codes = np.zeros(0, dtype=np.int32)
+        self._alive = np.zeros(0, dtype=bool)
+        self._n = 0
+        self.keys: list[Key] = []
+        self.row_of: dict[Key, int] = {}
+        self.version = 0  # bumped on every change, for derived caches (indexes, codes)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def n_rows(self) -> int:
+        """Rows held, dead ones included."""
+        return self._n
+
+    @property
+    def n_alive(self) -> int:
+        """Rows that are live (not deleted or replaced)."""
+        return len(self.row_of)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """``(n_rows, d) float32`` view (dead rows included; see :attr:`alive`)."""
+        return self._vectors[: self._n]
+
+    @property
+    def codes(self) -> np.ndarray:
+        """``(n_rows,) int32`` listing code of each row."""
+        return self._codes[: self._n]
+
+    @property
+    def alive(self) -> np.ndarray:
+        """``(n_rows,) bool``: False for deleted or replaced rows."""
+        return self._alive[: self._n]
+
+    def nbytes(self) -> int:
+        """Approximate RAM held by the cache, in bytes (arrays plus key bookkeeping)."""
+        arrays = self._vectors.nbytes + self._codes.nbytes + self._alive.nbytes
+        per_key = 200  # tuple of two short str + dict slot, measured with sys.getsizeof
+        return int(arrays + per_key * len(self.keys))
+
+    # ------------------------------------------------------------------ changes
+
+    def apply(self, changes: Changes) -> None:
+        """Apply a store's :class:`~lookalike.store.Changes` (deletes first, then upserts)."""
+        if changes.vectors.shape[0] and changes.vectors.shape[1] != self.dim:
+            raise ValueError(
+                f"store vectors have d={changes.vectors.shape[1]}, cache expects {self.dim}"
+            )
+        for key in changes.deleted:
+            row = self.row_of.pop(key, None)
+            if row is not None:
+                self._alive[row] = False
+        if changes.upserted:
+            for key in changes.upserted:
+                row = self.row_of.get(key)
+                if row is not None:
+                    self._alive[row] = False
+            self._append(changes.upserted, changes.vectors)
+        self.seq = max(self.seq, changes.seq)
+        if changes.upserted or changes.deleted:
+            self.version += 1
+            if self._n and (self._n - self.n_alive) > COMPACT_DEAD_FRACTION * self._n:
+                self.compact()
+
+    def _append(self, keys: Sequence[Key], vectors: np.ndarray) -> None:
+        m = len(keys)
+        need = self._n + m
+        if need > self._vectors.shape[0]:
+            cap = max(need, int(self._vectors.shape[0] * 1.5) + 1024) if self._n else need
+            self._vectors = _grow(self._vectors, cap, self._n)
+            self._codes = _grow(self._codes, cap, self._n)
+            self._alive = _grow(self._alive, cap, self._n)
+        start = self._n
+        self._vectors[start:need] = vectors
+        self._codes[start:need] = self.listings.codes([k[0] for k in keys])
+        self._alive[start:need] = True
+        for i, key in enumerate(keys):
+            self.row_of[key] = start + i
+        self.keys.extend(keys)
+        self._n = need
+
+    def compact(self) -> None:
+        """Drop dead rows and re-cluster the live ones by ``(listing_id, image_id)``."""
+        live = sorted(self.row_of.items())
+        rows = np.fromiter((r for _, r in live), dtype=np.int64, count=len(live))
+        self._vectors = np.ascontiguousarray(self._vectors[rows])
+        self._codes = self._codes[rows].copy()
+        self._alive = np.ones(len(rows), dtype=bool)
+        self.keys = [k for k, _ in live]
+        self.row_of = {k: i for i, k in enumerate(self.keys)}
+        self._n = len(rows)
+        self.version += 1
+
+    def update_listings(self, seq: int, records: Sequence[ListingRecord]) -> None:
+        """Apply changed listing attributes up to store sequence ``seq``."""
+        self.listings.update(records)
+        self.listing_seq = max(self.listing_seq, seq)
+
+
+def _grow(arr: np.ndarray, cap: int, n: int) -> np.ndarray:
+    out = np.zeros((cap, *arr.shape[1:]), dtype=arr.dtype)
+    out[:n] = arr[:n]
+    return out

@@ -1,0 +1,303 @@
+"""The batch ingest pipeline: sources -> parallel decode -> batched extraction -> store.
+
+Worker processes read each file, hash it, skip it if the store already holds the same bytes
+under the same key, decode and validate it (:func:`lookalike.images.decode_image`) and run the
+extractor's cheap ``preprocess``. The parent process stacks the results into batches, runs the
+model once per batch and writes each batch to the store in one transaction.
+
+Guarantees:
+
+* **one bad file never stops the run**: it is recorded in :attr:`IndexReport.failed` with its
+  path and the reason, and the batch goes on;
+* **idempotent**: a source whose ``(listing_id, image_id)`` is stored with the same SHA-256 is
+  skipped without decoding; changed bytes under a stored key replace the row;
+* **resumable**: batches are committed as they complete, so re-running an interrupted command
+  skips what was committed and does the rest;
+* **bounded memory**: at most ``workers * 4`` chunks of work are in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ImageError
+from .extract import BaseExtractor, get_extractor
+from .images import ImageSource, decode_image, read_bytes, sha256_hex
+from .store import FeatureBatch, Key, Store
+
+log = logging.getLogger(__name__)
+
+#: Below this many sources, decoding runs in the calling process (a pool costs ~1 s to start).
+INLINE_BELOW = 48
+#: Sources per task sent to a worker process.
+CHUNK = 8
+
+
+@dataclass
+class IndexReport:
+    """What an ingest run did.
+
+    Attributes:
+        added: new images stored.
+        updated: stored images whose bytes changed and were re-extracted.
+        skipped: images already stored with the same bytes (no work done).
+        failed: ``(location, reason)`` for every source that could not be ingested.
+        seconds: wall time of the run, in seconds.
+    """
+
+    added: int = 0
+    updated: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Sources seen."""
+        return self.added + self.updated + self.skipped + len(self.failed)
+
+    @property
+    def images_per_s(self) -> float:
+        """Sources processed per second of wall time (images/s)."""
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for humans."""
+        return (
+            f"{self.added} added, {self.updated} updated, {self.skipped} unchanged, "
+            f"{len(self.failed)} failed in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
+        )
+
+
+@dataclass
+class _Task:
+    source: ImageSource
+    known_sha256: str | None
+
+
+@dataclass
+class _Prepared:
+    source: ImageSource
+    status: str  # "ok", "same", "failed"
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    array: np.ndarray | None = None
+    reason: str = ""
+
+
+_worker_extractor: BaseExtractor | None = None
+
+
+def _init_worker(extractor_name: str) -> None:
+    global _worker_extractor
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _worker_extractor = get_extractor(extractor_name)
+
+
+def _prepare_one(task: _Task, extractor: BaseExtractor) -> _Prepared:
+    src = task.source
+    try:
+        data = read_bytes(src.location)
+        digest = sha256_hex(data)
+        if digest == task.known_sha256:
+            return _Prepared(src, "same", sha256=digest)
+        decoded = decode_image(data, name=src.location, draft_size=extractor.draft_size)
+        array = extractor.preprocess(decoded.image)
+    except ImageError as exc:
+        return _Prepared(src, "failed", reason=str(exc))
+    except Exception as exc:  # a decoder bug must not stop a run of a million images
+        return _Prepared(src, "failed", reason=f"{src.location}: {type(exc).__name__}: {exc}")
+    return _Prepared(
+        src, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array
+    )
+
+
+def _prepare_chunk(tasks: list[_Task]) -> list[_Prepared]:
+    assert _worker_extractor is not None
+    return [_prepare_one(t, _worker_extractor) for t in tasks]
+
+
+def default_workers() -> int:
+    """Decode worker processes: one per core (``LOOKALIKE_WORKERS`` overrides)."""
+    env = os.environ.get("LOOKALIKE_WORKERS")
+    if env:
+        return max(0, int(env))
+    return os.cpu_count() or 1
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                unit="img",
+                desc="index",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
+
+    def update(self, n: int, failed: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if failed:
+                self.bar.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_index(
+    store: Store,
+    extractor: BaseExtractor,
+    sources: Iterable[ImageSource],
+    *,
+    workers: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> IndexReport:
+    """Ingest ``sources`` into ``store`` with ``extractor`` (see the module docstring).
+
+    Args:
+        store: destination; its model must already be claimed for ``extractor.info``.
+        extractor: makes the vectors (the model runs in this process).
+        sources: images to ingest; a key seen twice in one run is a failure of the second.
+        workers: decode processes (default :func:`default_workers`); 0 decodes in-process.
+        batch_size: images per model call and per store transaction.
+        progress: show a tqdm bar on stderr with images/s.
+        on_failure: called with ``(location, reason)`` as each failure happens.
+
+    Returns:
+        :class:`IndexReport` (also partially filled if interrupted: the exception propagates).
+    """
+    t0 = time.perf_counter()
+    report = IndexReport()
+    srcs = list(sources)
+    seen: dict[Key, str] = {}
+    unique: list[ImageSource] = []
+    for s in srcs:
+        key = (s.listing_id, s.image_id)
+        if key in seen:
+            _fail(
+                report,
+                on_failure,
+                s.location,
+                f"{s.location}: duplicate key {key} (already used by {seen[key]})",
+            )
+        else:
+            seen[key] = s.location
+            unique.append(s)
+    n_workers = default_workers() if workers is None else workers
+    if len(unique) < INLINE_BELOW:
+        n_workers = 0
+    bar = _Progress(len(srcs), progress)
+    bar.update(len(srcs) - len(unique), len(report.failed))
+    pending: list[_Prepared] = []
+
+    def flush() -> None:
+        ok = [p for p in pending if p.status == "ok"]
+        if ok:
+            vectors = extractor.embed(np.stack([p.array for p in ok]))  # type: ignore[misc]
+            keys = [(p.source.listing_id, p.source.image_id) for p in ok]
+            known = store.existing(keys)
+            store.upsert(
+                FeatureBatch(
+                    listing_ids=[k[0] for k in keys],
+                    image_ids=[k[1] for k in keys],
+                    vectors=vectors,
+                    sha256s=[p.sha256 for p in ok],
+                    sources=[p.source.location for p in ok],
+                    widths=[p.width for p in ok],
+                    heights=[p.height for p in ok],
+                )
+            )
+            report.updated += sum(1 for k in keys if k in known)
+            report.added += sum(1 for k in keys if k not in known)
+        bar.update(len(pending), len(report.failed))
+        pending.clear()
+
+    def consume(items: Sequence[_Prepared]) -> None:
+        for p in items:
+            if p.status == "failed":
+                _fail(report, on_failure, p.source.location, p.reason)
+            elif p.status == "same":
+                report.skipped += 1
+            pending.append(p)
+            if sum(1 for x in pending if x.status == "ok") >= batch_size:
+                flush()
+
+    try:
+        if n_workers == 0:
+            for tasks in _task_chunks(store, unique, CHUNK * 8):
+                consume([_prepare_one(t, extractor) for t in tasks])
+        else:
+            _run_pool(store, extractor, unique, n_workers, consume)
+        flush()
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _fail(report: IndexReport, cb: Callable[[str, str], None] | None, loc: str, why: str) -> None:
+    report.failed.append((loc, why))
+    log.warning("skipped %s", why)
+    if cb is not None:
+        cb(loc, why)
+
+
+def _task_chunks(store: Store, sources: Sequence[ImageSource], size: int) -> Iterable[list[_Task]]:
+    """Tasks in chunks, each with the stored SHA-256 of its key (one store query per chunk)."""
+    for start in range(0, len(sources), size):
+        chunk = sources[start : start + size]
+        known = store.existing([(s.listing_id, s.image_id) for s in chunk])
+        yield [_Task(s, known.get((s.listing_id, s.image_id))) for s in chunk]
+
+
+def _run_pool(
+    store: Store,
+    extractor: BaseExtractor,
+    sources: Sequence[ImageSource],
+    n_workers: int,
+    consume: Callable[[Sequence[_Prepared]], None],
+) -> None:
+    # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks scripts
+    # without an ``if __name__ == "__main__"`` guard. Workers only decode with Pillow and never
+    # touch the parent's ONNX Runtime / OpenMP thread pools, which is what makes fork unsafe.
+    ctx = multiprocessing.get_context("fork")
+    max_in_flight = n_workers * 4
+    with ProcessPoolExecutor(
+        max_workers=n_workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(extractor.name,),
+    ) as pool:
+        in_flight: deque[Future[list[_Prepared]]] = deque()
+        try:
+            for big in _task_chunks(store, sources, CHUNK * max_in_flight):
+                for start in range(0, len(big), CHUNK):
+                    while len(in_flight) >= max_in_flight:
+                        consume(in_flight.popleft().result())
+                    in_flight.append(pool.submit(_prepare_chunk, big[start : start + CHUNK]))
+            while in_flight:
+                consume(in_flight.popleft().result())
+        except BaseException:
+            for fut in in_flight:
+                fut.cancel()
+            raise

@@ -1,0 +1,223 @@
+"""The system of record behind one protocol: SQLite (embedded default); more backends plug in here.
+
+A store keeps the three tables of ``DESIGN.md``: ``features`` (one row per
+``(listing_id, image_id)``, vector as a float32 blob), ``listings`` (live attributes such as
+``stock_level``) and ``query_results``. It knows nothing of models or images: it stores bytes,
+keys and a change sequence.
+
+**Change sequence.** Every write transaction takes the next value of a per-catalog counter;
+rows it writes (and tombstones of rows it deletes) carry that value. An engine that has applied
+everything up to ``seq`` asks :meth:`Store.changes_since` for the rest and stays in sync
+incrementally, also with writes made by other processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..extract import ModelInfo
+
+Key = tuple[str, str]
+"""``(listing_id, image_id)``: the primary key of an image."""
+
+
+@dataclass
+class FeatureBatch:
+    """Rows to upsert into ``features``, column-wise.
+
+    Attributes:
+        listing_ids, image_ids: keys, ``n`` each.
+        vectors: ``(n, d) float32``, L2-normalized.
+        sha256s: hex SHA-256 of each image's file bytes (or of the vector for external vectors).
+        sources: path or URL each image was read from (``None`` if unknown).
+        widths, heights: original image size in pixels (``None`` if unknown).
+        labels: optional per-row JSON-able metadata dicts.
+    """
+
+    listing_ids: list[str]
+    image_ids: list[str]
+    vectors: np.ndarray
+    sha256s: list[str]
+    sources: list[str | None] = field(default_factory=list)
+    widths: list[int | None] = field(default_factory=list)
+    heights: list[int | None] = field(default_factory=list)
+    labels: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.listing_ids)
+        for name in ("sources", "widths", "heights", "labels"):
+            if not getattr(self, name):
+                setattr(self, name, [None] * n)
+        lengths = {
+            len(self.image_ids),
+            len(self.sha256s),
+            len(self.sources),
+            len(self.widths),
+            len(self.heights),
+            len(self.labels),
+            self.vectors.shape[0],
+        }
+        if lengths != {n}:
+            raise ValueError(f"FeatureBatch columns have different lengths: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.listing_ids)
+
+
+@dataclass
+class ImageRecord:
+    """One stored image (a ``features`` row).
+
+    Attributes:
+        vector: ``(d,) float32``.
+        ingested_at: Unix time in seconds.
+    """
+
+    listing_id: str
+    image_id: str
+    vector: np.ndarray
+    model: str
+    source: str | None
+    sha256: str
+    width: int | None
+    height: int | None
+    ingested_at: float
+    labels: dict[str, Any] | None
+
+
+@dataclass
+class Changes:
+    """What changed after a sequence number (see the module docstring).
+
+    Apply ``deleted`` first, then ``upserted``: a key in both was deleted and written again.
+
+    Attributes:
+        seq: the sequence number these changes bring the reader up to.
+        upserted: keys of rows written (inserted or replaced), ordered by
+            ``(listing_id, image_id)``.
+        vectors: ``(len(upserted), d) float32``.
+        deleted: keys of rows deleted.
+    """
+
+    seq: int
+    upserted: list[Key]
+    vectors: np.ndarray
+    deleted: list[Key]
+
+
+@dataclass
+class ListingRecord:
+    """A ``listings`` row: live attributes to filter and join on.
+
+    Attributes:
+        attrs: every attribute, ``stock_level`` and ``etag`` included.
+    """
+
+    listing_id: str
+    attrs: dict[str, Any]
+
+
+@dataclass
+class StoredHit:
+    """A ``query_results`` row."""
+
+    query_id: str
+    rank: int
+    listing_id: str
+    image_id: str
+    score: float
+    created_at: float
+
+
+class Store(Protocol):
+    """What every backend provides. Writes are atomic per call (one transaction)."""
+
+    uri: str
+
+    def claim_model(self, info: ModelInfo) -> ModelInfo:
+        """Record ``info`` as the collection's model if none is set; return the stored one."""
+        ...
+
+    def model(self) -> ModelInfo | None:
+        """The collection's model, or None for an empty new catalog."""
+        ...
+
+    def existing(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """SHA-256 of those of ``keys`` that are stored."""
+        ...
+
+    def upsert(self, batch: FeatureBatch) -> int:
+        """Insert or replace rows, all in one transaction; returns the number written."""
+        ...
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        """Delete rows (one transaction); returns how many existed."""
+        ...
+
+    def changes_since(self, seq: int) -> Changes:
+        """Rows written and deleted after ``seq`` (``0``: everything)."""
+        ...
+
+    def get(self, key: Key) -> ImageRecord | None:
+        """One stored image, or None."""
+        ...
+
+    def find_image(self, image_id: str) -> list[Key]:
+        """Keys of every row whose ``image_id`` equals ``image_id``."""
+        ...
+
+    def count(self) -> int:
+        """Number of rows in ``features``."""
+        ...
+
+    def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
+        """Merge ``attrs`` into a listing (a value of None removes that attribute)."""
+        ...
+
+    def listings_since(self, seq: int) -> tuple[int, list[ListingRecord]]:
+        """Listings whose attributes changed after ``seq``, and the new high-water mark."""
+        ...
+
+    def get_listing(self, listing_id: str) -> ListingRecord | None:
+        """One listing, or None."""
+        ...
+
+    def save_results(self, query_id: str, hits: Sequence[tuple[str, str, float]]) -> None:
+        """Write ``(listing_id, image_id, score)`` hits, best first, under ``query_id``."""
+        ...
+
+    def get_results(self, query_id: str) -> list[StoredHit]:
+        """Hits saved under ``query_id``, best first."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def open_store(location: str | os.PathLike[str], create: bool = True) -> Store:
+    """Open the store at ``location``: a catalog folder (SQLite ``catalog.db`` inside).
+
+    Args:
+        location: catalog folder path.
+        create: create the folder and schema if missing.
+
+    Raises:
+        NotFoundError: the catalog does not exist and ``create`` is False.
+        LookalikeError: the location names an unsupported backend.
+    """
+    from ..errors import LookalikeError
+
+    text = os.fspath(location)
+    if "://" in text:
+        raise LookalikeError(
+            f"{text}: unsupported catalog URL; use a folder path for the embedded SQLite store"
+        )
+    from .sqlite import SqliteStore
+
+    return SqliteStore(text, create=create)

@@ -1,0 +1,420 @@
+"""The embedded store: one SQLite database (``catalog.db``) in WAL mode in the catalog folder.
+
+Durability: every write is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so a crash (even
+``kill -9``) leaves either the whole batch or none of it. WAL mode lets readers (an API server)
+read while one writer writes; ``synchronous=NORMAL`` keeps committed transactions across an
+application crash (the last ones may be lost on a power cut, SQLite docs, "WAL mode").
+
+Schema version 1 (see ``DESIGN.md``, "Data model"): ``features`` keyed by
+``(listing_id, image_id)`` and indexed in that order, so a listing's rows are read contiguously;
+``listings``; ``query_results`` keyed by ``(query_id, rank)``; ``deletions`` (tombstones for
+the change sequence); ``meta`` (schema version, model, sequence counter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LookalikeError, NotFoundError
+from ..extract import ModelInfo
+from . import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, StoredHit
+
+DB_NAME = "catalog.db"
+SCHEMA_VERSION = 1
+#: Listing attributes stored as their own columns; all others go to the ``attrs`` JSON column.
+LISTING_COLUMNS = ("stock_level", "etag")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS features (
+    listing_id  TEXT NOT NULL,
+    image_id    TEXT NOT NULL,
+    vector      BLOB NOT NULL,
+    model       TEXT NOT NULL,
+    source      TEXT,
+    sha256      TEXT NOT NULL,
+    width       INTEGER,
+    height      INTEGER,
+    ingested_at REAL NOT NULL,
+    labels      TEXT,
+    seq         INTEGER NOT NULL,
+    PRIMARY KEY (listing_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS features_seq ON features (seq);
+CREATE INDEX IF NOT EXISTS features_image_id ON features (image_id);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq INTEGER NOT NULL, listing_id TEXT NOT NULL, image_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deletions_seq ON deletions (seq);
+CREATE TABLE IF NOT EXISTS listings (
+    listing_id  TEXT PRIMARY KEY,
+    stock_level INTEGER,
+    etag        TEXT,
+    attrs       TEXT,
+    updated_at  REAL,
+    seq         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS listings_seq ON listings (seq);
+CREATE TABLE IF NOT EXISTS query_results (
+    query_id   TEXT NOT NULL,
+    rank       INTEGER NOT NULL,
+    listing_id TEXT NOT NULL,
+    image_id   TEXT NOT NULL,
+    score      REAL NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (query_id, rank)
+);
+"""
+
+_CHUNK = 400  # keys per IN (...) query, well under SQLite's 32766 host-parameter limit
+
+
+class SqliteStore:
+    """:class:`~lookalike.store.Store` on SQLite. Thread-safe (one connection, one lock).
+
+    Args:
+        folder: catalog folder; the database is ``folder/catalog.db``.
+        create: create the folder and schema when missing.
+
+    Raises:
+        NotFoundError: no catalog at ``folder`` and ``create`` is False.
+        LookalikeError: the database is of a newer schema version.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], create: bool = True) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / DB_NAME
+        if not self.path.exists():
+            if not create:
+                raise NotFoundError(f"{self.folder}: no catalog here (no {DB_NAME})")
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.uri = str(self.folder)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=60.0
+        )
+        self._conn.execute("PRAGMA busy_timeout = 60000")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        with self._lock:
+            self._conn.executescript(
+                "BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES "
+                f"('schema_version', '{SCHEMA_VERSION}'), ('seq', '0');"
+                "COMMIT;"
+            )
+        version = int(self._meta("schema_version") or 0)
+        if version > SCHEMA_VERSION:
+            raise LookalikeError(
+                f"{self.path}: schema version {version} is newer than this lookalike "
+                f"({SCHEMA_VERSION}); upgrade lookalike"
+            )
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction; rolled back on any exception."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        """A consistent snapshot for multi-statement reads."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _next_seq(cur: sqlite3.Cursor) -> int:
+        cur.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq'")
+        return int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+
+    def _in_chunks(self, keys: Sequence[Key]) -> Iterator[tuple[str, list[str]]]:
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start : start + _CHUNK]
+            placeholders = ",".join(["(?, ?)"] * len(chunk))
+            params = [part for key in chunk for part in key]
+            yield placeholders, params
+
+    # ------------------------------------------------------------------ model
+
+    def model(self) -> ModelInfo | None:
+        """The collection's model, or None for an empty new catalog."""
+        raw = self._meta("model")
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return ModelInfo(d["name"], d["version"], int(d["dim"]))
+
+    def claim_model(self, info: ModelInfo) -> ModelInfo:
+        """Record ``info`` as the collection's model if none is set; return the stored one."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('model', ?)",
+                (json.dumps({"name": info.name, "version": info.version, "dim": info.dim}),),
+            )
+        stored = self.model()
+        assert stored is not None
+        return stored
+
+    # ------------------------------------------------------------------ features
+
+    def existing(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """SHA-256 of those of ``keys`` that are stored."""
+        found: dict[Key, str] = {}
+        with self._lock:
+            for placeholders, params in self._in_chunks(keys):
+                rows = self._conn.execute(
+                    "SELECT listing_id, image_id, sha256 FROM features "
+                    f"WHERE (listing_id, image_id) IN (VALUES {placeholders})",
+                    params,
+                ).fetchall()
+                found.update(((r[0], r[1]), r[2]) for r in rows)
+        return found
+
+    def upsert(self, batch: FeatureBatch) -> int:
+        """Insert or replace ``batch`` in one transaction; returns the number of rows written."""
+        if len(batch) == 0:
+            return 0
+        vectors = np.ascontiguousarray(batch.vectors, dtype="<f4")
+        model = self.model()
+        tag = model.tag if model else ""
+        now = time.time()
+        with self._write() as cur:
+            seq = self._next_seq(cur)
+            cur.executemany(
+                "INSERT INTO features (listing_id, image_id, vector, model, source, sha256, "
+                "width, height, ingested_at, labels, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (listing_id, image_id) DO UPDATE SET vector = excluded.vector, "
+                "model = excluded.model, source = excluded.source, sha256 = excluded.sha256, "
+                "width = excluded.width, height = excluded.height, "
+                "ingested_at = excluded.ingested_at, labels = excluded.labels, seq = excluded.seq",
+                [
+                    (
+                        batch.listing_ids[i],
+                        batch.image_ids[i],
+                        vectors[i].tobytes(),
+                        tag,
+                        batch.sources[i],
+                        batch.sha256s[i],
+                        batch.widths[i],
+                        batch.heights[i],
+                        now,
+                        json.dumps(batch.labels[i]) if batch.labels[i] is not None else None,
+                        seq,
+                    )
+                    for i in range(len(batch))
+                ],
+            )
+            cur.executemany(
+                "INSERT OR IGNORE INTO listings (listing_id, updated_at) VALUES (?, ?)",
+                [(lid, now) for lid in dict.fromkeys(batch.listing_ids)],
+            )
+        return len(batch)
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        """Delete rows in one transaction, leaving tombstones; returns how many existed."""
+        if not keys:
+            return 0
+        with self._write() as cur:
+            seq = self._next_seq(cur)
+            deleted = 0
+            for placeholders, params in self._in_chunks(list(keys)):
+                rows = cur.execute(
+                    f"DELETE FROM features WHERE (listing_id, image_id) IN (VALUES {placeholders}) "
+                    "RETURNING listing_id, image_id",
+                    params,
+                ).fetchall()
+                cur.executemany(
+                    "INSERT INTO deletions VALUES (?, ?, ?)", [(seq, r[0], r[1]) for r in rows]
+                )
+                deleted += len(rows)
+        return deleted
+
+    def changes_since(self, seq: int) -> Changes:
+        """Rows written and deleted after ``seq`` (``0``: everything), in one snapshot."""
+        with self._read() as cur:
+            high = int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            if seq == 0:
+                rows = cur.execute(
+                    "SELECT listing_id, image_id, vector FROM features "
+                    "ORDER BY listing_id, image_id"
+                ).fetchall()
+                deleted: list[Key] = []
+            else:
+                rows = cur.execute(
+                    "SELECT listing_id, image_id, vector FROM features WHERE seq > ? "
+                    "ORDER BY listing_id, image_id",
+                    (seq,),
+                ).fetchall()
+                deleted = [
+                    (r[0], r[1])
+                    for r in cur.execute(
+                        "SELECT listing_id, image_id FROM deletions WHERE seq > ? ORDER BY seq",
+                        (seq,),
+                    )
+                ]
+        model = self.model()
+        dim = model.dim if model else 0
+        if rows:
+            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(
+                len(rows), -1
+            )
+        else:
+            vectors = np.zeros((0, dim), dtype=np.float32)
+        return Changes(
+            seq=high,
+            upserted=[(r[0], r[1]) for r in rows],
+            vectors=vectors.astype(np.float32, copy=False),
+            deleted=deleted,
+        )
+
+    def get(self, key: Key) -> ImageRecord | None:
+        """One stored image, or None."""
+        with self._lock:
+            r = self._conn.execute(
+                "SELECT listing_id, image_id, vector, model, source, sha256, width, height, "
+                "ingested_at, labels FROM features WHERE listing_id = ? AND image_id = ?",
+                key,
+            ).fetchone()
+        if r is None:
+            return None
+        return ImageRecord(
+            listing_id=r[0],
+            image_id=r[1],
+            vector=np.frombuffer(r[2], dtype="<f4").copy(),
+            model=r[3],
+            source=r[4],
+            sha256=r[5],
+            width=r[6],
+            height=r[7],
+            ingested_at=r[8],
+            labels=json.loads(r[9]) if r[9] else None,
+        )
+
+    def find_image(self, image_id: str) -> list[Key]:
+        """Keys of every row whose ``image_id`` equals ``image_id``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT listing_id, image_id FROM features WHERE image_id = ? ORDER BY listing_id",
+                (image_id,),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def count(self) -> int:
+        """Number of rows in ``features``."""
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+
+    # ------------------------------------------------------------------ listings
+
+    def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
+        """Merge ``attrs`` into a listing (None removes an attribute); one transaction."""
+        with self._write() as cur:
+            seq = self._next_seq(cur)
+            row = cur.execute(
+                "SELECT stock_level, etag, attrs FROM listings WHERE listing_id = ?", (listing_id,)
+            ).fetchone()
+            current = self._listing_attrs(row) if row else {}
+            for name, value in attrs.items():
+                if value is None:
+                    current.pop(name, None)
+                else:
+                    current[name] = value
+            extra = {k: v for k, v in current.items() if k not in LISTING_COLUMNS}
+            cur.execute(
+                "INSERT INTO listings (listing_id, stock_level, etag, attrs, updated_at, seq) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (listing_id) DO UPDATE SET "
+                "stock_level = excluded.stock_level, etag = excluded.etag, "
+                "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
+                (
+                    listing_id,
+                    current.get("stock_level"),
+                    current.get("etag"),
+                    json.dumps(extra) if extra else None,
+                    time.time(),
+                    seq,
+                ),
+            )
+
+    @staticmethod
+    def _listing_attrs(row: Sequence[Any]) -> dict[str, Any]:
+        attrs: dict[str, Any] = json.loads(row[2]) if row[2] else {}
+        if row[0] is not None:
+            attrs["stock_level"] = row[0]
+        if row[1] is not None:
+            attrs["etag"] = row[1]
+        return attrs
+
+    def listings_since(self, seq: int) -> tuple[int, list[ListingRecord]]:
+        """Listings whose attributes changed after ``seq``, and the new high-water mark."""
+        with self._read() as cur:
+            high = int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            rows = cur.execute(
+                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE seq > ?", (seq,)
+            ).fetchall()
+        return high, [ListingRecord(r[0], self._listing_attrs(r[1:])) for r in rows]
+
+    def get_listing(self, listing_id: str) -> ListingRecord | None:
+        """One listing, or None."""
+        with self._lock:
+            r = self._conn.execute(
+                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE listing_id = ?",
+                (listing_id,),
+            ).fetchone()
+        return ListingRecord(r[0], self._listing_attrs(r[1:])) if r else None
+
+    # ------------------------------------------------------------------ query results
+
+    def save_results(self, query_id: str, hits: Sequence[tuple[str, str, float]]) -> None:
+        """Write hits, best first, under ``query_id`` (rank 1 = best); one transaction."""
+        now = time.time()
+        with self._write() as cur:
+            cur.executemany(
+                "INSERT INTO query_results VALUES (?,?,?,?,?,?)",
+                [
+                    (query_id, rank, lid, iid, float(score), now)
+                    for rank, (lid, iid, score) in enumerate(hits, start=1)
+                ],
+            )
+
+    def get_results(self, query_id: str) -> list[StoredHit]:
+        """Hits saved under ``query_id``, best first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT query_id, rank, listing_id, image_id, score, created_at "
+                "FROM query_results WHERE query_id = ? ORDER BY rank",
+                (query_id,),
+            ).fetchall()
+        return [StoredHit(*r) for r in rows]
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()

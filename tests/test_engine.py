@@ -1,0 +1,234 @@
+"""The exact engine against the brute-force oracle: top-k, threshold, grouping, filters, deletes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracle
+from lookalike.engine import ExactEngine, SearchSpec, VectorCache
+from lookalike.errors import QueryError
+from lookalike.store import Changes
+
+
+def make_cache(keys, vectors, seq=1) -> VectorCache:
+    cache = VectorCache(vectors.shape[1])
+    cache.apply(Changes(seq=seq, upserted=list(keys), vectors=vectors, deleted=[]))
+    return cache
+
+
+def random_collection(rng, n_listings=7, per=5, d=8):
+    keys = [(f"L{i:02d}", f"L{i:02d}/img{j}") for i in range(n_listings) for j in range(per)]
+    rng.shuffle(keys)
+    return keys, oracle.quantized(rng, len(keys), d)
+
+
+def run(cache, q, **spec):
+    listing_ok = spec.pop("listing_ok", None)
+    mask = None
+    if listing_ok is not None:
+        mask = np.array([listing_ok(lid) for lid in cache.listings.ids])
+    hits = ExactEngine(cache).search(q, SearchSpec(listing_mask=mask, **spec))[0]
+    pairs = zip(hits.rows, hits.scores, strict=True)
+    return [(cache.keys[r][0], cache.keys[r][1], float(s)) for r, s in pairs]
+
+
+def expected(cache, q, **spec):
+    live = [(k, cache.vectors[r]) for k, r in cache.row_of.items()]
+    return oracle.search([k for k, _ in live], np.array([v for _, v in live]), q, **spec)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 35, 100])
+def test_image_topk_matches_oracle(k):
+    rng = np.random.default_rng(k)
+    keys, vectors = random_collection(rng)
+    cache = make_cache(keys, vectors)
+    for _ in range(5):
+        q = oracle.quantized(rng, 1, 8)[0]
+        assert run(cache, q, k=k) == expected(cache, q, k=k)
+
+
+def test_k_larger_than_collection_returns_everything_in_order():
+    rng = np.random.default_rng(1)
+    keys, vectors = random_collection(rng, 3, 2)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+    hits = run(cache, q, k=1000)
+    assert len(hits) == 6
+    assert hits == expected(cache, q, k=1000)
+
+
+def test_ties_are_broken_by_listing_then_image_id():
+    keys = [("b", "b/2"), ("a", "a/9"), ("b", "b/1"), ("c", "c/0"), ("a", "a/1")]
+    vectors = np.ones((5, 4), dtype=np.float32)
+    cache = make_cache(keys, vectors)
+    q = np.ones(4, dtype=np.float32)
+    assert [h[:2] for h in run(cache, q, k=3)] == [("a", "a/1"), ("a", "a/9"), ("b", "b/1")]
+    grouped = run(cache, q, k=10, group_by="listing")
+    assert [h[:2] for h in grouped] == [("a", "a/1"), ("b", "b/1"), ("c", "c/0")]
+
+
+@pytest.mark.parametrize("agg", ["max", "mean", "sum-top-n"])
+@pytest.mark.parametrize("top_n", [1, 2, 4])
+def test_grouped_matches_oracle(agg, top_n):
+    rng = np.random.default_rng(top_n)
+    keys, vectors = random_collection(rng, 9, 4)
+    cache = make_cache(keys, vectors)
+    for _ in range(4):
+        q = oracle.quantized(rng, 1, 8)[0]
+        for k in (1, 4, 20):
+            spec = dict(k=k, group_by="listing", agg=agg, top_n=top_n)
+            assert run(cache, q, **spec) == expected(cache, q, **spec)
+
+
+@pytest.mark.parametrize("group_by", [None, "listing"])
+def test_threshold_returns_every_hit_above(group_by):
+    rng = np.random.default_rng(7)
+    keys, vectors = random_collection(rng, 8, 6)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+    for t in (-1.0, 0.0, 0.125, 0.5):
+        spec = dict(k=None, threshold=t, group_by=group_by)
+        got = run(cache, q, **spec)
+        assert got == expected(cache, q, **spec)
+        assert all(h[2] > t for h in got)
+
+
+def test_threshold_with_k_cuts_after_threshold():
+    rng = np.random.default_rng(8)
+    keys, vectors = random_collection(rng)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+    assert run(cache, q, k=3, threshold=0.0) == expected(cache, q, k=3, threshold=0.0)
+
+
+def test_filter_is_applied_before_ranking():
+    rng = np.random.default_rng(9)
+    keys, vectors = random_collection(rng)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+
+    def ok(lid):
+        return int(lid[1:]) % 2 == 0
+
+    for group_by in (None, "listing"):
+        got = run(cache, q, k=3, group_by=group_by, listing_ok=ok)
+        assert len(got) == 3 and all(ok(h[0]) for h in got)
+        assert got == expected(cache, q, k=3, group_by=group_by, listing_ok=ok)
+
+
+def test_empty_filter_result_gives_no_hits():
+    rng = np.random.default_rng(10)
+    keys, vectors = random_collection(rng)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+    assert run(cache, q, k=5, listing_ok=lambda lid: False) == []
+    assert run(cache, q, k=5, group_by="listing", listing_ok=lambda lid: False) == []
+
+
+def test_deletes_and_replacements_are_applied_incrementally():
+    rng = np.random.default_rng(11)
+    keys, vectors = random_collection(rng, 4, 4, d=8)
+    cache = make_cache(keys, vectors)
+    gone = keys[:3]
+    replaced = keys[3]
+    new_vec = oracle.quantized(rng, 1, 8)
+    cache.apply(Changes(seq=2, upserted=[replaced], vectors=new_vec, deleted=gone))
+    assert cache.n_alive == len(keys) - 3
+    q = new_vec[0]
+    got = run(cache, q, k=100)
+    assert not {h[:2] for h in got} & set(gone)
+    assert got == expected(cache, q, k=100)
+    assert cache.vectors[cache.row_of[replaced]].tolist() == new_vec[0].tolist()
+
+
+def test_all_rows_deleted_gives_no_hits():
+    rng = np.random.default_rng(12)
+    keys, vectors = random_collection(rng, 2, 2)
+    cache = make_cache(keys, vectors)
+    cache.apply(Changes(seq=2, upserted=[], vectors=np.zeros((0, 8), np.float32), deleted=keys))
+    q = oracle.quantized(rng, 1, 8)[0]
+    assert run(cache, q, k=5) == []
+    assert run(cache, q, k=5, group_by="listing") == []
+
+
+def test_compaction_keeps_answers_and_reclusters_by_listing():
+    rng = np.random.default_rng(13)
+    keys, vectors = random_collection(rng, 6, 5)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 8)[0]
+    cache.apply(
+        Changes(
+            seq=2, upserted=[], vectors=np.zeros((0, 8), np.float32), deleted=keys[: len(keys) // 2]
+        )
+    )  # > 25% dead -> compacts
+    assert cache.n_rows == cache.n_alive
+    lids = [cache.keys[r][0] for r in range(cache.n_rows)]
+    assert lids == sorted(lids)
+    assert run(cache, q, k=50, group_by="listing") == expected(cache, q, k=50, group_by="listing")
+
+
+def test_batch_of_queries_equals_single_queries():
+    rng = np.random.default_rng(14)
+    keys, vectors = random_collection(rng)
+    cache = make_cache(keys, vectors)
+    queries = oracle.quantized(rng, 6, 8)
+    engine = ExactEngine(cache)
+    batch = engine.search(queries, SearchSpec(k=7))
+    for q, hits in zip(queries, batch, strict=True):
+        single = engine.search(q, SearchSpec(k=7))[0]
+        assert hits.rows.tolist() == single.rows.tolist()
+
+
+@pytest.mark.parametrize("bad", [np.array([np.nan] * 8), np.array([np.inf] + [0.0] * 7)])
+def test_nan_or_inf_query_is_a_clear_error(bad):
+    cache = make_cache([("a", "a/1")], np.ones((1, 8), np.float32))
+    with pytest.raises(QueryError, match="NaN or infinity"):
+        ExactEngine(cache).search(bad, SearchSpec())
+
+
+def test_wrong_dimension_query_is_a_clear_error():
+    cache = make_cache([("a", "a/1")], np.ones((1, 8), np.float32))
+    with pytest.raises(QueryError, match="d=5"):
+        ExactEngine(cache).search(np.ones(5, np.float32), SearchSpec())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(k=0),
+        dict(k=None),
+        dict(agg="median"),
+        dict(group_by="image"),
+        dict(top_n=0),
+        dict(threshold=float("nan")),
+    ],
+)
+def test_bad_specs_are_refused(spec):
+    with pytest.raises(QueryError):
+        SearchSpec(**spec)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_listings=st.integers(1, 6),
+    per=st.integers(1, 5),
+    k=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    agg=st.sampled_from(["max", "mean", "sum-top-n"]),
+    top_n=st.integers(1, 4),
+    grouped=st.booleans(),
+    levels=st.integers(1, 3),
+)
+def test_property_search_equals_oracle(n_listings, per, k, seed, agg, top_n, grouped, levels):
+    """Few levels -> many exact ties: ordering and selection must still match the oracle."""
+    rng = np.random.default_rng(seed)
+    keys = [(f"L{i}", f"L{i}/{j}") for i in range(n_listings) for j in range(per)]
+    rng.shuffle(keys)
+    vectors = oracle.quantized(rng, len(keys), 4, levels)
+    cache = make_cache(keys, vectors)
+    q = oracle.quantized(rng, 1, 4, levels)[0]
+    spec = dict(k=k, group_by="listing" if grouped else None, agg=agg, top_n=top_n)
+    assert run(cache, q, **spec) == expected(cache, q, **spec)
