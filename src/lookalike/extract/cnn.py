@@ -213,12 +213,13 @@ class _TorchBackend:
         import torch
 
         self.torch = torch
+        self.torch_device = device
         self.model = build_torch_model().to(device)
-        self.device = device
+        self.device = f"{device} (torch)"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            out = self.model(self.torch.from_numpy(x).to(self.device, non_blocking=True))
+            out = self.model(self.torch.from_numpy(x).to(self.torch_device, non_blocking=True))
             return out.float().cpu().numpy()
 
 

@@ -1,0 +1,205 @@
+"""The ``lookalike`` command through subprocess, as a user runs it (and as the README says)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([LOOKALIKE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def quickstart_commands() -> list[list[str]]:
+    """The `run ...` lines of scripts/quickstart.sh, the README's first command."""
+    text = (ROOT / "scripts" / "quickstart.sh").read_text()
+    return [shlex.split(line)[1:] for line in text.splitlines() if line.startswith("run ")]
+
+
+def test_readme_starts_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert "bash scripts/quickstart.sh" in readme
+    assert ".venv/bin/python -m pytest" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/python -m pytest" in ci
+
+
+def test_quickstart_commands_work_and_find_the_right_listing(tmp_path):
+    commands = quickstart_commands()
+    assert commands, "no run lines in scripts/quickstart.sh"
+    outputs = []
+    for argv in commands:
+        assert argv[0] == ".venv/bin/lookalike"
+        outputs.append(cli(*argv[1:], cwd=tmp_path).stdout)
+    # the first search (table) shows the motorcycle listing (right camera) first
+    table_rows = [ln for ln in outputs[3].splitlines() if re.match(r"^│\s+1 ", ln)]
+    assert table_rows and "motorcycle" in table_rows[0]
+    # the filtered JSON search: chelsea (in stock) first, coffee (stock 0) absent
+    result = json.loads(outputs[4])
+    assert set(result) == {"query_id", "hits"}
+    assert result["hits"][0]["listing_id"] == "chelsea"
+    assert list(result["hits"][0])[:3] == ["listing_id", "image_id", "score"]
+    assert "coffee" not in [h["listing_id"] for h in result["hits"]]
+    # running the index step again adds nothing
+    again = cli(
+        "index",
+        "demo/photos",
+        "--catalog",
+        "demo/cat",
+        "--format",
+        "json",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert json.loads(again.stdout)["added"] == 0
+
+
+@pytest.fixture
+def catalog(cnn_catalog_copy: Path) -> str:
+    return str(cnn_catalog_copy)
+
+
+def test_search_json_save_and_results(catalog, demo_dir):
+    q = str(demo_dir / "queries" / "flower" / "q-01.jpg")
+    res = json.loads(cli("search", q, "-c", catalog, "-k", "3", "--save", "-f", "json").stdout)
+    assert res["hits"][0]["listing_id"] == "flower" and len(res["hits"]) == 3
+    saved = json.loads(cli("results", res["query_id"], "-c", catalog, "-f", "json").stdout)
+    assert [h["image_id"] for h in saved["hits"]] == [h["image_id"] for h in res["hits"]]
+
+
+def test_search_by_id_threshold_and_vector(catalog, tmp_path):
+    res = json.loads(
+        cli(
+            "search",
+            "--id",
+            "china/china-03.jpg",
+            "-c",
+            catalog,
+            "--threshold",
+            "0.6",
+            "-f",
+            "json",
+        ).stdout
+    )
+    assert res["hits"] and all(h["score"] > 0.6 for h in res["hits"])
+    assert {h["listing_id"] for h in res["hits"]} == {"china"}
+    vec = tmp_path / "q.npy"
+    rng = np.random.default_rng(0)
+    np.save(vec, rng.standard_normal((2, 1280)).astype(np.float32))
+    out = cli("search", "--vector", str(vec), "-c", catalog, "-k", "2", "-f", "json").stdout
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert len(lines) == 2 and all(len(x["hits"]) == 2 for x in lines)
+
+
+def test_group_by_agg_options(catalog, demo_dir):
+    q = str(demo_dir / "queries" / "retina" / "q-01.jpg")
+    for agg in ("max", "mean", "sum-top-n"):
+        res = json.loads(
+            cli(
+                "search",
+                q,
+                "-c",
+                catalog,
+                "--group-by",
+                "listing",
+                "--agg",
+                agg,
+                "--top-n",
+                "2",
+                "-k",
+                "2",
+                "-f",
+                "json",
+            ).stdout
+        )
+        assert res["hits"][0]["listing_id"] == "retina"
+        assert res["hits"][0]["n_images"] == 6
+
+
+def test_listing_set_delete_and_stats(catalog, demo_dir):
+    q = str(demo_dir / "queries" / "page" / "q-01.jpg")
+    cli("listing", "set", "page", "stock_level=0", "-c", catalog)
+    shown = json.loads(cli("listing", "show", "page", "-c", catalog).stdout)
+    assert shown["stock_level"] == 0 and shown["category"] == "document"
+    res = json.loads(
+        cli(
+            "search",
+            q,
+            "-c",
+            catalog,
+            "--group-by",
+            "listing",
+            "--where",
+            "stock_level > 0",
+            "-f",
+            "json",
+        ).stdout
+    )
+    assert "page" not in [h["listing_id"] for h in res["hits"]]
+    assert "deleted 1" in cli("delete", "page/page-01.jpg", "-c", catalog).stdout
+    stats = json.loads(cli("stats", "-c", catalog, "-f", "json").stdout)
+    assert stats["images"] == 83 and stats["model"]["dim"] == 1280
+    assert stats["cache_bytes"] >= 83 * 1280 * 4
+
+
+def test_index_exit_code_and_failed_csv_when_files_fail(demo_dir, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(demo_dir / "photos" / "coins", photos / "coins")
+    (photos / "coins" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    report = tmp_path / "failed.csv"
+    proc = cli(
+        "index",
+        str(photos),
+        "-c",
+        str(tmp_path / "cat"),
+        "--failed-csv",
+        str(report),
+        "-f",
+        "json",
+        "--no-progress",
+        check=False,
+    )
+    assert proc.returncode == 3
+    body = json.loads(proc.stdout)
+    assert body["added"] == 6 and len(body["failed"]) == 1
+    assert "broken.jpg" in body["failed"][0]["location"]
+    assert "broken.jpg" in proc.stderr
+    assert "broken.jpg" in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search", "x.jpg", "-c", "/nonexistent/cat"], "no catalog"),
+        (["search", "--where", "stock_level >", "--id", "coins/coins-01.jpg"], "where:"),
+        (["search", "--id", "nope.jpg"], "no image 'nope.jpg'"),
+        (["index", "/nonexistent/photos"], "no such file or folder"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, catalog):
+    if "-c" not in args:
+        args = [*args, "-c", catalog]
+    proc = cli(*args, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_teaches(catalog):
+    text = cli("search", "--help").stdout
+    for flag in ("--group-by", "--agg", "--threshold", "--where", "--save", "--format"):
+        assert flag in text
