@@ -24,6 +24,11 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.C
     return proc
 
 
+def search_json(*args: str) -> dict:
+    """``lookalike search ARGS --format json``, parsed."""
+    return json.loads(cli("search", *args, "--format", "json").stdout)
+
+
 def quickstart_commands() -> list[list[str]]:
     """The `run ...` lines of scripts/quickstart.sh, the README's first command."""
     text = (ROOT / "scripts" / "quickstart.sh").read_text()
@@ -108,23 +113,8 @@ def test_search_by_id_threshold_and_vector(catalog, tmp_path):
 def test_group_by_agg_options(catalog, demo_dir):
     q = str(demo_dir / "queries" / "retina" / "q-01.jpg")
     for agg in ("max", "mean", "sum-top-n"):
-        res = json.loads(
-            cli(
-                "search",
-                q,
-                "-c",
-                catalog,
-                "--group-by",
-                "listing",
-                "--agg",
-                agg,
-                "--top-n",
-                "2",
-                "-k",
-                "2",
-                "-f",
-                "json",
-            ).stdout
+        res = search_json(
+            q, "-c", catalog, "--group-by", "listing", "--agg", agg, "--top-n", "2", "-k", "2"
         )
         assert res["hits"][0]["listing_id"] == "retina"
         assert res["hits"][0]["n_images"] == 6
@@ -135,20 +125,7 @@ def test_listing_set_delete_and_stats(catalog, demo_dir):
     cli("listing", "set", "page", "stock_level=0", "-c", catalog)
     shown = json.loads(cli("listing", "show", "page", "-c", catalog).stdout)
     assert shown["stock_level"] == 0 and shown["category"] == "document"
-    res = json.loads(
-        cli(
-            "search",
-            q,
-            "-c",
-            catalog,
-            "--group-by",
-            "listing",
-            "--where",
-            "stock_level > 0",
-            "-f",
-            "json",
-        ).stdout
-    )
+    res = search_json(q, "-c", catalog, "--group-by", "listing", "--where", "stock_level > 0")
     assert "page" not in [h["listing_id"] for h in res["hits"]]
     assert "deleted 1" in cli("delete", "page/page-01.jpg", "-c", catalog).stdout
     stats = json.loads(cli("stats", "-c", catalog, "-f", "json").stdout)
