@@ -80,6 +80,9 @@ class VectorCache:
         dim: vector dimension ``d``.
         seq: last store sequence number applied.
         listings: the :class:`ListingTable`.
+        version: bumped on every change (derived structures compare it).
+        layout: bumped when rows are renumbered by :meth:`compact`; row numbers are stable
+            between two layout changes, new rows are appended.
     """
 
     def __init__(self, dim: int) -> None:
@@ -94,6 +97,7 @@ class VectorCache:
         self.keys: list[Key] = []
         self.row_of: dict[Key, int] = {}
         self.version = 0  # bumped on every change, for derived caches (indexes, codes)
+        self.layout = 0  # bumped when rows are renumbered (compaction)
 
     # ------------------------------------------------------------------ views
 
@@ -180,6 +184,7 @@ class VectorCache:
         self.row_of = {k: i for i, k in enumerate(self.keys)}
         self._n = len(rows)
         self.version += 1
+        self.layout += 1
 
     def update_listings(self, seq: int, records: Sequence[ListingRecord]) -> None:
         """Apply changed listing attributes up to store sequence ``seq``."""

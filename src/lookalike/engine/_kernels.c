@@ -1,0 +1,1123 @@
+/*
+ * lookalike scan kernels: inner products of one or many queries with every row of a table of
+ * codes, multi-threaded over rows (OpenMP), with top-k selection by per-thread min-heaps and a
+ * per-listing aggregation pass. Built by the package's own setuptools build; Python falls back
+ * to numpy (with a warning) when this module is missing.
+ *
+ * Code layouts (n rows, d dims; rows are grouped in blocks of BLOCK = 16):
+ *   KIND_F32  row-major float32, n x d (the engine's float32 copy, no extra memory)
+ *   KIND_F16  packed float16: block b, dim j, slot s at ((b * d) + j) * 16 + s
+ *   KIND_I8   packed uint8 = int8 code + 128, d padded to dp = 4 * ceil(d / 4):
+ *             block b, dim group g = j / 4, slot s, byte j % 4 at
+ *             ((b * dp / 4 + g) * 16 + s) * 4 + j % 4
+ * The packed layouts put 16 rows side by side, so one AVX-512 instruction works on 16 rows:
+ * for int8, VPDPBUSD multiplies 64 unsigned code bytes (16 rows x 4 dims) by 4 signed query
+ * bytes broadcast to every row and accumulates 16 int32 sums, with no horizontal reduction
+ * (the layout used by oneDNN's VNNI GEMM kernels). Scores of an int8 table are
+ * (sum + qoffset) * qscale, where the integer qoffset = -128 * sum(query codes) undoes the +128
+ * offset; the addition is done in int32, so it is exact.
+ *
+ * Excluded rows (deleted, or their listing filtered out) get the score -INFINITY in dense
+ * output and never enter a top-k heap. The filter is checked only for rows whose score would
+ * enter a heap, so an unselective scan pays nothing for it.
+ *
+ * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) paths are compiled with target attributes and
+ * chosen at run time with __builtin_cpu_supports; every kernel has a portable C fallback.
+ * LOOKALIKE_KERNEL_ISA=generic forces the fallback (used by the tests).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LK_X86 1
+#include <immintrin.h>
+#define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#else
+#define LK_X86 0
+#endif
+
+#define BLOCK 16
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
+enum { KIND_F32 = 0, KIND_F16 = 1, KIND_I8 = 2 };
+enum { AGG_MAX = 0, AGG_MEAN = 1, AGG_SUM_TOP_N = 2 };
+
+static int use_avx512 = 0;
+
+/* ------------------------------------------------------------------------------------------ */
+/* tables, filters, heaps                                                                      */
+
+typedef struct {
+    int kind;
+    const void *data;
+    int64_t n, d, dp;       /* dp: padded dimension of int8 tables */
+    const int32_t *codes;   /* listing code per row, or NULL */
+    const uint8_t *lmask;   /* keep-listing flag per code, or NULL */
+    const uint8_t *alive;   /* live flag per row, or NULL */
+} Table;
+
+typedef struct {
+    const float *f;         /* float query (F32, F16) */
+    const int8_t *i8;       /* int8 query, dp bytes (I8) */
+    float scale;            /* I8 score = (sum + offset) * scale */
+    int32_t offset;         /* exact integer offset, -128 * sum(query codes) */
+} Query;
+
+static inline int row_ok(const Table *t, int64_t i) {
+    if (t->alive && !t->alive[i]) return 0;
+    if (t->lmask && !t->lmask[t->codes[i]]) return 0;
+    return 1;
+}
+
+typedef struct {
+    float *s;
+    int64_t *r;
+    int64_t size, cap;
+} Heap; /* min-heap on score: the root is the weakest of the best `cap` */
+
+static inline void heap_push(Heap *h, float s, int64_t r) {
+    int64_t i;
+    if (h->size < h->cap) {
+        i = h->size++;
+        while (i > 0) {
+            int64_t p = (i - 1) / 2;
+            if (h->s[p] <= s) break;
+            h->s[i] = h->s[p];
+            h->r[i] = h->r[p];
+            i = p;
+        }
+        h->s[i] = s;
+        h->r[i] = r;
+        return;
+    }
+    if (!(s > h->s[0])) return;
+    i = 0;
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= h->size) break;
+        if (c + 1 < h->size && h->s[c + 1] < h->s[c]) c++;
+        if (h->s[c] >= s) break;
+        h->s[i] = h->s[c];
+        h->r[i] = h->r[c];
+        i = c;
+    }
+    h->s[i] = s;
+    h->r[i] = r;
+}
+
+static inline float heap_floor(const Heap *h) {
+    return h->size < h->cap ? -INFINITY : h->s[0];
+}
+
+/* Offer 16 scores of block b (rows b*16 ..) to a heap; only scores above the heap floor are
+ * checked against the filter. */
+static inline void offer_block(Heap *h, const Table *t, int64_t b, const float *sc) {
+    for (int s = 0; s < BLOCK; s++) {
+        int64_t i = b * BLOCK + s;
+        if (i >= t->n) break;
+        if (sc[s] > heap_floor(h) && row_ok(t, i)) heap_push(h, sc[s], i);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* block scores: 16 rows of block b against one query -> sc[16]                                 */
+
+static void block_scores_generic(const Table *t, const Query *q, int64_t b, float *sc) {
+    const int64_t d = t->d;
+    if (t->kind == KIND_F32) {
+        const float *x = (const float *)t->data;
+        for (int s = 0; s < BLOCK; s++) {
+            int64_t i = b * BLOCK + s;
+            float acc = 0.0f;
+            if (i < t->n) {
+                const float *row = x + i * d;
+                for (int64_t j = 0; j < d; j++) acc += row[j] * q->f[j];
+            }
+            sc[s] = acc;
+        }
+    } else if (t->kind == KIND_F16) {
+        /* portable half -> float through the compiler's _Float16 when present */
+        const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
+        float acc[BLOCK] = {0};
+        for (int64_t j = 0; j < d; j++) {
+            const uint16_t *col = x + j * BLOCK;
+            for (int s = 0; s < BLOCK; s++) {
+                _Float16 h;
+                memcpy(&h, &col[s], 2);
+                acc[s] += (float)h * q->f[j];
+            }
+        }
+        memcpy(sc, acc, sizeof(acc));
+    } else {
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        int32_t acc[BLOCK] = {0};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *blk = x + g * 64;
+            const int8_t *qq = q->i8 + g * 4;
+            for (int s = 0; s < BLOCK; s++) {
+                const uint8_t *c = blk + s * 4;
+                acc[s] += (int32_t)c[0] * qq[0] + (int32_t)c[1] * qq[1] +
+                          (int32_t)c[2] * qq[2] + (int32_t)c[3] * qq[3];
+            }
+        }
+        const int32_t off = q->offset;
+        for (int s = 0; s < BLOCK; s++) sc[s] = (float)(acc[s] + off) * q->scale;
+    }
+}
+
+#if LK_X86
+LK_AVX512 static inline float dot_f32_avx512(const float *x, const float *q, int64_t d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(q + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(q + j + 16), a1);
+    }
+    for (; j < d; j += 16) {
+        __mmask16 m = (d - j) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, q + j), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
+    const int64_t d = t->d;
+    if (t->kind == KIND_F32) {
+        const float *x = (const float *)t->data;
+        for (int s = 0; s < BLOCK; s++) {
+            int64_t i = b * BLOCK + s;
+            sc[s] = i < t->n ? dot_f32_avx512(x + i * d, q->f, d) : 0.0f;
+        }
+    } else if (t->kind == KIND_F16) {
+        const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= d; j += 2) {
+            __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j * BLOCK)));
+            __m512 x1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + (j + 1) * BLOCK)));
+            a0 = _mm512_fmadd_ps(x0, _mm512_set1_ps(q->f[j]), a0);
+            a1 = _mm512_fmadd_ps(x1, _mm512_set1_ps(q->f[j + 1]), a1);
+        }
+        if (j < d) {
+            __m512 x0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j * BLOCK)));
+            a0 = _mm512_fmadd_ps(x0, _mm512_set1_ps(q->f[j]), a0);
+        }
+        _mm512_storeu_ps(sc, _mm512_add_ps(a0, a1));
+    } else {
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        const int32_t *qq = (const int32_t *)q->i8;
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+        int64_t g = 0;
+        for (; g + 4 <= groups; g += 4) {
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 192), _MM_HINT_T0);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qq[g]));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(x + (g + 1) * 64),
+                                     _mm512_set1_epi32(qq[g + 1]));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(x + (g + 2) * 64),
+                                     _mm512_set1_epi32(qq[g + 2]));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(x + (g + 3) * 64),
+                                     _mm512_set1_epi32(qq[g + 3]));
+        }
+        for (; g < groups; g++)
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qq[g]));
+        __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+        acc = _mm512_add_epi32(acc, _mm512_set1_epi32(q->offset));
+        _mm512_storeu_ps(sc, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(q->scale)));
+    }
+}
+#endif
+
+static inline void block_scores(const Table *t, const Query *q, int64_t b, float *sc) {
+#if LK_X86
+    if (use_avx512) {
+        block_scores_avx512(t, q, b, sc);
+        return;
+    }
+#endif
+    block_scores_generic(t, q, b, sc);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* batch: 8 queries at a time against one block (data read once, queries from cache)           */
+
+#define QB 8
+
+static void block_scores_batch_generic(const Table *t, const Query *qs, int nqb, int64_t b,
+                                       float sc[QB][BLOCK]) {
+    for (int k = 0; k < nqb; k++) block_scores_generic(t, &qs[k], b, sc[k]);
+}
+
+#if LK_X86
+LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs, int nqb,
+                                                int64_t b, float sc[QB][BLOCK]) {
+    if (t->kind == KIND_I8 && nqb == QB) {
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        const int32_t *q0 = (const int32_t *)qs[0].i8, *q1 = (const int32_t *)qs[1].i8;
+        const int32_t *q2 = (const int32_t *)qs[2].i8, *q3 = (const int32_t *)qs[3].i8;
+        const int32_t *q4 = (const int32_t *)qs[4].i8, *q5 = (const int32_t *)qs[5].i8;
+        const int32_t *q6 = (const int32_t *)qs[6].i8, *q7 = (const int32_t *)qs[7].i8;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                a6 = a0, a7 = a0;
+        for (int64_t g = 0; g < groups; g++) {
+            __m512i v = _mm512_loadu_si512(x + g * 64);
+            a0 = _mm512_dpbusd_epi32(a0, v, _mm512_set1_epi32(q0[g]));
+            a1 = _mm512_dpbusd_epi32(a1, v, _mm512_set1_epi32(q1[g]));
+            a2 = _mm512_dpbusd_epi32(a2, v, _mm512_set1_epi32(q2[g]));
+            a3 = _mm512_dpbusd_epi32(a3, v, _mm512_set1_epi32(q3[g]));
+            a4 = _mm512_dpbusd_epi32(a4, v, _mm512_set1_epi32(q4[g]));
+            a5 = _mm512_dpbusd_epi32(a5, v, _mm512_set1_epi32(q5[g]));
+            a6 = _mm512_dpbusd_epi32(a6, v, _mm512_set1_epi32(q6[g]));
+            a7 = _mm512_dpbusd_epi32(a7, v, _mm512_set1_epi32(q7[g]));
+        }
+        __m512i acc[QB] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        for (int k = 0; k < QB; k++) {
+            __m512i v = _mm512_add_epi32(acc[k], _mm512_set1_epi32(qs[k].offset));
+            _mm512_storeu_ps(sc[k], _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(qs[k].scale)));
+        }
+        return;
+    }
+    if (t->kind == KIND_F16 && nqb == QB) {
+        const int64_t d = t->d;
+        const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
+        __m512 a[QB];
+        for (int k = 0; k < QB; k++) a[k] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < d; j++) {
+            __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j * BLOCK)));
+            for (int k = 0; k < QB; k++) a[k] = _mm512_fmadd_ps(v, _mm512_set1_ps(qs[k].f[j]), a[k]);
+        }
+        for (int k = 0; k < QB; k++) _mm512_storeu_ps(sc[k], a[k]);
+        return;
+    }
+    for (int k = 0; k < nqb; k++) block_scores_avx512(t, &qs[k], b, sc[k]);
+}
+#endif
+
+static inline void block_scores_batch(const Table *t, const Query *qs, int nqb, int64_t b,
+                                      float sc[QB][BLOCK]) {
+#if LK_X86
+    if (use_avx512) {
+        block_scores_batch_avx512(t, qs, nqb, b, sc);
+        return;
+    }
+#endif
+    block_scores_batch_generic(t, qs, nqb, b, sc);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* exclusion of deleted rows and filtered-out listings in dense output                          */
+
+static void exclude_rows_generic(const Table *t, int64_t i0, int64_t m, float *o) {
+    for (int64_t s = 0; s < m; s++)
+        if (!row_ok(t, i0 + s)) o[s] = -INFINITY;
+}
+
+#if LK_X86
+LK_AVX512 static void exclude_rows_avx512(const Table *t, int64_t i0, int64_t m, float *o) {
+    if (m < BLOCK) {
+        exclude_rows_generic(t, i0, m, o);
+        return;
+    }
+    __mmask16 keep = 0xFFFF;
+    if (t->alive) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(t->alive + i0));
+        keep &= _mm_cmpneq_epi8_mask(a, _mm_setzero_si128());
+    }
+    if (t->lmask) {
+        __m512i codes = _mm512_loadu_si512(t->codes + i0);
+        /* 4-byte gathers at byte offsets; only the low byte is ours (lmask is padded by 3) */
+        __m512i flags = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, codes,
+                                                    (const void *)t->lmask, 1);
+        keep &= _mm512_test_epi32_mask(flags, _mm512_set1_epi32(0xFF));
+    }
+    __m512 v = _mm512_loadu_ps(o);
+    _mm512_storeu_ps(o, _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), v));
+}
+#endif
+
+static inline void exclude_rows(const Table *t, int64_t i0, int64_t m, float *o) {
+#if LK_X86
+    if (use_avx512) {
+        exclude_rows_avx512(t, i0, m, o);
+        return;
+    }
+#endif
+    exclude_rows_generic(t, i0, m, o);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* argument parsing helpers                                                                    */
+
+typedef struct {
+    Py_buffer data, query, codes, lmask, alive;
+    int has_codes, has_lmask, has_alive;
+} Bufs;
+
+static void release(Bufs *b) {
+    PyBuffer_Release(&b->data);
+    PyBuffer_Release(&b->query);
+    if (b->has_codes) PyBuffer_Release(&b->codes);
+    if (b->has_lmask) PyBuffer_Release(&b->lmask);
+    if (b->has_alive) PyBuffer_Release(&b->alive);
+}
+
+static int optional_buffer(PyObject *obj, Py_buffer *view, int *has, Py_ssize_t min_len,
+                           const char *name) {
+    *has = 0;
+    if (obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) return -1;
+    *has = 1;
+    if (view->len < min_len) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need at least %zd", name, view->len,
+                     min_len);
+        return -1;
+    }
+    return 0;
+}
+
+static int64_t table_bytes(int kind, int64_t n, int64_t d, int64_t dp) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (kind == KIND_F32) return n * d * 4;
+    if (kind == KIND_F16) return blocks * BLOCK * d * 2;
+    return blocks * BLOCK * dp;
+}
+
+/* Parse (kind, data, n, d, codes, lmask, alive) into a Table. */
+static int parse_table(Table *t, Bufs *b, int kind, PyObject *data, long long n, long long d,
+                       PyObject *codes, PyObject *lmask, PyObject *alive, Py_ssize_t n_listings) {
+    memset(b, 0, sizeof(*b));
+    if (kind < 0 || kind > 2) {
+        PyErr_SetString(PyExc_ValueError, "kind must be 0 (f32), 1 (f16) or 2 (i8)");
+        return -1;
+    }
+    if (n < 0 || d <= 0) {
+        PyErr_SetString(PyExc_ValueError, "need n >= 0 and d > 0");
+        return -1;
+    }
+    t->kind = kind;
+    t->n = n;
+    t->d = d;
+    t->dp = (d + 3) / 4 * 4;
+    if (PyObject_GetBuffer(data, &b->data, PyBUF_SIMPLE) < 0) return -1;
+    if (b->data.len < table_bytes(kind, n, d, t->dp)) {
+        PyErr_Format(PyExc_ValueError, "data: %zd bytes, need %lld", b->data.len,
+                     (long long)table_bytes(kind, n, d, t->dp));
+        return -1;
+    }
+    t->data = b->data.buf;
+    if (optional_buffer(codes, &b->codes, &b->has_codes, n * 4, "codes") < 0) return -1;
+    /* +3: the AVX-512 path gathers 4 bytes at each listing's offset */
+    if (optional_buffer(lmask, &b->lmask, &b->has_lmask, n_listings + 3, "lmask") < 0) return -1;
+    if (optional_buffer(alive, &b->alive, &b->has_alive, n, "alive") < 0) return -1;
+    if (b->has_lmask && !b->has_codes) {
+        PyErr_SetString(PyExc_ValueError, "lmask needs codes");
+        return -1;
+    }
+    t->codes = b->has_codes ? (const int32_t *)b->codes.buf : NULL;
+    t->lmask = b->has_lmask ? (const uint8_t *)b->lmask.buf : NULL;
+    t->alive = b->has_alive ? (const uint8_t *)b->alive.buf : NULL;
+    return 0;
+}
+
+static int query_from_buffer(const Table *t, Py_buffer *qb, int64_t index, double scale,
+                             double offset, Query *q) {
+    memset(q, 0, sizeof(*q));
+    q->scale = (float)scale;
+    q->offset = (int32_t)llround(offset);
+    if (t->kind == KIND_I8) {
+        if (qb->len < (index + 1) * t->dp) {
+            PyErr_SetString(PyExc_ValueError, "query: too short for an int8 table (dp bytes)");
+            return -1;
+        }
+        q->i8 = (const int8_t *)qb->buf + index * t->dp;
+    } else {
+        if (qb->len < (index + 1) * t->d * 4) {
+            PyErr_SetString(PyExc_ValueError, "query: too short (d float32 values)");
+            return -1;
+        }
+        q->f = (const float *)qb->buf + index * t->d;
+    }
+    return 0;
+}
+
+static int threads_for(int64_t n, int requested) {
+    if (n < 32768) return 1;
+    return requested > 0 ? requested : 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* scores(kind, data, n, d, query, qscale, qoffset, codes, lmask, alive, n_listings, out, threads,
+ *        kk, out_rows, out_scores) -> count
+ * out[i] = score of row i, or -inf where excluded. With kk > 0 the scan also keeps, per thread,
+ * a min-heap of its kk best rows and returns the merged kk best (unordered) in out_rows (int64)
+ * and out_scores (f32), and their count; with kk = 0 those may be None and it returns 0. */
+
+static PyObject *py_scores(PyObject *self, PyObject *args) {
+    int kind, threads;
+    long long n, d, kk;
+    double qscale, qoffset;
+    Py_ssize_t n_listings;
+    PyObject *data, *query, *codes, *lmask, *alive, *rows_o, *scores_o;
+    Py_buffer out, orow, osc;
+    if (!PyArg_ParseTuple(args, "iOLLOddOOOnw*iLOO", &kind, &data, &n, &d, &query, &qscale,
+                          &qoffset, &codes, &lmask, &alive, &n_listings, &out, &threads, &kk,
+                          &rows_o, &scores_o))
+        return NULL;
+    Table t;
+    Bufs b;
+    Query q;
+    Heap *heaps = NULL;
+    float *hs = NULL;
+    int64_t *hr = NULL;
+    PyObject *result = NULL;
+    memset(&orow, 0, sizeof(orow));
+    memset(&osc, 0, sizeof(osc));
+    if (parse_table(&t, &b, kind, data, n, d, codes, lmask, alive, n_listings) < 0) goto done;
+    if (PyObject_GetBuffer(query, &b.query, PyBUF_SIMPLE) < 0) goto done;
+    if (query_from_buffer(&t, &b.query, 0, qscale, qoffset, &q) < 0) goto done;
+    if (out.len < n * 4 || kk < 0) {
+        PyErr_SetString(PyExc_ValueError, "scores: need n float32 values in out, kk >= 0");
+        goto done;
+    }
+    const int nt = threads_for(n, threads);
+    if (kk > 0) {
+        if (PyObject_GetBuffer(rows_o, &orow, PyBUF_WRITABLE) < 0 ||
+            PyObject_GetBuffer(scores_o, &osc, PyBUF_WRITABLE) < 0)
+            goto done;
+        if (orow.len < kk * 8 || osc.len < kk * 4) {
+            PyErr_SetString(PyExc_ValueError, "scores: top-k outputs too small");
+            goto done;
+        }
+        heaps = (Heap *)calloc((size_t)nt, sizeof(Heap));
+        hs = (float *)malloc((size_t)(nt * kk) * sizeof(float));
+        hr = (int64_t *)malloc((size_t)(nt * kk) * sizeof(int64_t));
+        if (!heaps || !hs || !hr) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (int th = 0; th < nt; th++) {
+            heaps[th].s = hs + th * kk;
+            heaps[th].r = hr + th * kk;
+            heaps[th].cap = kk;
+        }
+    }
+    float *o = (float *)out.buf;
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const int filtered = t.alive || t.lmask;
+    int64_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        Heap *h = heaps ? &heaps[tid] : NULL;
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            float sc[BLOCK];
+            block_scores(&t, &q, bi, sc);
+            int64_t i0 = bi * BLOCK;
+            int64_t m = n - i0 < BLOCK ? n - i0 : BLOCK;
+            float *ob = o + i0;
+            memcpy(ob, sc, m * sizeof(float));
+            if (filtered) exclude_rows(&t, i0, m, ob);
+            if (h)
+                for (int64_t s = 0; s < m; s++)
+                    if (ob[s] > heap_floor(h)) heap_push(h, ob[s], i0 + s);
+        }
+    }
+    if (heaps) {
+        for (int th = 1; th < nt; th++)
+            for (int64_t e = 0; e < heaps[th].size; e++)
+                heap_push(&heaps[0], heaps[th].s[e], heaps[th].r[e]);
+        count = heaps[0].size;
+        memcpy(orow.buf, heaps[0].r, (size_t)count * sizeof(int64_t));
+        memcpy(osc.buf, heaps[0].s, (size_t)count * sizeof(float));
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(count);
+done:
+    free(heaps);
+    free(hs);
+    free(hr);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&orow);
+    PyBuffer_Release(&osc);
+    release(&b);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* segments_agg(scores f32 (n), starts int64 (S+1), seg_codes int32 (S), n_listings, agg, top_n,
+ *              unique, out_agg f32 (L), out_count int32 (L), out_best int64 (L), threads)
+ * Per-listing aggregation of dense scores over segments: runs of consecutive rows of one
+ * listing (the cache keeps rows clustered by listing, so a listing is usually one segment).
+ * Rows with score -inf are skipped. Per listing: max (0), mean (1) or sum of the top_n best (2),
+ * the number of scored rows, and the first row with the best score; listings without scored
+ * rows get -inf and count 0. unique = 1 promises that no listing has two segments: segments
+ * are then reduced in parallel, each writing its listing's slot. Codes must be < n_listings. */
+
+#define MAX_TOP_N 64
+
+static inline void insert_top(float *tp, int top_n, float v) {
+    if (!(v > tp[top_n - 1])) return;
+    int p = top_n - 1;
+    while (p > 0 && tp[p - 1] < v) {
+        tp[p] = tp[p - 1];
+        p--;
+    }
+    tp[p] = v;
+}
+
+/* One segment: count, best (first row wins ties), sum and descending top_n values. */
+static inline int32_t reduce_segment(const float *s, int64_t a, int64_t b, int agg, int top_n,
+                                     float *best, int64_t *best_row, double *sum, float *tops) {
+    int32_t count = 0;
+    float bv = -INFINITY;
+    int64_t br = -1;
+    double sm = 0.0;
+    for (int64_t i = a; i < b; i++) {
+        const float v = s[i];
+        if (v == -INFINITY) continue;
+        count++;
+        if (v > bv) {
+            bv = v;
+            br = i;
+        }
+        if (agg == 1) sm += v;
+        else if (agg == 2) insert_top(tops, top_n, v);
+    }
+    *best = bv;
+    *best_row = br;
+    *sum = sm;
+    return count;
+}
+
+static PyObject *py_segments_agg(PyObject *self, PyObject *args) {
+    Py_buffer scores, starts, seg_codes, out_agg, out_count, out_best;
+    Py_ssize_t L;
+    int agg, top_n, unique, threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*niiiw*w*w*i", &scores, &starts, &seg_codes, &L, &agg,
+                          &top_n, &unique, &out_agg, &out_count, &out_best, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    float *bests = NULL, *ltops = NULL;
+    double *sums = NULL;
+    const int64_t S = seg_codes.len / 4;
+    const int64_t *st = (const int64_t *)starts.buf;
+    if (starts.len < (S + 1) * 8 || out_agg.len < L * 4 || out_count.len < L * 4 ||
+        out_best.len < L * 8 || agg < 0 || agg > 2 || top_n < 1 || top_n > MAX_TOP_N ||
+        (S > 0 && (st[0] < 0 || st[S] > scores.len / 4))) {
+        PyErr_SetString(PyExc_ValueError, "segments_agg: bad arguments or output sizes");
+        goto done;
+    }
+    const float *s = (const float *)scores.buf;
+    const int32_t *sc = (const int32_t *)seg_codes.buf;
+    float *oa = (float *)out_agg.buf;
+    int32_t *oc = (int32_t *)out_count.buf;
+    int64_t *ob = (int64_t *)out_best.buf;
+    if (!unique) {
+        bests = (float *)malloc((size_t)L * sizeof(float));
+        sums = (double *)calloc((size_t)L, sizeof(double));
+        ltops = agg == 2 ? (float *)malloc((size_t)L * top_n * sizeof(float)) : NULL;
+        if (!bests || !sums || (agg == 2 && !ltops)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    const int nt = threads_for(S * 8, threads);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t l = 0; l < L; l++) {
+        oa[l] = -INFINITY;
+        oc[l] = 0;
+        ob[l] = -1;
+    }
+    if (unique) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t g = 0; g < S; g++) {
+            float best, tops[MAX_TOP_N];
+            int64_t br;
+            double sm;
+            for (int p = 0; p < top_n; p++) tops[p] = -INFINITY;
+            int32_t cnt = reduce_segment(s, st[g], st[g + 1], agg, top_n, &best, &br, &sm, tops);
+            if (cnt == 0) continue;
+            const int32_t l = sc[g];
+            oc[l] = cnt;
+            ob[l] = br;
+            if (agg == 0) {
+                oa[l] = best;
+            } else if (agg == 1) {
+                oa[l] = (float)(sm / cnt);
+            } else {
+                double t = 0.0;
+                for (int p = 0; p < top_n && p < cnt; p++) t += tops[p];
+                oa[l] = (float)t;
+            }
+        }
+    } else {
+        for (int64_t l = 0; l < L; l++) bests[l] = -INFINITY;
+        if (ltops)
+            for (int64_t e = 0; e < L * top_n; e++) ltops[e] = -INFINITY;
+        for (int64_t g = 0; g < S; g++) {
+            const int32_t l = sc[g];
+            float best;
+            int64_t br;
+            double sm;
+            int32_t cnt = reduce_segment(s, st[g], st[g + 1], agg, top_n, &best, &br, &sm,
+                                         ltops ? ltops + (int64_t)l * top_n : NULL);
+            if (cnt == 0) continue;
+            oc[l] += cnt;
+            sums[l] += sm;
+            if (best > bests[l]) {
+                bests[l] = best;
+                ob[l] = br;
+            }
+        }
+        for (int64_t l = 0; l < L; l++) {
+            if (oc[l] == 0) continue;
+            if (agg == 0) {
+                oa[l] = bests[l];
+            } else if (agg == 1) {
+                oa[l] = (float)(sums[l] / oc[l]);
+            } else {
+                double t = 0.0;
+                for (int p = 0; p < top_n && p < oc[l]; p++) t += ltops[l * top_n + p];
+                oa[l] = (float)t;
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(bests);
+    free(sums);
+    free(ltops);
+    PyBuffer_Release(&scores);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&seg_codes);
+    PyBuffer_Release(&out_agg);
+    PyBuffer_Release(&out_count);
+    PyBuffer_Release(&out_best);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* topk_batch(kind, data, n, d, queries, qscales, qoffsets, nq, codes, lmask, alive, n_listings,
+ *            kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk), out_counts int64 (nq), threads)
+ * For each query, the kk best rows (unordered) by score. qscales/qoffsets: float64 (nq). */
+
+static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
+    int kind, threads;
+    long long n, d, nq, kk;
+    Py_ssize_t n_listings;
+    PyObject *data, *queries, *codes, *lmask, *alive;
+    Py_buffer qscales, qoffsets, out_rows, out_scores, out_counts;
+    if (!PyArg_ParseTuple(args, "iOLLOy*y*LOOOnLw*w*w*i", &kind, &data, &n, &d, &queries,
+                          &qscales, &qoffsets, &nq, &codes, &lmask, &alive, &n_listings, &kk,
+                          &out_rows, &out_scores, &out_counts, &threads))
+        return NULL;
+    Table t;
+    Bufs b;
+    Query *qs = NULL;
+    Heap *heaps = NULL;
+    float *hs = NULL;
+    int64_t *hr = NULL;
+    PyObject *result = NULL;
+    int nt = 1;
+    if (parse_table(&t, &b, kind, data, n, d, codes, lmask, alive, n_listings) < 0) goto done;
+    if (PyObject_GetBuffer(queries, &b.query, PyBUF_SIMPLE) < 0) goto done;
+    if (nq < 1 || kk < 1 || qscales.len < nq * 8 || qoffsets.len < nq * 8 ||
+        out_rows.len < nq * kk * 8 || out_scores.len < nq * kk * 4 || out_counts.len < nq * 8) {
+        PyErr_SetString(PyExc_ValueError, "topk_batch: bad nq/kk or output sizes");
+        goto done;
+    }
+    qs = (Query *)calloc((size_t)nq, sizeof(Query));
+    if (!qs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int64_t k = 0; k < nq; k++)
+        if (query_from_buffer(&t, &b.query, k, ((double *)qscales.buf)[k],
+                              ((double *)qoffsets.buf)[k], &qs[k]) < 0)
+            goto done;
+    nt = threads_for(n, threads);
+    heaps = (Heap *)calloc((size_t)(nt * nq), sizeof(Heap));
+    hs = (float *)malloc((size_t)(nt * nq * kk) * sizeof(float));
+    hr = (int64_t *)malloc((size_t)(nt * nq * kk) * sizeof(int64_t));
+    if (!heaps || !hs || !hr) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int64_t h = 0; h < nt * nq; h++) {
+        heaps[h].s = hs + h * kk;
+        heaps[h].r = hr + h * kk;
+        heaps[h].cap = kk;
+    }
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        Heap *mine = heaps + (int64_t)tid * nq;
+        float sc[QB][BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+                int nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
+                block_scores_batch(&t, qs + q0, nqb, bi, sc);
+                for (int k = 0; k < nqb; k++) offer_block(&mine[q0 + k], &t, bi, sc[k]);
+            }
+        }
+    }
+    /* merge the per-thread heaps of each query */
+    for (int64_t k = 0; k < nq; k++) {
+        Heap *first = &heaps[k];
+        for (int th = 1; th < nt; th++) {
+            Heap *other = &heaps[(int64_t)th * nq + k];
+            for (int64_t e = 0; e < other->size; e++) heap_push(first, other->s[e], other->r[e]);
+        }
+        int64_t *orow = (int64_t *)out_rows.buf + k * kk;
+        float *osc = (float *)out_scores.buf + k * kk;
+        memcpy(orow, first->r, (size_t)first->size * sizeof(int64_t));
+        memcpy(osc, first->s, (size_t)first->size * sizeof(float));
+        ((int64_t *)out_counts.buf)[k] = first->size;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(qs);
+    free(heaps);
+    free(hs);
+    free(hr);
+    PyBuffer_Release(&qscales);
+    PyBuffer_Release(&qoffsets);
+    PyBuffer_Release(&out_rows);
+    PyBuffer_Release(&out_scores);
+    PyBuffer_Release(&out_counts);
+    release(&b);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* topk_values(values f32 (n), kk, out_rows int64 (kk), out_scores f32 (kk)) -> count
+ * The kk largest finite values of an array (unordered); -inf entries are skipped. */
+
+static PyObject *py_topk_values(PyObject *self, PyObject *args) {
+    Py_buffer values, out_rows, out_scores;
+    long long kk;
+    if (!PyArg_ParseTuple(args, "y*Lw*w*", &values, &kk, &out_rows, &out_scores)) return NULL;
+    PyObject *result = NULL;
+    int64_t n = values.len / 4;
+    if (kk < 1 || out_rows.len < kk * 8 || out_scores.len < kk * 4) {
+        PyErr_SetString(PyExc_ValueError, "topk_values: bad kk or output sizes");
+        goto done;
+    }
+    Heap h = {(float *)out_scores.buf, (int64_t *)out_rows.buf, 0, kk};
+    const float *v = (const float *)values.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < n; i++)
+        if (v[i] > heap_floor(&h)) heap_push(&h, v[i], i);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(h.size);
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&out_rows);
+    PyBuffer_Release(&out_scores);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* read_bandwidth(buffer, threads, repeats) -> checksum: streams the buffer (8-byte words) on
+ * `threads` threads, to measure the memory read bandwidth the scan kernels can reach. */
+
+#if LK_X86
+LK_AVX512 static uint64_t sum_avx512(const uint64_t *p, int64_t m) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t j = 0;
+    for (; j + 32 <= m; j += 32) {
+        a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + j));
+        a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + j + 8));
+        a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(p + j + 16));
+        a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(p + j + 24));
+    }
+    uint64_t s = (uint64_t)_mm512_reduce_add_epi64(
+        _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+    for (; j < m; j++) s += p[j];
+    return s;
+}
+#endif
+
+static uint64_t sum_generic(const uint64_t *p, int64_t m) {
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+        s0 += p[j];
+        s1 += p[j + 1];
+        s2 += p[j + 2];
+        s3 += p[j + 3];
+    }
+    for (; j < m; j++) s0 += p[j];
+    return s0 + s1 + s2 + s3;
+}
+
+static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    int threads, repeats;
+    if (!PyArg_ParseTuple(args, "y*ii", &buf, &threads, &repeats)) return NULL;
+    const uint64_t *p = (const uint64_t *)buf.buf;
+    int64_t m = buf.len / 8;
+    uint64_t total = 0;
+    int nt = threads > 0 ? threads : 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (int r = 0; r < repeats; r++) {
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total)
+        for (int th = 0; th < nt; th++) {
+            int64_t lo = m * th / nt, hi = m * (th + 1) / nt;
+#if LK_X86
+            total += use_avx512 ? sum_avx512(p + lo, hi - lo) : sum_generic(p + lo, hi - lo);
+#else
+            total += sum_generic(p + lo, hi - lo);
+#endif
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLongLong(total);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* encode_i8(x f32 (m*d), m, d, scale f32 (d), packed (w), start, norms f64[2] (w))
+ * encode_f16(x f32 (m*d), m, d, packed (w), start, norms f64[2] (w))
+ * Write rows start .. start+m-1 into a packed table (layouts at the top of this file) and
+ * raise norms[0] to the largest code norm ||xq_i|| (int8), norms[1] to the largest
+ * rounding-error norm ||x_i - decode(code_i)|| and norms[2] to the largest ||x_i||, all
+ * computed in double precision. */
+
+/* one row to float16 at stride BLOCK; returns the squared rounding error */
+static double encode_f16_row_generic(const float *row, uint16_t *out, int64_t d) {
+    double e2 = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+        _Float16 h = (_Float16)row[j];
+        double e = (double)row[j] - (double)(float)h;
+        e2 += e * e;
+        memcpy(&out[j * BLOCK], &h, 2);
+    }
+    return e2;
+}
+
+#if LK_X86
+__attribute__((target("f16c"))) static double encode_f16_row_f16c(const float *row,
+                                                                   uint16_t *out, int64_t d) {
+    double e2 = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+        unsigned short h = _cvtss_sh(row[j], _MM_FROUND_TO_NEAREST_INT);
+        double e = (double)row[j] - (double)_cvtsh_ss(h);
+        e2 += e * e;
+        out[j * BLOCK] = h;
+    }
+    return e2;
+}
+#endif
+
+static double encode_f16_row(const float *row, uint16_t *out, int64_t d) {
+#if LK_X86
+    if (use_avx512) return encode_f16_row_f16c(row, out, d);
+#endif
+    return encode_f16_row_generic(row, out, d);
+}
+
+static PyObject *py_encode(PyObject *args, int kind) {
+    Py_buffer x, scale, packed, norms;
+    long long m, d, start;
+    memset(&scale, 0, sizeof(scale));
+    if (kind == KIND_I8) {
+        if (!PyArg_ParseTuple(args, "y*LLy*w*Lw*", &x, &m, &d, &scale, &packed, &start, &norms))
+            return NULL;
+    } else {
+        if (!PyArg_ParseTuple(args, "y*LLw*Lw*", &x, &m, &d, &packed, &start, &norms))
+            return NULL;
+    }
+    PyObject *result = NULL;
+    const int64_t dp = (d + 3) / 4 * 4;
+    const int64_t end_blocks = (start + m + BLOCK - 1) / BLOCK;
+    const int64_t need = kind == KIND_I8 ? end_blocks * BLOCK * dp : end_blocks * BLOCK * d * 2;
+    if (m < 0 || d <= 0 || start < 0 || x.len < m * d * 4 || packed.len < need ||
+        norms.len < 24 || (kind == KIND_I8 && scale.len < d * 4)) {
+        PyErr_SetString(PyExc_ValueError, "encode: bad sizes");
+        goto done;
+    }
+    const float *xf = (const float *)x.buf;
+    const float *sc = kind == KIND_I8 ? (const float *)scale.buf : NULL;
+    double *nm = (double *)norms.buf;
+    double max_code = nm[0], max_err = nm[1], max_norm = nm[2];
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static) reduction(max : max_code, max_err, max_norm) if (m > 4096)
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t r = start + i, b = r / BLOCK, s = r % BLOCK;
+        const float *row = xf + i * d;
+        double c2 = 0.0, e2 = 0.0;
+        if (kind == KIND_I8) {
+            uint8_t *base = (uint8_t *)packed.buf + b * BLOCK * dp + s * 4;
+            for (int64_t j = 0; j < dp; j++) {
+                double c = 0.0;
+                if (j < d) {
+                    c = nearbyint((double)row[j] * sc[j]);
+                    if (c > 127.0) c = 127.0;
+                    if (c < -127.0) c = -127.0;
+                    double e = (double)row[j] - c / sc[j];
+                    c2 += c * c;
+                    e2 += e * e;
+                }
+                base[(j / 4) * BLOCK * 4 + j % 4] = (uint8_t)(int)(c + 128.0);
+            }
+        } else {
+            e2 = encode_f16_row(row, (uint16_t *)packed.buf + b * BLOCK * d + s, d);
+        }
+        double x2 = 0.0;
+        for (int64_t j = 0; j < d; j++) x2 += (double)row[j] * row[j];
+        double cn = sqrt(c2), en = sqrt(e2), xn = sqrt(x2);
+        if (cn > max_code) max_code = cn;
+        if (en > max_err) max_err = en;
+        if (xn > max_norm) max_norm = xn;
+    }
+    Py_END_ALLOW_THREADS
+    nm[0] = max_code;
+    nm[1] = max_err;
+    nm[2] = max_norm;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&x);
+    if (kind == KIND_I8) PyBuffer_Release(&scale);
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&norms);
+    return result;
+}
+
+static PyObject *py_encode_i8(PyObject *self, PyObject *args) { return py_encode(args, KIND_I8); }
+static PyObject *py_encode_f16(PyObject *self, PyObject *args) { return py_encode(args, KIND_F16); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* dot_rows(x f32 row-major (n*d), n, d, rows int64 (m), q f32 (d), out f32 (m))
+ * Exact float32 re-scoring of selected rows, in place (no gather copy). */
+
+static PyObject *py_dot_rows(PyObject *self, PyObject *args) {
+    Py_buffer x, rows, q, out;
+    long long n, d;
+    if (!PyArg_ParseTuple(args, "y*LLy*y*w*", &x, &n, &d, &rows, &q, &out)) return NULL;
+    PyObject *result = NULL;
+    const int64_t m = rows.len / 8;
+    if (d <= 0 || x.len < n * d * 4 || q.len < d * 4 || out.len < m * 4) {
+        PyErr_SetString(PyExc_ValueError, "dot_rows: bad sizes");
+        goto done;
+    }
+    const int64_t *r = (const int64_t *)rows.buf;
+    for (int64_t i = 0; i < m; i++)
+        if (r[i] < 0 || r[i] >= n) {
+            PyErr_SetString(PyExc_IndexError, "dot_rows: row out of range");
+            goto done;
+        }
+    const float *xf = (const float *)x.buf, *qf = (const float *)q.buf;
+    float *o = (float *)out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < m; i++) {
+        const float *row = xf + r[i] * d;
+#if LK_X86
+        if (use_avx512) {
+            o[i] = dot_f32_avx512(row, qf, d);
+            continue;
+        }
+#endif
+        float acc = 0.0f;
+        for (int64_t j = 0; j < d; j++) acc += row[j] * qf[j];
+        o[i] = acc;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static PyObject *py_info(PyObject *self, PyObject *noargs) {
+    int max_threads = 1;
+#ifdef _OPENMP
+    max_threads = omp_get_max_threads();
+#endif
+    return Py_BuildValue("{s:s,s:i,s:i}", "isa", use_avx512 ? "avx512-vnni" : "generic",
+                         "openmp", max_threads > 0 ? 1 : 0, "max_threads", max_threads);
+}
+
+static int avx512_supported = 0;
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (strcmp(name, "generic") == 0) {
+        use_avx512 = 0;
+    } else if (strcmp(name, "auto") == 0) {
+        use_avx512 = avx512_supported;
+    } else {
+        PyErr_SetString(PyExc_ValueError, "isa must be 'auto' or 'generic'");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_isa", py_set_isa, METH_VARARGS, "Force the portable kernels ('generic') or 'auto'."},
+    {"dot_rows", py_dot_rows, METH_VARARGS, "Float32 inner products of selected rows."},
+    {"encode_i8", py_encode_i8, METH_VARARGS, "Pack rows into an int8 table."},
+    {"encode_f16", py_encode_f16, METH_VARARGS, "Pack rows into a float16 table."},
+    {"scores", py_scores, METH_VARARGS, "Dense scores of one query against every row."},
+    {"topk_batch", py_topk_batch, METH_VARARGS, "The kk best rows of each query (unordered)."},
+    {"topk_values", py_topk_values, METH_VARARGS, "The kk largest values of an array."},
+    {"segments_agg", py_segments_agg, METH_VARARGS, "Per-listing aggregation over segments."},
+    {"read_bandwidth", py_read_bandwidth, METH_VARARGS, "Stream a buffer (bandwidth probe)."},
+    {"info", py_info, METH_NOARGS, "Instruction set and threading of this build."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "lookalike scan kernels (see _kernels.c)", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if LK_X86
+    __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                 __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    avx512_supported = use_avx512;
+#endif
+    const char *isa = getenv("LOOKALIKE_KERNEL_ISA");
+    if (isa && strcmp(isa, "generic") == 0) use_avx512 = 0;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,294 @@
+"""The fast exact engine: a compiled scan over compact codes, then exact re-scoring with proof.
+
+For each query the C kernel (``_kernels.c``) scores every row from the codes (int8, float16 or
+float32) on all cores, with deleted rows and filtered-out listings excluded during the scan.
+Then:
+
+1. **candidates**: the ``rerank * k`` best rows (or listings, after the per-listing aggregation
+   kernel) by scan score;
+2. **exact re-score**: candidates are scored again in float32 from the cache's float32 copy and
+   ranked with :class:`~lookalike.engine.exact.ExactEngine`'s semantics (ties by key);
+3. **proof**: every row outside the candidates has a scan score <= the lowest candidate's, so
+   an exact score <= that + the code table's margin (``codes.py``). If that bound could reach
+   the k-th exact score, the candidate set is widened to every row whose scan score is within
+   the margin of it, and step 2 is repeated. So the answer is the exact answer, whatever the
+   codes: recall@k is 1.0 by construction, and ``rerank`` only sets how often step 3 widens.
+
+Threshold queries take every row with scan score > ``threshold - margin`` as candidates, so they
+are exact too. Batches of image-level top-k queries use a fused kernel (data read once for 8
+queries at a time, per-thread heaps), with the same proof per query.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from . import _kernels  # type: ignore[attr-defined]
+from .cache import VectorCache
+from .codes import CodeTable
+from .exact import ExactEngine, RawHits, SearchSpec, check_queries
+
+AGG_CODES = {"max": 0, "mean": 1, "sum-top-n": 2}
+#: At least this many candidates are re-scored for one query (cheap: a few hundred dot
+#: products), so that the exactness check rarely has to widen.
+MIN_CANDIDATES = 64
+#: The same for queries of a batch, where widening costs a scan of its own.
+MIN_CANDIDATES_BATCH = 256
+
+
+class FastEngine(ExactEngine):
+    """Exact search through the compiled kernels over int8 / float16 / float32 codes.
+
+    Args:
+        cache: the vector cache.
+        codes: ``"int8"`` (default), ``"float16"`` or ``"float32"``.
+        rerank: candidates per requested hit before the exactness check (>= 1).
+        threads: scan threads (default: every core; ``LOOKALIKE_THREADS`` overrides).
+    """
+
+    name = "fast"
+
+    def __init__(
+        self, cache: VectorCache, codes: str = "int8", rerank: int = 4, threads: int | None = None
+    ) -> None:
+        super().__init__(cache)
+        self.table = CodeTable(codes, cache.dim)
+        self.rerank = max(1, int(rerank))
+        env = os.environ.get("LOOKALIKE_THREADS")
+        self.threads = threads or (int(env) if env else (os.cpu_count() or 1))
+        self._csr_version = -1
+        self._csr: tuple[np.ndarray, np.ndarray] | None = None
+        self._seg_version = -1
+        self._seg: tuple[np.ndarray, np.ndarray, bool] | None = None
+        self._local = threading.local()
+        self.widened = 0  # how many searches needed the proof's widening step (for benchmarks)
+
+    @property
+    def codes(self) -> str:
+        """The code kind scanned."""
+        return self.table.kind_name
+
+    def nbytes(self) -> int:
+        """Bytes of codes held beyond the cache's float32 copy."""
+        return self.table.nbytes()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _filters(self, spec: SearchSpec) -> tuple[np.ndarray | None, np.ndarray | None]:
+        cache = self.cache
+        alive = cache.alive.view(np.uint8) if cache.n_alive < cache.n_rows else None
+        lmask = None
+        if spec.listing_mask is not None:  # padded by 3 bytes for the kernels' 4-byte gathers
+            lmask = np.zeros(len(spec.listing_mask) + 3, dtype=np.uint8)
+            lmask[: len(spec.listing_mask)] = spec.listing_mask
+        return alive, lmask
+
+    def _scratch(self, name: str, size: int, dtype: type) -> np.ndarray:
+        """A reusable per-thread buffer (fresh large arrays cost a page fault per 4 KiB)."""
+        key = (name, np.dtype(dtype).str)
+        buf = self._local.__dict__.get(key)
+        if buf is None or len(buf) < size:
+            buf = np.empty(max(size, 1024), dtype=dtype)
+            self._local.__dict__[key] = buf
+        return buf[:size]
+
+    def _dense(self, pq, alive, lmask, kk: int = 0):
+        """Scan scores of every row, -inf where excluded (a scratch buffer: copy to keep).
+
+        With ``kk`` > 0, also the ``kk`` best rows and their scan scores (unordered), selected
+        during the same scan: returns ``(dense, rows, scores)``."""
+        cache = self.cache
+        out = self._scratch("dense", cache.n_rows, np.float32)
+        rows = np.empty(kk, dtype=np.int64) if kk else None
+        vals = np.empty(kk, dtype=np.float32) if kk else None
+        count = _kernels.scores(
+            self.table.kind, self.table.data, cache.n_rows, cache.dim, pq.buf, pq.scale,
+            pq.offset, cache.codes if lmask is not None else None, lmask, alive,
+            len(cache.listings), out, self.threads, kk, rows, vals,
+        )
+        return (out, rows[:count], vals[:count]) if kk else out
+
+    def _segments(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Runs of consecutive rows of one listing: starts ``(S+1,) int64``, codes ``(S,)``,
+        and whether every listing is a single run (then they are reduced in parallel)."""
+        cache = self.cache
+        if self._seg_version != cache.version or self._seg is None:
+            codes = cache.codes
+            change = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+            starts = np.concatenate([[0], change, [len(codes)]]).astype(np.int64)
+            seg_codes = np.ascontiguousarray(codes[starts[:-1]]) if len(codes) else codes[:0]
+            unique = len(np.unique(seg_codes)) == len(seg_codes)
+            self._seg = (starts, seg_codes, unique)
+            self._seg_version = cache.version
+        return self._seg
+
+    def _aggregate(self, dense: np.ndarray, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
+        """Per-listing aggregate and scored-row count of dense scan scores."""
+        n_listings = len(self.cache.listings)
+        agg = self._scratch("agg", n_listings, np.float32)
+        count = self._scratch("count", n_listings, np.int32)
+        best = self._scratch("best", n_listings, np.int64)
+        starts, seg_codes, unique = self._segments()
+        _kernels.segments_agg(dense, starts, seg_codes, n_listings, AGG_CODES[spec.agg],
+                              spec.top_n, int(unique), agg, count, best, self.threads)
+        return agg, count
+
+    def _exact(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Float32 scores of ``rows`` from the cache's float32 copy (read in place)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty(len(rows), dtype=np.float32)
+        cache = self.cache
+        _kernels.dot_rows(cache.vectors, cache.n_rows, cache.dim, rows, q, out)
+        return out
+
+    def _listing_rows(self, listings: np.ndarray) -> np.ndarray:
+        """Live rows of the given listing codes."""
+        cache = self.cache
+        if len(listings) > 4096:
+            sel = np.zeros(len(cache.listings), dtype=bool)
+            sel[listings] = True
+            rows = np.flatnonzero(sel[cache.codes])
+        else:
+            if self._csr_version != cache.version or self._csr is None:
+                order = np.argsort(cache.codes, kind="stable")
+                starts = np.r_[0, np.cumsum(np.bincount(cache.codes, minlength=len(cache.listings)))]
+                self._csr = (order, starts)
+                self._csr_version = cache.version
+            order, starts = self._csr
+            parts = [order[starts[c] : starts[c + 1]] for c in listings]
+            rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if cache.n_alive < cache.n_rows:
+            rows = rows[cache.alive[rows]]
+        return rows
+
+    def _top(self, values: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and values of the ``kk`` largest finite entries (unordered)."""
+        rows = np.empty(kk, dtype=np.int64)
+        vals = np.empty(kk, dtype=np.float32)
+        count = _kernels.topk_values(values, kk, rows, vals)
+        return rows[:count], vals[:count]
+
+    @staticmethod
+    def _at_least(values: np.ndarray, lower: float) -> np.ndarray:
+        """``values >= lower`` for finite ``lower``; every scored entry (not -inf) otherwise."""
+        if np.isfinite(lower):
+            return values >= np.float32(lower)
+        return values > -np.inf
+
+    def _kk(self, k: int, n: int, floor: int = MIN_CANDIDATES) -> int:
+        return max(1, min(n, max(k * self.rerank, floor)))
+
+    @staticmethod
+    def _must_widen(spec: SearchSpec, res: RawHits, full: bool, bound: float) -> float | None:
+        """The lower score bound to widen to, or None when the candidates provably suffice.
+
+        ``bound``: the highest exact score a non-candidate can have.
+        """
+        if not full:
+            return None
+        t = spec.threshold
+        if spec.k is not None and len(res.scores) >= spec.k:
+            kth = float(res.scores[spec.k - 1])
+            return kth if bound >= kth else None
+        if t is None:  # fewer than k hits from a full candidate set: defensive, all rows
+            return -np.inf
+        return t if bound > t else None
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
+        """Search ``(nq, d) float32`` queries; one :class:`RawHits` per query (exact answers).
+
+        Raises:
+            QueryError: bad query (see :func:`check_queries`) or spec.
+        """
+        cache = self.cache
+        q = check_queries(queries, cache.dim)
+        if spec.listing_mask is not None and len(spec.listing_mask) != len(cache.listings):
+            return super().search(q, spec)  # raises the shape error
+        self.table.sync(cache)
+        if cache.n_rows == 0:
+            return [self._empty() for _ in range(len(q))]
+        alive, lmask = self._filters(spec)
+        if len(q) > 1 and spec.group_by is None and spec.threshold is None:
+            return self._batch(q, spec, alive, lmask)
+        return [self._one(qv, spec, alive, lmask) for qv in q]
+
+    @staticmethod
+    def _empty() -> RawHits:
+        return RawHits(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def _one(self, qv: np.ndarray, spec: SearchSpec, alive, lmask) -> RawHits:
+        pq = self.table.prepare(qv)
+        if spec.group_by == "listing":
+            dense = self._dense(pq, alive, lmask)
+            return self._one_grouped(qv, spec, *self._aggregate(dense, spec), pq.margin)
+        if spec.k is None:  # threshold query: every row that can pass
+            dense = self._dense(pq, alive, lmask)
+            cand = np.flatnonzero(dense > np.float32(spec.threshold - pq.margin))
+            return self._images(cand, self._exact(cand, qv), spec)
+        kk = self._kk(spec.k, cache_rows := self.cache.n_rows)
+        dense, cand, approx = self._dense(pq, alive, lmask, kk)
+        res = self._images(cand, self._exact(cand, qv), spec)
+        full = len(cand) == kk and kk < cache_rows
+        lower = self._must_widen(spec, res, full, float(approx.min()) + pq.margin if len(approx)
+                                 else -np.inf)
+        if lower is not None:
+            self.widened += 1
+            cand = np.flatnonzero(self._at_least(dense, lower - pq.margin))
+            res = self._images(cand, self._exact(cand, qv), spec)
+        return res
+
+    def _one_grouped(self, qv: np.ndarray, spec: SearchSpec, agg: np.ndarray,
+                     count: np.ndarray, margin: float) -> RawHits:
+        m = margin * (spec.top_n if spec.agg == "sum-top-n" else 1)
+        if spec.k is None:
+            listings = np.flatnonzero(agg > np.float32(spec.threshold - m))
+            rows = self._listing_rows(listings)
+            return self._grouped(rows, self._exact(rows, qv), spec)
+        present = int(np.count_nonzero(count))
+        kk = self._kk(spec.k, present)
+        listings, approx = self._top(agg, kk)
+        rows = self._listing_rows(listings)
+        res = self._grouped(rows, self._exact(rows, qv), spec)
+        full = len(listings) == kk and kk < present
+        lower = self._must_widen(spec, res, full,
+                                 float(approx.min()) + m if len(approx) else -np.inf)
+        if lower is not None:
+            self.widened += 1
+            listings = np.flatnonzero(self._at_least(agg, lower - m))
+            rows = self._listing_rows(listings)
+            res = self._grouped(rows, self._exact(rows, qv), spec)
+        return res
+
+    def _batch(self, q: np.ndarray, spec: SearchSpec, alive, lmask) -> list[RawHits]:
+        cache = self.cache
+        assert spec.k is not None
+        prepared = [self.table.prepare(qv) for qv in q]
+        bufs = np.ascontiguousarray(np.stack([p.buf for p in prepared]))
+        scales = np.array([p.scale for p in prepared], dtype=np.float64)
+        offsets = np.array([p.offset for p in prepared], dtype=np.float64)
+        kk = self._kk(spec.k, cache.n_rows, MIN_CANDIDATES_BATCH)
+        nq = len(q)
+        rows = np.empty((nq, kk), dtype=np.int64)
+        approx = np.empty((nq, kk), dtype=np.float32)
+        counts = np.empty(nq, dtype=np.int64)
+        _kernels.topk_batch(
+            self.table.kind, self.table.data, cache.n_rows, cache.dim, bufs, scales, offsets, nq,
+            cache.codes if lmask is not None else None, lmask, alive, len(cache.listings), kk,
+            rows, approx, counts, self.threads,
+        )
+        out = []
+        for i, qv in enumerate(q):
+            cand = rows[i, : counts[i]]
+            res = self._images(cand, self._exact(cand, qv), spec)
+            full = counts[i] == kk and kk < cache.n_rows
+            bound = float(approx[i, : counts[i]].min()) + prepared[i].margin if counts[i] else -np.inf
+            if self._must_widen(spec, res, full, bound) is not None:
+                self.widened += 1
+                res = self._one(qv, spec, alive, lmask)  # widens through the dense path
+            out.append(res)
+        return out
