@@ -223,3 +223,39 @@ def test_add_single_image_then_update_and_unchanged(cnn_catalog_copy, demo_dir):
             cat.search(image_id="new-rocket/1.jpg", k=2, group_by="listing").hits[1].listing_id
             == "moon"
         )
+
+
+@pytest.mark.parametrize("codes", ["int8", "float16", "float32"])
+def test_every_code_kind_gives_the_same_answers(vec_catalog, codes):
+    cat, keys, vectors, _stock, rng = vec_catalog
+    assert cat.configure(codes=codes, rerank=2) == {"codes": codes, "rerank": "2", "index": "auto"}
+    stats = cat.stats()
+    assert stats["engine"] == "fast" and stats["codes"] == codes
+    q = oracle.quantized(rng, 1, 8)[0]
+    for kwargs in (dict(k=7), dict(k=4, group_by="listing", agg="mean")):
+        got = cat.search(vector=q, normalize=False, **kwargs)
+        assert as_tuples(got) == oracle.search(keys, vectors, q, **kwargs)
+
+
+def test_settings_are_stored_with_the_catalog(vec_catalog):
+    cat, *_ = vec_catalog
+    cat.configure(codes="float16")
+    with lookalike.open_catalog(cat.uri) as again:
+        assert again.settings["codes"] == "float16"
+        assert again.stats()["codes"] == "float16"
+    with pytest.raises(lookalike.LookalikeError, match="unknown codes"):
+        cat.configure(codes="int4")
+
+
+def test_numpy_fallback_warns_when_the_kernels_are_missing(vec_catalog, monkeypatch):
+    import lookalike.engine as engine_mod
+
+    cat, keys, vectors, _stock, _rng = vec_catalog
+    monkeypatch.setattr(engine_mod, "kernels_available", lambda: (False, "not built"))
+    with lookalike.open_catalog(cat.uri) as fresh:
+        with pytest.warns(RuntimeWarning, match="compiled scan kernels unavailable"):
+            res = fresh.search(vector=vectors[0], k=3, normalize=False)
+        assert fresh.stats()["engine"] == "numpy"
+        assert as_tuples(res) == oracle.search(keys, vectors, vectors[0], k=3)
+    with pytest.raises(lookalike.LookalikeError, match="unavailable"):
+        engine_mod.make_engine(engine_mod.VectorCache(8), "fast")

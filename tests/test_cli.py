@@ -180,3 +180,22 @@ def test_help_teaches(catalog):
     text = cli("search", "--help").stdout
     for flag in ("--group-by", "--agg", "--threshold", "--where", "--save", "--format"):
         assert flag in text
+
+
+def test_config_ann_build_search_and_bench(catalog, demo_dir):
+    out = cli("config", "-c", catalog, "--codes", "float16").stdout
+    assert "codes: float16" in out
+    assert json.loads(cli("stats", "-c", catalog, "-f", "json").stdout)["codes"] == "float16"
+    assert "built hnsw over 84 vectors" in cli("ann", "build", "-c", catalog).stdout
+    q = str(demo_dir / "queries" / "astronaut" / "q-01.jpg")
+    res = search_json(q, "-c", catalog, "--index", "hnsw", "-k", "3")
+    assert res["hits"][0]["listing_id"] == "astronaut"
+    rows = [
+        json.loads(x)
+        for x in cli("bench", "-c", catalog, "--queries", "10", "-f", "json").stdout.splitlines()
+    ]
+    names = [r["name"] for r in rows]
+    assert names[0] == "exact numpy" and "ann hnsw" in names
+    assert all(r["recall_at_k"] == 1.0 for r in rows if r["name"].startswith("exact"))
+    bad = cli("search", q, "-c", catalog, "--index", "ivf", check=False)
+    assert bad.returncode == 1 and "no ivf index" in bad.stderr

@@ -11,10 +11,11 @@ import oracle
 from lookalike.engine import ExactEngine, SearchSpec, VectorCache
 from lookalike.engine import _kernels as kernels
 from lookalike.engine.fast import FastEngine
+from lookalike.engine.gpu import TorchEngine
 from lookalike.errors import QueryError
 from lookalike.store import Changes
 
-ENGINES = ["numpy", "int8", "float16", "float32", "int8-generic", "float16-generic"]
+ENGINES = ["numpy", "int8", "float16", "float32", "int8-generic", "float16-generic", "torch"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -28,6 +29,8 @@ def engine_kind(request):
 def make_engine(cache, kind):
     if kind == "numpy":
         return ExactEngine(cache)
+    if kind == "torch":  # the GPU engine, run on the CPU device so every machine tests it
+        return TorchEngine(cache, device="cpu", rerank=1)
     return FastEngine(cache, codes=kind, rerank=1)
 
 
@@ -83,7 +86,11 @@ def test_ties_are_broken_by_listing_then_image_id(engine_kind):
     vectors = np.ones((5, 4), dtype=np.float32)
     cache = make_cache(keys, vectors)
     q = np.ones(4, dtype=np.float32)
-    assert [h[:2] for h in run(cache, q, engine_kind, k=3)] == [("a", "a/1"), ("a", "a/9"), ("b", "b/1")]
+    assert [h[:2] for h in run(cache, q, engine_kind, k=3)] == [
+        ("a", "a/1"),
+        ("a", "a/9"),
+        ("b", "b/1"),
+    ]
     grouped = run(cache, q, engine_kind, k=10, group_by="listing")
     assert [h[:2] for h in grouped] == [("a", "a/1"), ("b", "b/1"), ("c", "c/0")]
 
@@ -185,7 +192,9 @@ def test_compaction_keeps_answers_and_reclusters_by_listing(engine_kind):
     assert cache.n_rows == cache.n_alive
     lids = [cache.keys[r][0] for r in range(cache.n_rows)]
     assert lids == sorted(lids)
-    assert run(cache, q, engine_kind, k=50, group_by="listing") == expected(cache, q, k=50, group_by="listing")
+    assert run(cache, q, engine_kind, k=50, group_by="listing") == expected(
+        cache, q, k=50, group_by="listing"
+    )
 
 
 def test_batch_of_queries_equals_single_queries(engine_kind):
@@ -232,8 +241,9 @@ def test_bad_specs_are_refused(spec):
         SearchSpec(**spec)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n_listings=st.integers(1, 6),
     per=st.integers(1, 5),
@@ -244,7 +254,9 @@ def test_bad_specs_are_refused(spec):
     grouped=st.booleans(),
     levels=st.integers(1, 3),
 )
-def test_property_search_equals_oracle(engine_kind, n_listings, per, k, seed, agg, top_n, grouped, levels):
+def test_property_search_equals_oracle(
+    engine_kind, n_listings, per, k, seed, agg, top_n, grouped, levels
+):
     """Few levels -> many exact ties: ordering and selection must still match the oracle."""
     rng = np.random.default_rng(seed)
     keys = [(f"L{i}", f"L{i}/{j}") for i in range(n_listings) for j in range(per)]
@@ -256,7 +268,7 @@ def test_property_search_equals_oracle(engine_kind, n_listings, per, k, seed, ag
     assert run(cache, q, engine_kind, **spec) == expected(cache, q, **spec)
 
 
-@pytest.mark.parametrize("codes", ["int8", "float16", "float32"])
+@pytest.mark.parametrize("codes", ["int8", "float16", "float32", "torch"])
 @pytest.mark.parametrize("n", [5000, 40_000])  # 40k rows: the kernels run on every core
 def test_fast_engine_equals_exact_engine_at_scale(codes, n):
     """Many more rows than candidates: the exactness proof must widen when ties or near-ties
@@ -268,7 +280,7 @@ def test_fast_engine_equals_exact_engine_at_scale(codes, n):
     prototypes = oracle.quantized(rng, 8, 32, levels=1)
     vectors[::2] = prototypes[rng.integers(0, 8, n // 2)]  # hundreds of exact duplicates: ties
     cache = make_cache(keys, vectors)
-    fast, exact = FastEngine(cache, codes=codes, rerank=1), ExactEngine(cache)
+    fast, exact = make_engine(cache, codes), ExactEngine(cache)
     mask = rng.random(n_listings) < 0.7
     specs = [
         SearchSpec(k=10),
@@ -288,7 +300,7 @@ def test_fast_engine_equals_exact_engine_at_scale(codes, n):
             assert got.counts.tolist() == want.counts.tolist(), spec
 
 
-@pytest.mark.parametrize("codes", ["int8", "float16", "float32"])
+@pytest.mark.parametrize("codes", ["int8", "float16", "float32", "torch"])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_proof_widens_when_ties_straddle_the_candidates(codes, grouped):
     """1000 copies of the query vector tie for first place: far more than the candidates the
@@ -298,7 +310,7 @@ def test_proof_widens_when_ties_straddle_the_candidates(codes, grouped):
     vectors = np.concatenate([np.tile(v, (1000, 1)), oracle.quantized(rng, 3000, 16)])
     keys = [(f"L{(i * 7919) % 1500:04d}", f"img{i:05d}") for i in range(4000)]
     cache = make_cache(keys, vectors)
-    fast = FastEngine(cache, codes=codes, rerank=1)
+    fast = make_engine(cache, codes)
     spec = SearchSpec(k=10, group_by="listing" if grouped else None)
     got = fast.search(v, spec)[0]
     want = ExactEngine(cache).search(v, spec)[0]
@@ -332,13 +344,18 @@ def test_codes_follow_appends_deletes_and_compaction():
     fast = FastEngine(cache, codes="int8", rerank=1)
     q = oracle.quantized(rng, 1, 8)[0]
     spec = SearchSpec(k=15)
-    assert fast.search(q, spec)[0].rows.tolist() == ExactEngine(cache).search(q, spec)[0].rows.tolist()
+    assert (
+        fast.search(q, spec)[0].rows.tolist() == ExactEngine(cache).search(q, spec)[0].rows.tolist()
+    )
     cache.apply(Changes(seq=2, upserted=keys[100:], vectors=vectors[100:], deleted=keys[:10]))
     for _ in range(2):
-        assert fast.search(q, spec)[0].rows.tolist() == ExactEngine(cache).search(q, spec)[
-            0].rows.tolist()
-        cache.apply(Changes(seq=3, upserted=[], vectors=np.zeros((0, 8), np.float32),
-                            deleted=keys[10:120]))  # compacts: rows renumbered, codes rebuilt
+        assert (
+            fast.search(q, spec)[0].rows.tolist()
+            == ExactEngine(cache).search(q, spec)[0].rows.tolist()
+        )
+        cache.apply(
+            Changes(seq=3, upserted=[], vectors=np.zeros((0, 8), np.float32), deleted=keys[10:120])
+        )  # compacts: rows renumbered, codes rebuilt
     assert cache.n_rows == cache.n_alive == 80
 
 

@@ -27,7 +27,17 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .engine import ExactEngine, SearchSpec, VectorCache, check_queries, parse_where
+from .engine import (
+    CODES,
+    ENGINES,
+    ExactEngine,
+    SearchSpec,
+    VectorCache,
+    check_queries,
+    make_engine,
+    parse_where,
+)
+from .engine.ann import ANN_KINDS, AnnEngine, AnnIndex, AnnParams
 from .errors import LookalikeError, ModelMismatchError, NotFoundError, QueryError
 from .extract import BaseExtractor, ModelInfo, available_extractors, get_extractor, l2_normalize
 from .images import ImageSource, decode_image, iter_sources, read_bytes, sha256_hex
@@ -36,6 +46,14 @@ from .store import FeatureBatch, Key, ListingRecord, Store, open_store
 
 DEFAULT_EXTRACTOR = "cnn"
 DEFAULT_K = 10
+#: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).
+DEFAULT_SETTINGS: dict[str, str] = {"codes": "int8", "rerank": "4", "index": "auto"}
+#: ``index="auto"`` searches a built ANN index once an exact scan would read more than this
+#: many bytes of codes (1.5 GB: about 50 ms at the 30 GB/s the int8 scan reaches on the build
+#: machine, see ``benchmarks/scan.py`` and ``benchmarks/ann.py``); below it, exact search.
+ANN_AUTO_BYTES = 1.5e9
+#: Index choices of ``search(index=...)``.
+INDEX_CHOICES: tuple[str, ...] = ("auto", "exact", *ANN_KINDS)
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
 
@@ -118,14 +136,28 @@ class Catalog:
         extractor: extractor name for a new catalog (default ``cnn``); must match an existing
             catalog's model.
         device: passed to the ``cnn`` extractor (``auto``, ``cpu``, ``cuda``...).
+        engine: ``auto`` (default; ``LOOKALIKE_ENGINE`` overrides), ``fast``, ``numpy`` or
+            ``torch`` (see :func:`lookalike.engine.make_engine`).
 
     Raises:
         ModelMismatchError: ``extractor`` differs from the catalog's model.
+        LookalikeError: unknown engine.
     """
 
-    def __init__(self, store: Store, extractor: str | None = None, device: str = "auto") -> None:
+    def __init__(
+        self,
+        store: Store,
+        extractor: str | None = None,
+        device: str = "auto",
+        engine: str | None = None,
+    ) -> None:
         self.store = store
         self.device = device
+        self.engine_kind = engine or os.environ.get("LOOKALIKE_ENGINE") or "auto"
+        if self.engine_kind not in ENGINES:
+            raise LookalikeError(
+                f"unknown engine {self.engine_kind!r}; use one of {', '.join(ENGINES)}"
+            )
         stored = store.model()
         if stored is not None and extractor is not None and extractor != stored.name:
             raise ModelMismatchError(
@@ -136,6 +168,7 @@ class Catalog:
         self._extractor: BaseExtractor | None = None
         self._cache: VectorCache | None = None
         self._engine: ExactEngine | None = None
+        self._ann: dict[str, AnnEngine] = {}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ basics
@@ -188,7 +221,10 @@ class Catalog:
             )
 
     def close(self) -> None:
-        """Close the store."""
+        """Save ANN indexes that followed new writes, and close the store."""
+        for eng in self._ann.values():
+            if eng.ann.dirty:
+                eng.ann.save(self.ann_folder)
         self.store.close()
 
     def __enter__(self) -> Catalog:
@@ -355,6 +391,119 @@ class Catalog:
 
     # ------------------------------------------------------------------ engine
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """The catalog's settings (stored values over :data:`DEFAULT_SETTINGS`)."""
+        return {**DEFAULT_SETTINGS, **self.store.settings()}
+
+    def configure(
+        self, *, codes: str | None = None, rerank: int | None = None, index: str | None = None
+    ) -> dict[str, str]:
+        """Change settings, stored with the catalog; the engine is rebuilt on the next search.
+
+        Args:
+            codes: what the scan reads: ``int8`` (default, 1 byte a value), ``float16``, or
+                ``float32``. Answers are exact with every kind.
+            rerank: candidates re-scored per requested hit before the exactness check.
+            index: default of ``search(index=...)``: ``auto``, ``exact``, or an ANN kind.
+
+        Returns:
+            The settings now in force.
+
+        Raises:
+            LookalikeError: unknown codes or rerank < 1.
+        """
+        if codes is not None:
+            if codes not in CODES:
+                raise LookalikeError(f"unknown codes {codes!r}; use one of {', '.join(CODES)}")
+            self.store.set_setting("codes", codes)
+        if rerank is not None:
+            if rerank < 1:
+                raise LookalikeError(f"rerank must be >= 1, got {rerank}")
+            self.store.set_setting("rerank", str(rerank))
+        if index is not None:
+            if index not in INDEX_CHOICES:
+                raise LookalikeError(
+                    f"unknown index {index!r}; use one of {', '.join(INDEX_CHOICES)}"
+                )
+            self.store.set_setting("index", index)
+        with self._lock:
+            self._engine = None
+        return self.settings
+
+    @property
+    def engine(self) -> ExactEngine:
+        """The search engine, synced with the store (built on first use)."""
+        with self._lock:
+            self._sync()
+            assert self._engine is not None
+            return self._engine
+
+    @property
+    def ann_folder(self) -> Path:
+        """Where ANN indexes are saved: ``<catalog>/ann``."""
+        return Path(self.uri) / "ann"
+
+    def build_index(self, kind: str = "hnsw", **params: int) -> AnnIndex:
+        """Build (train and fill) an ANN index of every stored vector and save it.
+
+        Args:
+            kind: ``ivf``, ``ivfpq`` or ``hnsw``.
+            **params: :class:`~lookalike.engine.ann.AnnParams` fields (``nlist``, ``nprobe``,
+                ``pq_m``, ``hnsw_m``, ``ef_construction``, ``ef_search``, ``overfetch``).
+
+        Raises:
+            LookalikeError: unknown kind or parameter, or too few vectors to train.
+        """
+        try:
+            p = AnnParams(kind=kind, **params)
+        except TypeError as exc:
+            raise LookalikeError(f"bad index parameter: {exc}") from None
+        with self._lock:
+            cache = self._sync()
+            ann = AnnIndex.build(cache, p)
+            ann.save(self.ann_folder)
+            self._ann[kind] = AnnEngine(cache, ann)
+            return ann
+
+    def _ann_engine(self, kind: str) -> AnnEngine | None:
+        """The loaded ANN engine of ``kind`` (read from disk on first use), or None."""
+        eng = self._ann.get(kind)
+        if eng is None:
+            ann = AnnIndex.load(self.ann_folder, kind)
+            if ann is None:
+                return None
+            assert self._cache is not None
+            if ann.dim != self._cache.dim:
+                raise LookalikeError(f"{self.ann_folder}/{kind}.faiss has d={ann.dim}; rebuild it")
+            eng = self._ann[kind] = AnnEngine(self._cache, ann)
+        return eng
+
+    def _choose_engine(self, index: str | None) -> ExactEngine:
+        choice = index or self.settings["index"]
+        if choice not in INDEX_CHOICES:
+            raise QueryError(f"unknown index {choice!r}; use one of {', '.join(INDEX_CHOICES)}")
+        if self._engine is None or self._cache is None:
+            self._sync()
+        assert self._engine is not None and self._cache is not None
+        if choice == "exact":
+            return self._engine
+        if choice != "auto":
+            eng = self._ann_engine(choice)
+            if eng is None:
+                raise QueryError(
+                    f"no {choice} index in {self.uri}; build one with "
+                    f"`lookalike ann build --kind {choice}`"
+                )
+            return eng
+        per_row = {"int8": 1, "float16": 2}.get(getattr(self._engine, "codes", ""), 4)
+        if self._cache.n_alive * self._cache.dim * per_row >= ANN_AUTO_BYTES:
+            for kind in ANN_KINDS:
+                eng = self._ann_engine(kind)
+                if eng is not None:
+                    return eng
+        return self._engine
+
     def _sync(self) -> VectorCache:
         """Bring the in-RAM cache up to date with the store (incremental)."""
         with self._lock:
@@ -363,7 +512,15 @@ class Catalog:
                 raise QueryError(f"catalog {self.uri} is empty; index some images first")
             if self._cache is None or self._cache.dim != model.dim:
                 self._cache = VectorCache(model.dim)
-                self._engine = ExactEngine(self._cache)
+                self._engine = None
+            if self._engine is None:
+                settings = self.settings
+                self._engine = make_engine(
+                    self._cache,
+                    self.engine_kind,
+                    codes=settings["codes"],
+                    rerank=int(settings["rerank"]),
+                )
             cache = self._cache
             cache.apply(self.store.changes_since(cache.seq))
             seq, listings = self.store.listings_since(cache.listing_seq)
@@ -432,8 +589,12 @@ class Catalog:
         where: str | None = None,
         save: bool = False,
         normalize: bool = True,
+        index: str | None = None,
     ) -> SearchResult | list[SearchResult]:
-        """Search by image, by stored id, or by vector. Exact inner product over every vector.
+        """Search by image, by stored id, or by vector.
+
+        Exact by default: every vector is scored (through the fast engine's codes, with exact
+        re-scoring). With an ANN index, candidates come from the index and are scored exactly.
 
         Exactly one of ``query`` (path, URL, bytes, PIL image), ``image_id`` (stored image;
         ``listing_id`` disambiguates) or ``vector`` must be given.
@@ -448,6 +609,9 @@ class Catalog:
                 (grammar: :mod:`lookalike.engine.filters`).
             save: write the hits to ``query_results`` under the result's ``query_id``.
             normalize: L2-normalize query vectors (so scores are cosines).
+            index: ``exact``, ``ivf``, ``ivfpq``, ``hnsw``, or ``auto`` (the catalog's setting,
+                default ``auto``: ANN when one is built and the collection is large, see
+                :data:`ANN_AUTO_BYTES`).
 
         Returns:
             A :class:`SearchResult`, or a list of them for a batch of vectors.
@@ -495,8 +659,7 @@ class Catalog:
                 top_n=top_n,
                 listing_mask=mask,
             )
-            assert self._engine is not None
-            raw = self._engine.search(q, spec)
+            raw = self._choose_engine(index).search(q, spec)
             results = []
             for r in raw:
                 hits = [
@@ -528,12 +691,15 @@ class Catalog:
             out["model"] = None
             return out
         cache = self._sync()
+        engine = self._engine
         out.update(
             model={"name": model.name, "version": model.version, "dim": model.dim},
             listings=int(np.unique(cache.codes[cache.alive]).size),
-            engine=self._engine.name if self._engine else None,
+            engine=engine.name if engine else None,
+            codes=getattr(engine, "codes", "float32"),
             cache_rows=cache.n_rows,
             cache_bytes=cache.nbytes(),
+            codes_bytes=int(getattr(engine, "nbytes", lambda: 0)()),
         )
         return out
 
@@ -544,6 +710,7 @@ def open_catalog(
     *,
     device: str = "auto",
     create: bool = True,
+    engine: str | None = None,
 ) -> Catalog:
     """Open (or create) the catalog at ``location``.
 
@@ -553,6 +720,7 @@ def open_catalog(
             checked against the stored model.
         device: ``cnn`` inference device: ``auto`` (GPU if present), ``cpu``, ``cuda``.
         create: create the catalog if missing.
+        engine: search engine: ``auto`` (default), ``fast``, ``numpy``, ``torch``.
 
     Raises:
         NotFoundError: missing catalog and ``create`` is False.
@@ -562,4 +730,5 @@ def open_catalog(
         open_store(Path(location) if not isinstance(location, str) else location, create=create),
         extractor=extractor,
         device=device,
+        engine=engine,
     )

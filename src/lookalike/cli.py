@@ -88,10 +88,16 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(EXIT_ERROR)
 
 
-def _open(catalog: str, extractor: str | None = None, device: str = "auto", create: bool = False):
+def _open(
+    catalog: str,
+    extractor: str | None = None,
+    device: str = "auto",
+    create: bool = False,
+    engine: str | None = None,
+):
     from .catalog import open_catalog
 
-    return open_catalog(catalog, extractor=extractor, device=device, create=create)
+    return open_catalog(catalog, extractor=extractor, device=device, create=create, engine=engine)
 
 
 def _print_json(obj: Any) -> None:
@@ -232,6 +238,20 @@ def search(
     save: Annotated[
         bool, typer.Option(help="Write the hits to query_results under the printed query_id.")
     ] = False,
+    index: Annotated[
+        str | None,
+        typer.Option(
+            help="exact, ivf, ivfpq, hnsw, or auto (ANN once built and the collection is "
+            "large; the catalog's `config --index` setting)."
+        ),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Exact engine: auto (default), fast (compiled kernels), numpy, torch (GPU). "
+            "Env: LOOKALIKE_ENGINE."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cnn inference device: auto, cpu, cuda.")] = "auto",
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
@@ -246,7 +266,7 @@ def search(
       lookalike search q.jpg -c ./cat --where "stock_level > 0" --save --format json
     """
     try:
-        with _open(catalog, device=device) as cat:
+        with _open(catalog, device=device, engine=engine) as cat:
             vec = np.load(vector) if vector is not None else None
             result = cat.search(
                 query,
@@ -260,6 +280,7 @@ def search(
                 threshold=threshold,
                 where=where,
                 save=save,
+                index=index,
             )
     except (LookalikeError, OSError, ValueError) as exc:
         raise _fail(exc) from None
@@ -356,6 +377,100 @@ def results(
         out.print(
             f"{h['rank']:>4}  {h['score']:.4f}  {h['listing_id']}  {h['image_id']}", highlight=False
         )
+
+
+@app.command()
+def config(
+    catalog: CatalogOpt,
+    codes: Annotated[
+        str | None,
+        typer.Option(
+            help="What the exact scan reads: int8 (default, 1 byte a value), float16, float32. "
+            "Answers are exact with all three; int8 scans 4x fewer bytes."
+        ),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(help="Candidates re-scored exactly per requested hit (default 4)."),
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="Default of search --index: auto, exact, ivf, ivfpq, hnsw."),
+    ] = None,
+) -> None:
+    """Show or change the catalog's search settings (stored in the catalog)."""
+    try:
+        with _open(catalog) as cat:
+            settings = cat.configure(codes=codes, rerank=rerank, index=index)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    for key, value in settings.items():
+        out.print(f"{key:>8}: {value}", highlight=False)
+
+
+ann_app = typer.Typer(help="Approximate nearest-neighbour indexes (faiss).", no_args_is_help=True)
+app.add_typer(ann_app, name="ann")
+
+
+@ann_app.command("build")
+def ann_build(
+    catalog: CatalogOpt,
+    kind: Annotated[str, typer.Option(help="hnsw (default), ivf, or ivfpq.")] = "hnsw",
+    nlist: Annotated[int, typer.Option(help="IVF cells (0: min(4 sqrt(n), n/39)).")] = 0,
+    nprobe: Annotated[int, typer.Option(help="IVF cells scanned per query (0: nlist/8).")] = 0,
+    pq_m: Annotated[int, typer.Option(help="IVF-PQ sub-quantizers (0: min(64, d/4)).")] = 0,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW links per node.")] = 32,
+    ef_search: Annotated[int, typer.Option(help="HNSW search breadth.")] = 256,
+) -> None:
+    """Train and fill an ANN index of the catalog and save it in CATALOG/ann.
+
+    Searches use it with --index KIND (or automatically once the collection is large); it
+    follows later inserts and deletes. `lookalike bench` reports its recall@10.
+    """
+    try:
+        with _open(catalog) as cat:
+            ann = cat.build_index(
+                kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search
+            )
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    out.print(
+        f"built {kind} over {ann.ntotal} vectors in {ann.build_seconds:.1f} s "
+        f"({ann.params.factory(ann.dim)}); saved in {catalog}/ann",
+        highlight=False,
+    )
+
+
+@app.command()
+def bench(
+    catalog: CatalogOpt,
+    queries: Annotated[int, typer.Option(help="Stored vectors used as queries.")] = 100,
+    k: Annotated[int, typer.Option("-k", "--k", help="Hits per query.")] = 10,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Latency (p50/p99) and recall@k of every engine and built ANN index on this catalog."""
+    from .bench import bench_catalog
+
+    try:
+        with _open(catalog) as cat:
+            rows = bench_catalog(cat, n_queries=queries, k=k)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if fmt == OutputFormat.json:
+        for row in rows:
+            _print_json(row)
+        return
+    table = Table(
+        title=f"{rows[0]['n']} vectors, d={rows[0]['d']}, {rows[0]['queries']} queries",
+        title_justify="left",
+    )
+    for col in ("engine", "p50 ms", "p99 ms", f"recall@{k}"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for r in rows:
+        table.add_row(
+            r["name"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['recall_at_k']:.4f}"
+        )
+    out.print(table)
 
 
 def parse_value(text: str) -> Any:

@@ -8,6 +8,7 @@ codes* so that grouping and filtering work on integer arrays.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,16 @@ from ..store import Changes, Key, ListingRecord
 
 #: Compact (drop dead rows and re-cluster) once this fraction of the rows is dead.
 COMPACT_DEAD_FRACTION = 0.25
+
+
+def key_hash(key: tuple[str, str]) -> int:
+    """A stable 63-bit id of ``(listing_id, image_id)``: BLAKE2b-64 of
+    ``len(listing_id):listing_id image_id`` (length-prefixed, so no two keys share a string),
+    top bit cleared (faiss ids are non-negative int64). The same in every process, so an index
+    saved with the catalog stays valid."""
+    text = f"{len(key[0])}:{key[0]}{key[1]}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class ListingTable:
@@ -93,6 +104,7 @@ class VectorCache:
         self._vectors = np.zeros((0, dim), dtype=np.float32)
         self._codes = np.zeros(0, dtype=np.int32)
         self._alive = np.zeros(0, dtype=bool)
+        self._hashes = np.zeros(0, dtype=np.int64)
         self._n = 0
         self.keys: list[Key] = []
         self.row_of: dict[Key, int] = {}
@@ -126,9 +138,16 @@ class VectorCache:
         """``(n_rows,) bool``: False for deleted or replaced rows."""
         return self._alive[: self._n]
 
+    @property
+    def hashes(self) -> np.ndarray:
+        """``(n_rows,) int64`` stable id of each row's key (:func:`key_hash`)."""
+        return self._hashes[: self._n]
+
     def nbytes(self) -> int:
         """Approximate RAM held by the cache, in bytes (arrays plus key bookkeeping)."""
-        arrays = self._vectors.nbytes + self._codes.nbytes + self._alive.nbytes
+        arrays = (
+            self._vectors.nbytes + self._codes.nbytes + self._alive.nbytes + self._hashes.nbytes
+        )
         per_key = 200  # tuple of two short str + dict slot, measured with sys.getsizeof
         return int(arrays + per_key * len(self.keys))
 
@@ -164,10 +183,12 @@ class VectorCache:
             self._vectors = _grow(self._vectors, cap, self._n)
             self._codes = _grow(self._codes, cap, self._n)
             self._alive = _grow(self._alive, cap, self._n)
+            self._hashes = _grow(self._hashes, cap, self._n)
         start = self._n
         self._vectors[start:need] = vectors
         self._codes[start:need] = self.listings.codes([k[0] for k in keys])
         self._alive[start:need] = True
+        self._hashes[start:need] = np.fromiter((key_hash(k) for k in keys), np.int64, count=m)
         for i, key in enumerate(keys):
             self.row_of[key] = start + i
         self.keys.extend(keys)
@@ -180,6 +201,7 @@ class VectorCache:
         self._vectors = np.ascontiguousarray(self._vectors[rows])
         self._codes = self._codes[rows].copy()
         self._alive = np.ones(len(rows), dtype=bool)
+        self._hashes = self._hashes[rows].copy()
         self.keys = [k for k, _ in live]
         self.row_of = {k: i for i, k in enumerate(self.keys)}
         self._n = len(rows)

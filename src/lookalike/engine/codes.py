@@ -100,8 +100,10 @@ class CodeTable:
         refit the int8 scales when the collection has doubled since the last fit."""
         self._cache_vectors = cache.vectors
         n = cache.n_rows
-        if self._layout != cache.layout or n < self.n_encoded or (
-            self.kind_name == "int8" and n > 2 * max(self._n_at_fit, 512)
+        if (
+            self._layout != cache.layout
+            or n < self.n_encoded
+            or (self.kind_name == "int8" and n > 2 * max(self._n_at_fit, 512))
         ):
             self._rebuild(cache)
         elif n > self.n_encoded:
@@ -116,8 +118,9 @@ class CodeTable:
             maxabs = np.zeros(self.dim, dtype=np.float32)
             for a in range(0, len(x), ENCODE_CHUNK):
                 np.maximum(maxabs, np.abs(x[a : a + ENCODE_CHUNK]).max(axis=0), out=maxabs)
-            self._scale = np.where(maxabs > 0, np.float32(127.0) / np.maximum(maxabs, 1e-30),
-                                   np.float32(1.0)).astype(np.float32)
+            self._scale = np.where(
+                maxabs > 0, np.float32(127.0) / np.maximum(maxabs, 1e-30), np.float32(1.0)
+            ).astype(np.float32)
             self._n_at_fit = cache.n_rows
         self._packed = np.zeros(0, dtype=np.uint8)
         self._encode(x, 0, cache.n_rows)
@@ -145,12 +148,14 @@ class CodeTable:
             rows = np.ascontiguousarray(x[start:stop], dtype=np.float32)
             out = np.array([self.max_code_norm, self.max_err_norm, self.max_norm], np.float64)
             if self.kind == 2:
-                _kernels.encode_i8(rows, stop - start, self.dim, self._scale, self._packed,
-                                   start, out)
+                _kernels.encode_i8(
+                    rows, stop - start, self.dim, self._scale, self._packed, start, out
+                )
             else:
                 if np.abs(rows).max() > FLOAT16_MAX:
-                    raise LookalikeError("vector values exceed the float16 range; use int8 or "
-                                         "float32 codes")
+                    raise LookalikeError(
+                        "vector values exceed the float16 range; use int8 or float32 codes"
+                    )
                 _kernels.encode_f16(rows, stop - start, self.dim, self._packed, start, out)
             self.max_code_norm, self.max_err_norm, self.max_norm = (float(v) for v in out)
         self.n_encoded = stop

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,11 +33,15 @@ from .codes import CodeTable
 from .exact import ExactEngine, RawHits, SearchSpec, check_queries
 
 AGG_CODES = {"max": 0, "mean": 1, "sum-top-n": 2}
-#: At least this many candidates are re-scored for one query (cheap: a few hundred dot
-#: products), so that the exactness check rarely has to widen.
-MIN_CANDIDATES = 64
+#: Candidates kept by the scan for one query, so that the exactness check rarely has to widen
+#: (only those that can matter are re-scored: see ``FastEngine._rescore``).
+MIN_CANDIDATES = 256
 #: The same for queries of a batch, where widening costs a scan of its own.
-MIN_CANDIDATES_BATCH = 256
+MIN_CANDIDATES_BATCH = 1024
+#: Candidates re-scored first, before the ones within the margin of the k-th score.
+MIN_RESCORE = 32
+#: Float32 batches are scored by BLAS in row blocks of about this many bytes of scores.
+GEMM_BLOCK_BYTES = 64 * 2**20
 
 
 class FastEngine(ExactEngine):
@@ -72,7 +77,8 @@ class FastEngine(ExactEngine):
         return self.table.kind_name
 
     def nbytes(self) -> int:
-        """Bytes of codes held beyond the cache's float32 copy."""
+        """Bytes of codes held beyond the cache's float32 copy (encodes pending rows first)."""
+        self.table.sync(self.cache)
         return self.table.nbytes()
 
     # ------------------------------------------------------------------ plumbing
@@ -105,9 +111,22 @@ class FastEngine(ExactEngine):
         rows = np.empty(kk, dtype=np.int64) if kk else None
         vals = np.empty(kk, dtype=np.float32) if kk else None
         count = _kernels.scores(
-            self.table.kind, self.table.data, cache.n_rows, cache.dim, pq.buf, pq.scale,
-            pq.offset, cache.codes if lmask is not None else None, lmask, alive,
-            len(cache.listings), out, self.threads, kk, rows, vals,
+            self.table.kind,
+            self.table.data,
+            cache.n_rows,
+            cache.dim,
+            pq.buf,
+            pq.scale,
+            pq.offset,
+            cache.codes if lmask is not None else None,
+            lmask,
+            alive,
+            len(cache.listings),
+            out,
+            self.threads,
+            kk,
+            rows,
+            vals,
         )
         return (out, rows[:count], vals[:count]) if kk else out
 
@@ -132,8 +151,19 @@ class FastEngine(ExactEngine):
         count = self._scratch("count", n_listings, np.int32)
         best = self._scratch("best", n_listings, np.int64)
         starts, seg_codes, unique = self._segments()
-        _kernels.segments_agg(dense, starts, seg_codes, n_listings, AGG_CODES[spec.agg],
-                              spec.top_n, int(unique), agg, count, best, self.threads)
+        _kernels.segments_agg(
+            dense,
+            starts,
+            seg_codes,
+            n_listings,
+            AGG_CODES[spec.agg],
+            spec.top_n,
+            int(unique),
+            agg,
+            count,
+            best,
+            self.threads,
+        )
         return agg, count
 
     def _exact(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -145,7 +175,8 @@ class FastEngine(ExactEngine):
         return out
 
     def _listing_rows(self, listings: np.ndarray) -> np.ndarray:
-        """Live rows of the given listing codes."""
+        """Live rows of the given listing codes (a CSR index of rows by listing, rebuilt when
+        the cache changes; rows are clustered, so the stable sort is nearly linear)."""
         cache = self.cache
         if len(listings) > 4096:
             sel = np.zeros(len(cache.listings), dtype=bool)
@@ -154,12 +185,14 @@ class FastEngine(ExactEngine):
         else:
             if self._csr_version != cache.version or self._csr is None:
                 order = np.argsort(cache.codes, kind="stable")
-                starts = np.r_[0, np.cumsum(np.bincount(cache.codes, minlength=len(cache.listings)))]
-                self._csr = (order, starts)
+                counts = np.bincount(cache.codes, minlength=len(cache.listings))
+                self._csr = (order, np.r_[0, np.cumsum(counts)])
                 self._csr_version = cache.version
             order, starts = self._csr
-            parts = [order[starts[c] : starts[c + 1]] for c in listings]
-            rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            first, lengths = starts[listings], starts[listings + 1] - starts[listings]
+            offsets = np.cumsum(lengths) - lengths  # vectorised concatenation of the slices
+            within = np.arange(int(lengths.sum())) - np.repeat(offsets, lengths)
+            rows = order[np.repeat(first, lengths) + within]
         if cache.n_alive < cache.n_rows:
             rows = rows[cache.alive[rows]]
         return rows
@@ -221,6 +254,47 @@ class FastEngine(ExactEngine):
     def _empty() -> RawHits:
         return RawHits(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
+    def _rescore(
+        self,
+        cand: np.ndarray,
+        approx: np.ndarray,
+        margin: float,
+        spec: SearchSpec,
+        exact_hits: Callable[[np.ndarray], RawHits],
+    ) -> RawHits:
+        """Exact hits from the candidates that can matter, best scan score first.
+
+        The first ``max(rerank * k, MIN_RESCORE)`` candidates are re-scored; a further one is
+        re-scored only if its scan score is within ``margin`` of the k-th exact score found so
+        far (or of the threshold): below that, its exact score cannot reach the answer.
+        ``exact_hits`` re-scores candidates (rows, or listings) and ranks them."""
+        order = np.argsort(-approx, kind="stable")
+        cand, approx = cand[order], approx[order]
+        first = min(len(cand), max((spec.k or 0) * self.rerank, MIN_RESCORE))
+        res = exact_hits(cand[:first])
+        if first < len(cand):
+            if spec.k is not None and len(res.scores) >= spec.k:
+                lower = float(res.scores[spec.k - 1]) - margin
+            elif spec.threshold is not None:
+                lower = spec.threshold - margin
+            else:
+                lower = -np.inf
+            # approx is sorted descending: the candidates at or above `lower` form a prefix
+            take = first + int(np.count_nonzero(approx[first:] >= np.float32(lower)))
+            if take > first:
+                res = exact_hits(cand[:take])
+        return res
+
+    def _image_hits(self, qv: np.ndarray, spec: SearchSpec) -> Callable[[np.ndarray], RawHits]:
+        return lambda rows: self._images(rows, self._exact(rows, qv), spec)
+
+    def _listing_hits(self, qv: np.ndarray, spec: SearchSpec) -> Callable[[np.ndarray], RawHits]:
+        def hits(listings: np.ndarray) -> RawHits:
+            rows = self._listing_rows(listings)
+            return self._grouped(rows, self._exact(rows, qv), spec)
+
+        return hits
+
     def _one(self, qv: np.ndarray, spec: SearchSpec, alive, lmask) -> RawHits:
         pq = self.table.prepare(qv)
         if spec.group_by == "listing":
@@ -232,63 +306,119 @@ class FastEngine(ExactEngine):
             return self._images(cand, self._exact(cand, qv), spec)
         kk = self._kk(spec.k, cache_rows := self.cache.n_rows)
         dense, cand, approx = self._dense(pq, alive, lmask, kk)
-        res = self._images(cand, self._exact(cand, qv), spec)
+        res = self._rescore(cand, approx, pq.margin, spec, self._image_hits(qv, spec))
         full = len(cand) == kk and kk < cache_rows
-        lower = self._must_widen(spec, res, full, float(approx.min()) + pq.margin if len(approx)
-                                 else -np.inf)
+        lower = self._must_widen(
+            spec, res, full, float(approx.min()) + pq.margin if len(approx) else -np.inf
+        )
         if lower is not None:
             self.widened += 1
             cand = np.flatnonzero(self._at_least(dense, lower - pq.margin))
-            res = self._images(cand, self._exact(cand, qv), spec)
+            res = self._rescore(cand, dense[cand], pq.margin, spec, self._image_hits(qv, spec))
         return res
 
-    def _one_grouped(self, qv: np.ndarray, spec: SearchSpec, agg: np.ndarray,
-                     count: np.ndarray, margin: float) -> RawHits:
+    def _one_grouped(
+        self, qv: np.ndarray, spec: SearchSpec, agg: np.ndarray, count: np.ndarray, margin: float
+    ) -> RawHits:
         m = margin * (spec.top_n if spec.agg == "sum-top-n" else 1)
+        hits = self._listing_hits(qv, spec)
         if spec.k is None:
-            listings = np.flatnonzero(agg > np.float32(spec.threshold - m))
-            rows = self._listing_rows(listings)
-            return self._grouped(rows, self._exact(rows, qv), spec)
+            return hits(np.flatnonzero(agg > np.float32(spec.threshold - m)))
         present = int(np.count_nonzero(count))
         kk = self._kk(spec.k, present)
         listings, approx = self._top(agg, kk)
-        rows = self._listing_rows(listings)
-        res = self._grouped(rows, self._exact(rows, qv), spec)
+        res = self._rescore(listings, approx, m, spec, hits)
         full = len(listings) == kk and kk < present
-        lower = self._must_widen(spec, res, full,
-                                 float(approx.min()) + m if len(approx) else -np.inf)
+        lower = self._must_widen(
+            spec, res, full, float(approx.min()) + m if len(approx) else -np.inf
+        )
         if lower is not None:
             self.widened += 1
             listings = np.flatnonzero(self._at_least(agg, lower - m))
-            rows = self._listing_rows(listings)
-            res = self._grouped(rows, self._exact(rows, qv), spec)
+            res = self._rescore(listings, agg[listings], m, spec, hits)
         return res
 
     def _batch(self, q: np.ndarray, spec: SearchSpec, alive, lmask) -> list[RawHits]:
         cache = self.cache
         assert spec.k is not None
         prepared = [self.table.prepare(qv) for qv in q]
-        bufs = np.ascontiguousarray(np.stack([p.buf for p in prepared]))
-        scales = np.array([p.scale for p in prepared], dtype=np.float64)
-        offsets = np.array([p.offset for p in prepared], dtype=np.float64)
         kk = self._kk(spec.k, cache.n_rows, MIN_CANDIDATES_BATCH)
-        nq = len(q)
-        rows = np.empty((nq, kk), dtype=np.int64)
-        approx = np.empty((nq, kk), dtype=np.float32)
-        counts = np.empty(nq, dtype=np.int64)
-        _kernels.topk_batch(
-            self.table.kind, self.table.data, cache.n_rows, cache.dim, bufs, scales, offsets, nq,
-            cache.codes if lmask is not None else None, lmask, alive, len(cache.listings), kk,
-            rows, approx, counts, self.threads,
-        )
+        rows, approx, counts = self._batch_candidates(q, prepared, kk, alive, lmask)
         out = []
         for i, qv in enumerate(q):
-            cand = rows[i, : counts[i]]
-            res = self._images(cand, self._exact(cand, qv), spec)
+            cand, scan = rows[i, : counts[i]], approx[i, : counts[i]]
+            res = self._rescore(cand, scan, prepared[i].margin, spec, self._image_hits(qv, spec))
             full = counts[i] == kk and kk < cache.n_rows
-            bound = float(approx[i, : counts[i]].min()) + prepared[i].margin if counts[i] else -np.inf
+            bound = float(scan.min()) + prepared[i].margin if counts[i] else -np.inf
             if self._must_widen(spec, res, full, bound) is not None:
                 self.widened += 1
                 res = self._one(qv, spec, alive, lmask)  # widens through the dense path
             out.append(res)
         return out
+
+    def _batch_candidates(self, q: np.ndarray, prepared, kk: int, alive, lmask):
+        """For each query the ``kk`` best rows by scan score: ``rows (nq, kk)``, ``scores``,
+        ``counts (nq,)`` (valid entries first)."""
+        if self.table.kind_name == "float32":
+            return self._batch_gemm(q, kk, alive, lmask)
+        cache = self.cache
+        nq = len(q)
+        bufs = np.ascontiguousarray(np.stack([p.buf for p in prepared]))
+        scales = np.array([p.scale for p in prepared], dtype=np.float64)
+        offsets = np.array([p.offset for p in prepared], dtype=np.float64)
+        rows = np.empty((nq, kk), dtype=np.int64)
+        approx = np.empty((nq, kk), dtype=np.float32)
+        counts = np.empty(nq, dtype=np.int64)
+        _kernels.topk_batch(
+            self.table.kind,
+            self.table.data,
+            cache.n_rows,
+            cache.dim,
+            bufs,
+            scales,
+            offsets,
+            nq,
+            cache.codes if lmask is not None else None,
+            lmask,
+            alive,
+            len(cache.listings),
+            kk,
+            rows,
+            approx,
+            counts,
+            self.threads,
+        )
+        return rows, approx, counts
+
+    def _batch_gemm(self, q: np.ndarray, kk: int, alive, lmask):
+        """Float32 batches are compute-bound: BLAS sgemm on row blocks, then per-query top-kk."""
+        cache = self.cache
+        nq, n = len(q), cache.n_rows
+        block = max(4096, GEMM_BLOCK_BYTES // (4 * nq))
+        best_rows = np.zeros((nq, 0), dtype=np.int64)
+        best_vals = np.zeros((nq, 0), dtype=np.float32)
+        keep = None
+        if lmask is not None or alive is not None:
+            keep = np.ones(n, dtype=bool) if alive is None else alive.view(bool).copy()
+            if lmask is not None:
+                keep &= lmask[: len(cache.listings)].view(bool)[cache.codes]
+        for a in range(0, n, block):
+            s = q @ cache.vectors[a : a + block].T  # (nq, b)
+            if keep is not None:
+                s[:, ~keep[a : a + block]] = -np.inf
+            m = min(kk, s.shape[1])
+            part = np.argpartition(s, s.shape[1] - m, axis=1)[:, s.shape[1] - m :]
+            vals = np.take_along_axis(s, part, axis=1)
+            best_rows = np.concatenate([best_rows, part + a], axis=1)
+            best_vals = np.concatenate([best_vals, vals], axis=1)
+            if best_rows.shape[1] > kk:
+                top = np.argpartition(best_vals, best_vals.shape[1] - kk, axis=1)[:, -kk:]
+                best_rows = np.take_along_axis(best_rows, top, axis=1)
+                best_vals = np.take_along_axis(best_vals, top, axis=1)
+        counts = np.isfinite(best_vals).sum(axis=1).astype(np.int64)
+        order = np.argsort(-best_vals, axis=1, kind="stable")  # finite first
+        return (
+            np.take_along_axis(best_rows, order, axis=1),
+            np.take_along_axis(best_vals, order, axis=1),
+            counts,
+        )

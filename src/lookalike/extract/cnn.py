@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..devices import cuda_available
 from ..errors import LookalikeError
 from . import BaseExtractor, center_crop_resize, l2_normalize
 
@@ -174,17 +175,6 @@ def export_onnx(path: Path | None = None, check_images: np.ndarray | None = None
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device. Torch is only imported where a GPU may exist."""
-    if not (os.path.exists("/dev/nvidiactl") or os.environ.get("LOOKALIKE_DEVICE") == "cuda"):
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 class _OnnxBackend:

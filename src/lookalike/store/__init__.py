@@ -147,6 +147,14 @@ class Store(Protocol):
         """The collection's model, or None for an empty new catalog."""
         ...
 
+    def settings(self) -> dict[str, str]:
+        """Catalog settings (engine codes, rerank factor, ...), as strings."""
+        ...
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Store a catalog setting (None removes it)."""
+        ...
+
     def existing(self, keys: Sequence[Key]) -> dict[Key, str]:
         """SHA-256 of those of ``keys`` that are stored."""
         ...

@@ -183,6 +183,26 @@ class SqliteStore:
         assert stored is not None
         return stored
 
+    def settings(self) -> dict[str, str]:
+        """Catalog settings (engine codes, rerank factor, ...), as strings."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, value FROM meta WHERE key LIKE 'setting:%'"
+            ).fetchall()
+        return {k.removeprefix("setting:"): v for k, v in rows}
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Store a catalog setting (None removes it)."""
+        with self._write() as cur:
+            if value is None:
+                cur.execute("DELETE FROM meta WHERE key = ?", (f"setting:{key}",))
+            else:
+                cur.execute(
+                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "value = excluded.value",
+                    (f"setting:{key}", value),
+                )
+
     # ------------------------------------------------------------------ features
 
     def existing(self, keys: Sequence[Key]) -> dict[Key, str]:
@@ -268,11 +288,15 @@ class SqliteStore:
                 ).fetchall()
                 deleted: list[Key] = []
             else:
-                rows = cur.execute(
-                    "SELECT listing_id, image_id, vector FROM features WHERE seq > ? "
-                    "ORDER BY listing_id, image_id",
-                    (seq,),
-                ).fetchall()
+                # INDEXED BY: with ORDER BY (listing_id, image_id) the planner would walk the
+                # primary key over every row instead of the few new ones; sort them here
+                rows = sorted(
+                    cur.execute(
+                        "SELECT listing_id, image_id, vector FROM features INDEXED BY features_seq "
+                        "WHERE seq > ?",
+                        (seq,),
+                    ).fetchall()
+                )
                 deleted = [
                     (r[0], r[1])
                     for r in cur.execute(
