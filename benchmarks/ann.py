@@ -73,8 +73,9 @@ def main() -> None:
             t0 = time.perf_counter()
             ann = cat.build_index(kind)
             build = time.perf_counter() - t0
-            rows.append({"name": f"ann {kind} ({ann.params.factory(args.d)}, "
-                         f"nprobe={ann.params.nprobe}, efSearch={ann.params.ef_search})",
+            knob = (f"efSearch={ann.params.ef_search}" if kind == "hnsw"
+                    else f"nprobe={ann.params.nprobe}")
+            rows.append({"name": f"ann {kind} ({ann.params.factory(args.d)}, {knob})",
                          "build_s": round(build, 1), **run(kind)})
             print(f"{kind}: {rows[-1]}", file=sys.stderr)
         cat.close()

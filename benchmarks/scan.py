@@ -22,6 +22,7 @@ recall@10 against exact float32 numpy.
     python benchmarks/scan.py                 # d=512 and 1280 at N=1M, d=4096 at N=200k
     python benchmarks/scan.py --quick         # N=200k (about 2 minutes)
     python benchmarks/scan.py --json          # one JSON object per row
+    python benchmarks/scan.py --sizes 512:1000000
 
 Not a test: figures depend on the machine and on what else it runs.
 """
@@ -279,12 +280,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N = 200k only (about 2 minutes)")
     ap.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    ap.add_argument("--sizes", help="comma-separated d:n pairs, e.g. 512:1000000,1280:200000")
     args = ap.parse_args()
     sizes = (
         [(512, 200_000), (1280, 200_000)]
         if args.quick
         else [(512, 1_000_000), (1280, 1_000_000), (4096, 200_000)]
     )
+    if args.sizes:
+        sizes = [(int(a), int(b)) for a, b in (p.split(":") for p in args.sizes.split(","))]
     log(f"kernels: {kernels.info()}")
     bw = Bandwidth()
     log(f"memory read bandwidth ({CORES} threads): {bw.probe():.1f} GB/s")

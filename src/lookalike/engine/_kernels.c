@@ -256,7 +256,7 @@ static inline void block_scores(const Table *t, const Query *q, int64_t b, float
 /* ------------------------------------------------------------------------------------------ */
 /* batch: 8 queries at a time against one block (data read once, queries from cache)           */
 
-#define QB 8
+#define QB 16
 
 static void block_scores_batch_generic(const Table *t, const Query *qs, int nqb, int64_t b,
                                        float sc[QB][BLOCK]) {
@@ -267,29 +267,27 @@ static void block_scores_batch_generic(const Table *t, const Query *qs, int nqb,
 LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs, int nqb,
                                                 int64_t b, float sc[QB][BLOCK]) {
     if (t->kind == KIND_I8 && nqb == QB) {
+        /* QB accumulators stay in registers: each 64-byte load of 16 rows x 4 dims feeds QB
+         * VPDPBUSD, one per query, with the query's 4 bytes broadcast from memory */
         const int64_t groups = t->dp / 4;
         const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-        const int32_t *q0 = (const int32_t *)qs[0].i8, *q1 = (const int32_t *)qs[1].i8;
-        const int32_t *q2 = (const int32_t *)qs[2].i8, *q3 = (const int32_t *)qs[3].i8;
-        const int32_t *q4 = (const int32_t *)qs[4].i8, *q5 = (const int32_t *)qs[5].i8;
-        const int32_t *q6 = (const int32_t *)qs[6].i8, *q7 = (const int32_t *)qs[7].i8;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
-                a6 = a0, a7 = a0;
+        const int32_t *qp[QB];
+        __m512i a[QB];
+#pragma GCC unroll 16
+        for (int k = 0; k < QB; k++) {
+            qp[k] = (const int32_t *)qs[k].i8;
+            a[k] = _mm512_setzero_si512();
+        }
         for (int64_t g = 0; g < groups; g++) {
             __m512i v = _mm512_loadu_si512(x + g * 64);
-            a0 = _mm512_dpbusd_epi32(a0, v, _mm512_set1_epi32(q0[g]));
-            a1 = _mm512_dpbusd_epi32(a1, v, _mm512_set1_epi32(q1[g]));
-            a2 = _mm512_dpbusd_epi32(a2, v, _mm512_set1_epi32(q2[g]));
-            a3 = _mm512_dpbusd_epi32(a3, v, _mm512_set1_epi32(q3[g]));
-            a4 = _mm512_dpbusd_epi32(a4, v, _mm512_set1_epi32(q4[g]));
-            a5 = _mm512_dpbusd_epi32(a5, v, _mm512_set1_epi32(q5[g]));
-            a6 = _mm512_dpbusd_epi32(a6, v, _mm512_set1_epi32(q6[g]));
-            a7 = _mm512_dpbusd_epi32(a7, v, _mm512_set1_epi32(q7[g]));
+#pragma GCC unroll 16
+            for (int k = 0; k < QB; k++)
+                a[k] = _mm512_dpbusd_epi32(a[k], v, _mm512_set1_epi32(qp[k][g]));
         }
-        __m512i acc[QB] = {a0, a1, a2, a3, a4, a5, a6, a7};
+#pragma GCC unroll 16
         for (int k = 0; k < QB; k++) {
-            __m512i v = _mm512_add_epi32(acc[k], _mm512_set1_epi32(qs[k].offset));
-            _mm512_storeu_ps(sc[k], _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(qs[k].scale)));
+            __m512i w = _mm512_add_epi32(a[k], _mm512_set1_epi32(qs[k].offset));
+            _mm512_storeu_ps(sc[k], _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(qs[k].scale)));
         }
         return;
     }
