@@ -139,8 +139,18 @@ def test_folder_convention(tree):
         ("truck-17", "truck-17/front.jpg"),
         ("truck-17", "truck-17/back.PNG"),
         ("a", "truck-18/a/side.jpg"),
-        ("solo", "solo.jpg"),
+        ("photos", "photos/solo.jpg"),
     }
+
+
+def test_keys_do_not_depend_on_the_level_indexed_from(tree):
+    from_top = {s.location: (s.listing_id, s.image_id) for s in iter_sources([tree])}
+    from_listing = list(iter_sources([tree / "truck-17"]))
+    assert from_listing
+    for s in from_listing:
+        assert (s.listing_id, s.image_id) == from_top[s.location]
+    single = next(iter(iter_sources([tree / "truck-17" / "front.jpg"])))
+    assert (single.listing_id, single.image_id) == ("truck-17", "truck-17/front.jpg")
 
 
 def test_list_file_resolves_relative_paths(tree):

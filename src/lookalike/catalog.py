@@ -38,10 +38,10 @@ from .engine import (
     parse_where,
 )
 from .engine.ann import ANN_KINDS, AnnEngine, AnnIndex, AnnParams
-from .errors import LookalikeError, ModelMismatchError, NotFoundError, QueryError
+from .errors import ImageError, LookalikeError, ModelMismatchError, NotFoundError, QueryError
 from .extract import BaseExtractor, ModelInfo, available_extractors, get_extractor, l2_normalize
 from .images import ImageSource, decode_image, iter_sources, read_bytes, sha256_hex
-from .ingest import IndexReport, run_index
+from .ingest import IndexReport, Prepared, prepare_bytes, run_index, write_prepared
 from .store import FeatureBatch, Key, ListingRecord, Store, open_store
 
 DEFAULT_EXTRACTOR = "cnn"
@@ -283,8 +283,6 @@ class Catalog:
         Raises:
             ImageError: the image cannot be read or decoded.
         """
-        ext = self.extractor
-        self._claim(ext.info)
         if isinstance(image, Image.Image):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -294,24 +292,61 @@ class Catalog:
         else:
             source = source or os.fspath(image)
             data = read_bytes(image)
-        key = (listing_id, image_id)
-        known = self.store.existing([key]).get(key)
-        if known == sha256_hex(data):
-            return "unchanged"
-        decoded = decode_image(data, name=source or image_id, draft_size=ext.draft_size)
-        vector = ext.embed(ext.preprocess(decoded.image)[None])
-        self.store.upsert(
-            FeatureBatch(
-                [listing_id],
-                [image_id],
-                vector,
-                [decoded.sha256],
-                [source],
-                [decoded.width],
-                [decoded.height],
-            )
-        )
-        return "updated" if known else "added"
+        ((status, reason),) = self.add_many([(data, listing_id, image_id, source)])
+        if status == "failed":
+            raise ImageError(reason)
+        return status  # type: ignore[return-value]
+
+    def add_many(
+        self,
+        items: Sequence[tuple[bytes, str, str, str | None]],
+        labels: Sequence[dict[str, Any] | None] | None = None,
+        decode_threads: int = 1,
+    ) -> list[tuple[str, str]]:
+        """Add or replace many encoded images in one batch: one model call, one transaction.
+
+        Used by the stream consumer and the HTTP API. A key given twice keeps the last bytes.
+
+        Args:
+            items: ``(bytes, listing_id, image_id, source)`` per image (``source`` may be None).
+            labels: optional per-item metadata for the ``labels`` column.
+            decode_threads: threads decoding in parallel (Pillow releases the GIL).
+
+        Returns:
+            ``(status, reason)`` per item, in order: status ``"added"``, ``"updated"``,
+            ``"unchanged"`` or ``"failed"`` (reason names the image and what is wrong).
+        """
+        ext = self.extractor
+        self._claim(ext.info)
+        keys = [(lid, iid) for _, lid, iid, _ in items]
+        known = self.store.existing(keys)
+        last = {key: i for i, key in enumerate(keys)}
+
+        def prep(i: int) -> Prepared:
+            data, lid, iid, source = items[i]
+            src = ImageSource(lid, iid, source or f"{lid}/{iid}")
+            if last[(lid, iid)] != i:  # superseded by a later item with the same key
+                return Prepared(src, "same")
+            return prepare_bytes(data, src, ext, known.get((lid, iid)))
+
+        if decode_threads > 1 and len(items) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(decode_threads) as pool:
+                prepared = list(pool.map(prep, range(len(items))))
+        else:
+            prepared = [prep(i) for i in range(len(items))]
+        write_prepared(self.store, ext, prepared, labels)
+        out = []
+        for p in prepared:
+            key = (p.source.listing_id, p.source.image_id)
+            if p.status == "failed":
+                out.append(("failed", p.reason))
+            elif p.status == "same":
+                out.append(("unchanged", ""))
+            else:
+                out.append(("updated" if key in known else "added", ""))
+        return out
 
     def add_vectors(
         self,

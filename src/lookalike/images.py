@@ -237,20 +237,22 @@ def _check_key(value: object, what: str, where: str) -> str:
 def source_for_path(path: Path, root: Path | None = None) -> ImageSource:
     """The :class:`ImageSource` of one image file, by the folder convention.
 
-    ``listing_id`` is the name of the file's parent folder and ``image_id`` is the path relative
-    to ``root`` (or ``<parent>/<name>`` without a root), in POSIX form:
-    ``photos/truck-17/front.jpg`` under root ``photos`` gives
-    ``("truck-17", "truck-17/front.jpg")``. A file directly in ``root`` is its own listing,
-    named by the file stem.
+    ``listing_id`` is the name of the file's parent folder. ``image_id`` is the path relative
+    to ``root`` in POSIX form, prefixed by the root's own name when the file sits directly in
+    ``root`` (and ``<parent>/<name>`` without a root). So a file gets the same key whichever
+    level it is indexed from: ``photos/truck-17/front.jpg`` gives
+    ``("truck-17", "truck-17/front.jpg")`` from root ``photos`` and from root
+    ``photos/truck-17``. A file with no parent folder name (in ``/``) is its own listing,
+    named by its stem.
     """
     if root is not None:
         rel = PurePosixPath(path.relative_to(root).as_posix())
+        if not rel.parent.name:
+            root_name = root.resolve().name
+            rel = PurePosixPath(root_name, rel) if root_name else rel
     else:
-        rel = (
-            PurePosixPath(path.parent.name, path.name)
-            if path.parent.name
-            else PurePosixPath(path.name)
-        )
+        parent = path.resolve().parent.name
+        rel = PurePosixPath(parent, path.name) if parent else PurePosixPath(path.name)
     listing = rel.parent.name if rel.parent.name else rel.stem
     return ImageSource(listing_id=listing, image_id=str(rel), location=str(path))
 

@@ -86,9 +86,18 @@ class _Task:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """One image after decoding and the extractor's ``preprocess``, ready to embed.
+
+    Attributes:
+        source: where it came from and its key.
+        status: ``"ok"`` (decoded), ``"same"`` (the store holds these bytes under this key:
+            nothing to do) or ``"failed"`` (``reason`` says why, naming the file).
+        array: the preprocessed image (``status == "ok"`` only).
+    """
+
     source: ImageSource
-    status: str  # "ok", "same", "failed"
+    status: str
     sha256: str = ""
     width: int = 0
     height: int = 0
@@ -105,25 +114,80 @@ def _init_worker(extractor_name: str) -> None:
     _worker_extractor = get_extractor(extractor_name)
 
 
-def _prepare_one(task: _Task, extractor: BaseExtractor) -> _Prepared:
-    src = task.source
+def prepare_bytes(
+    data: bytes, source: ImageSource, extractor: BaseExtractor, known_sha256: str | None = None
+) -> Prepared:
+    """Hash, decode and preprocess one image's bytes; never raises for a bad image.
+
+    Args:
+        data: the encoded file.
+        source: key and location (the location names the image in error reasons).
+        extractor: whose ``preprocess`` to run.
+        known_sha256: the SHA-256 stored under this key, if any: equal bytes are ``"same"``.
+    """
     try:
-        data = read_bytes(src.location)
         digest = sha256_hex(data)
-        if digest == task.known_sha256:
-            return _Prepared(src, "same", sha256=digest)
-        decoded = decode_image(data, name=src.location, draft_size=extractor.draft_size)
+        if digest == known_sha256:
+            return Prepared(source, "same", sha256=digest)
+        decoded = decode_image(data, name=source.location, draft_size=extractor.draft_size)
         array = extractor.preprocess(decoded.image)
     except ImageError as exc:
-        return _Prepared(src, "failed", reason=str(exc))
+        return Prepared(source, "failed", reason=str(exc))
     except Exception as exc:  # a decoder bug must not stop a run of a million images
-        return _Prepared(src, "failed", reason=f"{src.location}: {type(exc).__name__}: {exc}")
-    return _Prepared(
-        src, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array
+        reason = f"{source.location}: {type(exc).__name__}: {exc}"
+        return Prepared(source, "failed", reason=reason)
+    return Prepared(
+        source, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array
     )
 
 
-def _prepare_chunk(tasks: list[_Task]) -> list[_Prepared]:
+def write_prepared(
+    store: Store,
+    extractor: BaseExtractor,
+    items: Sequence[Prepared],
+    labels: Sequence[dict | None] | None = None,
+) -> tuple[int, int]:
+    """Embed the ``"ok"`` items in one batch and upsert them in one transaction.
+
+    Args:
+        labels: optional per-item metadata stored in the ``labels`` column (same order as
+            ``items``; entries of items that are not ``"ok"`` are ignored).
+
+    Returns:
+        ``(added, updated)``: new keys, and stored keys whose bytes changed.
+    """
+    pairs = [(p, labels[i] if labels else None) for i, p in enumerate(items) if p.status == "ok"]
+    if not pairs:
+        return 0, 0
+    ok = [p for p, _ in pairs]
+    vectors = extractor.embed(np.stack([p.array for p in ok]))  # type: ignore[misc]
+    keys = [(p.source.listing_id, p.source.image_id) for p in ok]
+    known = store.existing(keys)
+    store.upsert(
+        FeatureBatch(
+            listing_ids=[k[0] for k in keys],
+            image_ids=[k[1] for k in keys],
+            vectors=vectors,
+            sha256s=[p.sha256 for p in ok],
+            sources=[p.source.location for p in ok],
+            widths=[p.width for p in ok],
+            heights=[p.height for p in ok],
+            labels=[lab for _, lab in pairs],
+        )
+    )
+    updated = sum(1 for k in keys if k in known)
+    return len(keys) - updated, updated
+
+
+def _prepare_one(task: _Task, extractor: BaseExtractor) -> Prepared:
+    try:
+        data = read_bytes(task.source.location)
+    except ImageError as exc:
+        return Prepared(task.source, "failed", reason=str(exc))
+    return prepare_bytes(data, task.source, extractor, task.known_sha256)
+
+
+def _prepare_chunk(tasks: list[_Task]) -> list[Prepared]:
     assert _worker_extractor is not None
     return [_prepare_one(t, _worker_extractor) for t in tasks]
 
@@ -208,31 +272,16 @@ def run_index(
         n_workers = 0
     bar = _Progress(len(srcs), progress)
     bar.update(len(srcs) - len(unique), len(report.failed))
-    pending: list[_Prepared] = []
+    pending: list[Prepared] = []
 
     def flush() -> None:
-        ok = [p for p in pending if p.status == "ok"]
-        if ok:
-            vectors = extractor.embed(np.stack([p.array for p in ok]))  # type: ignore[misc]
-            keys = [(p.source.listing_id, p.source.image_id) for p in ok]
-            known = store.existing(keys)
-            store.upsert(
-                FeatureBatch(
-                    listing_ids=[k[0] for k in keys],
-                    image_ids=[k[1] for k in keys],
-                    vectors=vectors,
-                    sha256s=[p.sha256 for p in ok],
-                    sources=[p.source.location for p in ok],
-                    widths=[p.width for p in ok],
-                    heights=[p.height for p in ok],
-                )
-            )
-            report.updated += sum(1 for k in keys if k in known)
-            report.added += sum(1 for k in keys if k not in known)
+        added, updated = write_prepared(store, extractor, pending)
+        report.added += added
+        report.updated += updated
         bar.update(len(pending), len(report.failed))
         pending.clear()
 
-    def consume(items: Sequence[_Prepared]) -> None:
+    def consume(items: Sequence[Prepared]) -> None:
         for p in items:
             if p.status == "failed":
                 _fail(report, on_failure, p.source.location, p.reason)
@@ -275,7 +324,7 @@ def _run_pool(
     extractor: BaseExtractor,
     sources: Sequence[ImageSource],
     n_workers: int,
-    consume: Callable[[Sequence[_Prepared]], None],
+    consume: Callable[[Sequence[Prepared]], None],
 ) -> None:
     # fork, not spawn/forkserver: those re-import the caller's __main__, which breaks scripts
     # without an ``if __name__ == "__main__"`` guard. Workers only decode with Pillow and never
@@ -288,7 +337,7 @@ def _run_pool(
         initializer=_init_worker,
         initargs=(extractor.name,),
     ) as pool:
-        in_flight: deque[Future[list[_Prepared]]] = deque()
+        in_flight: deque[Future[list[Prepared]]] = deque()
         try:
             for big in _task_chunks(store, sources, CHUNK * max_in_flight):
                 for start in range(0, len(big), CHUNK):
