@@ -203,3 +203,14 @@ def test_two_consumers_with_one_durable_name_share_the_load(nats_server, demo_di
     assert a.counts.added > 0 and b.counts.added > 0
     assert a.counts.added + b.counts.added + a.counts.unchanged + b.counts.unchanged >= 84
     assert count_rows(cat_path) == (84, 84)
+
+
+def test_two_streams_share_one_dead_letter_subject(nats_server, demo_dir, tmp_path):
+    """The dead-letter stream of the first consumer is reused by the second (a subject can
+    belong to one stream only)."""
+    photo = demo_dir / "photos" / "coins" / "coins-01.jpg"
+    for name in ("A", "B"):
+        publish_images(nats_server.url, f"{name.lower()}.in", [photo], stream=name)
+        ingest = consume(tmp_path / name, nats_server.url, idle_exit=1.5, stream=name,
+                         subject=f"{name.lower()}.>", durable=name)
+        assert ingest.counts.added == 1

@@ -85,22 +85,28 @@ async def connect(url: str, name: str = "lookalike") -> Any:
     )
 
 
-async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> None:
-    """Create the JetStream stream (file storage) if it does not exist."""
+async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> str:
+    """Make sure a JetStream stream captures ``subjects``; returns its name.
+
+    An existing stream named ``stream``, or any stream already capturing the first subject,
+    is used as it is; otherwise ``stream`` is created (file storage, 2-minute duplicate
+    window for ``Nats-Msg-Id``).
+    """
     from nats.js.api import StorageType, StreamConfig
     from nats.js.errors import NotFoundError
 
     try:
         await js.stream_info(stream)
+        return stream
     except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=stream,
-                subjects=list(subjects),
-                storage=StorageType.FILE,
-                duplicate_window=120.0,
-            )
-        )
+        pass
+    try:
+        return str(await js.find_stream_name_by_subject(subjects[0]))
+    except NotFoundError:
+        pass
+    await js.add_stream(StreamConfig(name=stream, subjects=list(subjects),
+                                     storage=StorageType.FILE, duplicate_window=120.0))
+    return stream
 
 
 def _stream_subject(subject: str) -> str:
