@@ -43,6 +43,7 @@ from .extract import BaseExtractor, ModelInfo, available_extractors, get_extract
 from .images import ImageSource, decode_image, iter_sources, read_bytes, sha256_hex
 from .ingest import IndexReport, Prepared, prepare_bytes, run_index, write_prepared
 from .store import FeatureBatch, Key, ListingRecord, Store, open_store
+from .thumbs import ensure_thumbnail, thumbnail_path
 
 DEFAULT_EXTRACTOR = "cnn"
 DEFAULT_K = 10
@@ -327,7 +328,7 @@ class Catalog:
             src = ImageSource(lid, iid, source or f"{lid}/{iid}")
             if last[(lid, iid)] != i:  # superseded by a later item with the same key
                 return Prepared(src, "same")
-            return prepare_bytes(data, src, ext, known.get((lid, iid)))
+            return prepare_bytes(data, src, ext, known.get((lid, iid)), thumbnail=True)
 
         if decode_threads > 1 and len(items) > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -337,6 +338,9 @@ class Catalog:
         else:
             prepared = [prep(i) for i in range(len(items))]
         write_prepared(self.store, ext, prepared, labels)
+        for p in prepared:  # thumbnails for result pages (content-addressed, see thumbs.py)
+            if p.thumbnail is not None:
+                self._write_thumbnail(p.sha256, p.thumbnail)
         out = []
         for p in prepared:
             key = (p.source.listing_id, p.source.image_id)
@@ -347,6 +351,26 @@ class Catalog:
             else:
                 out.append(("updated" if key in known else "added", ""))
         return out
+
+    def _write_thumbnail(self, sha256: str, jpeg: bytes) -> None:
+        path = thumbnail_path(self.uri, sha256)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(jpeg)
+            os.replace(tmp, path)
+
+    def thumbnail(self, image_id: str, listing_id: str | None = None) -> Path:
+        """Path of the JPEG thumbnail of a stored image (made on first request).
+
+        Raises:
+            NotFoundError: no such image. ImageError: no thumbnail can be made.
+        """
+        key = self._resolve_keys(image_id, listing_id, must_exist=True)[0]
+        rec = self.store.get(key)
+        if rec is None:
+            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+        return ensure_thumbnail(self.uri, rec.sha256, rec.source)
 
     def add_vectors(
         self,
@@ -574,7 +598,7 @@ class Catalog:
             if isinstance(im, Image.Image):
                 pil = im.convert("RGB")
             elif isinstance(im, bytes):
-                pil = decode_image(im, draft_size=ext.draft_size).image
+                pil = decode_image(im, name="query image", draft_size=ext.draft_size).image
             else:
                 loc = os.fspath(im)
                 pil = decode_image(read_bytes(loc), name=loc, draft_size=ext.draft_size).image

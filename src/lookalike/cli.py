@@ -692,6 +692,38 @@ def publish(
 
 
 @app.command()
+def serve(
+    catalog: CatalogOpt,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="LOOKALIKE_TOKEN",
+                     help="Bearer token required by POST /images, DELETE /images, PUT /listings."),
+    ] = None,
+    max_upload: Annotated[int, typer.Option(help="Largest upload, bytes.")] = 16 * 2**20,
+    engine: Annotated[str | None, typer.Option(help="Exact engine (see search --engine).")] = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /docs) and the web page at / (search by upload, results
+    grouped by listing, an Explore map of the collection)."""
+    import uvicorn
+
+    from .server import create_app
+
+    try:
+        cat = _open(catalog, create=True, engine=engine)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    app_ = create_app(cat, token=token, max_upload=max_upload)
+    err.print(f"lookalike: serving {catalog} on http://{host}:{port}/"
+              + (" (writes need the bearer token)" if token else ""), highlight=False)
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        cat.close()
+
+
+@app.command()
 def demo(
     folder: Annotated[Path, typer.Argument(help="Where to write the demo collection.")],
     images_per_listing: Annotated[int, typer.Option(help="Indexed variants per photo.")] = 6,

@@ -34,6 +34,7 @@ from .errors import ImageError
 from .extract import BaseExtractor, get_extractor
 from .images import ImageSource, decode_image, read_bytes, sha256_hex
 from .store import FeatureBatch, Key, Store
+from .thumbs import make_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Prepared:
     height: int = 0
     array: np.ndarray | None = None
     reason: str = ""
+    thumbnail: bytes | None = None
 
 
 _worker_extractor: BaseExtractor | None = None
@@ -115,7 +117,11 @@ def _init_worker(extractor_name: str) -> None:
 
 
 def prepare_bytes(
-    data: bytes, source: ImageSource, extractor: BaseExtractor, known_sha256: str | None = None
+    data: bytes,
+    source: ImageSource,
+    extractor: BaseExtractor,
+    known_sha256: str | None = None,
+    thumbnail: bool = False,
 ) -> Prepared:
     """Hash, decode and preprocess one image's bytes; never raises for a bad image.
 
@@ -124,6 +130,7 @@ def prepare_bytes(
         source: key and location (the location names the image in error reasons).
         extractor: whose ``preprocess`` to run.
         known_sha256: the SHA-256 stored under this key, if any: equal bytes are ``"same"``.
+        thumbnail: also make a JPEG thumbnail (:func:`lookalike.thumbs.make_thumbnail`).
     """
     try:
         digest = sha256_hex(data)
@@ -131,13 +138,15 @@ def prepare_bytes(
             return Prepared(source, "same", sha256=digest)
         decoded = decode_image(data, name=source.location, draft_size=extractor.draft_size)
         array = extractor.preprocess(decoded.image)
+        thumb = make_thumbnail(decoded.image) if thumbnail else None
     except ImageError as exc:
         return Prepared(source, "failed", reason=str(exc))
     except Exception as exc:  # a decoder bug must not stop a run of a million images
         reason = f"{source.location}: {type(exc).__name__}: {exc}"
         return Prepared(source, "failed", reason=reason)
     return Prepared(
-        source, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array
+        source, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array,
+        thumbnail=thumb,
     )
 
 

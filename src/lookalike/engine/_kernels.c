@@ -267,35 +267,38 @@ static inline void block_scores(const Table *t, const Query *q, int64_t b, float
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* batch: 8 queries at a time against one block (data read once, queries from cache)           */
+/* batch: QB queries at a time against one block (data read once, queries from cache).       */
+/* The queries of a group are interleaved (`inter`): for int8, the 4 bytes of dim group g of   */
+/* the QB queries are 64 contiguous bytes at inter + g * QB, so the QB broadcasts of one step  */
+/* read one cache line (with d = 4096, 16 separate query rows would not stay in L1).           */
 
 #define QB 16
 
-static void block_scores_batch_generic(const Table *t, const Query *qs, int nqb, int64_t b,
-                                       float sc[QB][BLOCK]) {
+static void block_scores_batch_generic(const Table *t, const Query *qs, const void *inter,
+                                       int nqb, int64_t b, float sc[QB][BLOCK]) {
+    (void)inter;
     for (int k = 0; k < nqb; k++) block_scores_generic(t, &qs[k], b, sc[k]);
 }
 
 #if LK_X86
-LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs, int nqb,
-                                                int64_t b, float sc[QB][BLOCK]) {
+LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
+                                                const void *inter, int nqb, int64_t b,
+                                                float sc[QB][BLOCK]) {
     if (t->kind == KIND_I8 && nqb == QB) {
         /* QB accumulators stay in registers: each 64-byte load of 16 rows x 4 dims feeds QB
          * VPDPBUSD, one per query, with the query's 4 bytes broadcast from memory */
         const int64_t groups = t->dp / 4;
         const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-        const int32_t *qp[QB];
+        const int32_t *iq = (const int32_t *)inter;
         __m512i a[QB];
 #pragma GCC unroll 16
-        for (int k = 0; k < QB; k++) {
-            qp[k] = (const int32_t *)qs[k].i8;
-            a[k] = _mm512_setzero_si512();
-        }
+        for (int k = 0; k < QB; k++) a[k] = _mm512_setzero_si512();
         for (int64_t g = 0; g < groups; g++) {
             __m512i v = _mm512_loadu_si512(x + g * 64);
+            const int32_t *step = iq + g * QB;
 #pragma GCC unroll 16
             for (int k = 0; k < QB; k++)
-                a[k] = _mm512_dpbusd_epi32(a[k], v, _mm512_set1_epi32(qp[k][g]));
+                a[k] = _mm512_dpbusd_epi32(a[k], v, _mm512_set1_epi32(step[k]));
         }
 #pragma GCC unroll 16
         for (int k = 0; k < QB; k++) {
@@ -307,11 +310,13 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
     if (t->kind == KIND_F16 && nqb == QB) {
         const int64_t d = t->d;
         const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
+        const float *iq = (const float *)inter;
         __m512 a[QB];
         for (int k = 0; k < QB; k++) a[k] = _mm512_setzero_ps();
         for (int64_t j = 0; j < d; j++) {
             __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + j * BLOCK)));
-            for (int k = 0; k < QB; k++) a[k] = _mm512_fmadd_ps(v, _mm512_set1_ps(qs[k].f[j]), a[k]);
+            const float *step = iq + j * QB;
+            for (int k = 0; k < QB; k++) a[k] = _mm512_fmadd_ps(v, _mm512_set1_ps(step[k]), a[k]);
         }
         for (int k = 0; k < QB; k++) _mm512_storeu_ps(sc[k], a[k]);
         return;
@@ -320,15 +325,39 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
 }
 #endif
 
-static inline void block_scores_batch(const Table *t, const Query *qs, int nqb, int64_t b,
-                                      float sc[QB][BLOCK]) {
+static inline void block_scores_batch(const Table *t, const Query *qs, const void *inter,
+                                      int nqb, int64_t b, float sc[QB][BLOCK]) {
 #if LK_X86
     if (use_avx512) {
-        block_scores_batch_avx512(t, qs, nqb, b, sc);
+        block_scores_batch_avx512(t, qs, inter, nqb, b, sc);
         return;
     }
 #endif
-    block_scores_batch_generic(t, qs, nqb, b, sc);
+    block_scores_batch_generic(t, qs, inter, nqb, b, sc);
+}
+
+/* Interleave the queries group by group (see above): int8 -> int32 [groups][QB] per group of
+ * QB queries, float -> float [d][QB]; a last partial group is zero-padded. */
+static void *interleave_queries(const Table *t, const Query *qs, int64_t nq, int64_t *stride) {
+    const int64_t ngroups = (nq + QB - 1) / QB;
+    if (t->kind == KIND_I8) {
+        const int64_t steps = t->dp / 4;
+        int32_t *out = (int32_t *)calloc((size_t)(ngroups * steps * QB), sizeof(int32_t));
+        if (!out) return NULL;
+        for (int64_t k = 0; k < nq; k++)
+            for (int64_t g = 0; g < steps; g++)
+                memcpy(&out[((k / QB) * steps + g) * QB + k % QB], qs[k].i8 + g * 4, 4);
+        *stride = steps * QB * 4;
+        return out;
+    }
+    const int64_t d = t->d;
+    float *out = (float *)calloc((size_t)(ngroups * d * QB), sizeof(float));
+    if (!out) return NULL;
+    if (t->kind != KIND_F32)
+        for (int64_t k = 0; k < nq; k++)
+            for (int64_t j = 0; j < d; j++) out[((k / QB) * d + j) * QB + k % QB] = qs[k].f[j];
+    *stride = d * QB * 4;
+    return out;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -752,6 +781,8 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     Heap *heaps = NULL;
     float *hs = NULL;
     int64_t *hr = NULL;
+    void *inter = NULL;
+    int64_t inter_stride = 0;
     PyObject *result = NULL;
     int nt = 1;
     if (parse_table(&t, &b, kind, data, n, d, codes, lmask, alive, n_listings) < 0) goto done;
@@ -771,10 +802,11 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
                               ((double *)qoffsets.buf)[k], &qs[k]) < 0)
             goto done;
     nt = threads_for(n, threads);
+    inter = interleave_queries(&t, qs, nq, &inter_stride);
     heaps = (Heap *)calloc((size_t)(nt * nq), sizeof(Heap));
     hs = (float *)malloc((size_t)(nt * nq * kk) * sizeof(float));
     hr = (int64_t *)malloc((size_t)(nt * nq * kk) * sizeof(int64_t));
-    if (!heaps || !hs || !hr) {
+    if (!heaps || !hs || !hr || !inter) {
         PyErr_NoMemory();
         goto done;
     }
@@ -797,7 +829,8 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
         for (int64_t bi = 0; bi < blocks; bi++) {
             for (int64_t q0 = 0; q0 < nq; q0 += QB) {
                 int nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
-                block_scores_batch(&t, qs + q0, nqb, bi, sc);
+                block_scores_batch(&t, qs + q0, (const char *)inter + (q0 / QB) * inter_stride,
+                                   nqb, bi, sc);
                 for (int k = 0; k < nqb; k++) offer_block(&mine[q0 + k], &t, bi, sc[k]);
             }
         }
@@ -820,6 +853,7 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     Py_INCREF(result);
 done:
     free(qs);
+    free(inter);
     free(heaps);
     free(hs);
     free(hr);

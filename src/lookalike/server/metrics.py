@@ -1,0 +1,37 @@
+"""Prometheus metrics of the HTTP server (prometheus_client, one registry per app)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+
+class Metrics:
+    """Request counts by method/route/status, latency histograms (seconds) by method/route,
+    and the catalog's image count."""
+
+    def __init__(self, catalog: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lookalike_http_requests", "HTTP requests served.",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lookalike_http_request_seconds", "Time to answer a request, seconds.",
+            ["method", "route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        images = Gauge("lookalike_catalog_images", "Images stored in the catalog.",
+                       registry=self.registry)
+        images.set_function(lambda: float(catalog.store.count()))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

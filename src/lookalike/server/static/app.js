@@ -1,0 +1,201 @@
+// lookalike web page: search by upload or by a result, results grouped by listing, and a map.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let lastQuery = null; // {kind: "file", file} or {kind: "id", image_id, listing_id}
+
+function options() {
+  const o = { k: Number($("opt-k").value) || 12 };
+  if ($("opt-group").checked) { o.group_by = "listing"; o.agg = $("opt-agg").value; }
+  const t = $("opt-threshold").value;
+  if (t !== "") o.threshold = Number(t);
+  if ($("opt-stock").checked) o.where = "stock_level > 0";
+  return o;
+}
+
+async function api(path, init) {
+  const res = await fetch(path, init);
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error ? body.error.message : res.statusText);
+  return body;
+}
+
+async function runSearch(query) {
+  lastQuery = query;
+  const opts = options();
+  $("status").textContent = "searching...";
+  const t0 = performance.now();
+  try {
+    let body;
+    if (query.kind === "file") {
+      const form = new FormData();
+      form.append("image", query.file);
+      for (const [k, v] of Object.entries(opts)) form.append(k, String(v));
+      body = await api("/search", { method: "POST", body: form });
+    } else {
+      body = await api("/search", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ image_id: query.image_id, listing_id: query.listing_id, ...opts }) });
+    }
+    const ms = Math.round(performance.now() - t0);
+    $("status").textContent = `${body.hits.length} hits in ${ms} ms` +
+      (query.kind === "id" ? ` for ${query.image_id}` : "");
+    render(body.hits);
+  } catch (err) {
+    $("status").textContent = "error: " + err.message;
+    render([]);
+  }
+}
+
+function render(hits) {
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const h of hits) {
+    const card = document.createElement("div");
+    card.className = "hit";
+    card.dataset.listing = h.listing_id;
+    card.title = `search by ${h.image_id}`;
+    const img = document.createElement("img");
+    img.loading = "lazy"; img.src = h.thumbnail_url; img.alt = h.image_id;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const score = document.createElement("span");
+    score.className = "score"; score.textContent = h.score.toFixed(3);
+    const listing = document.createElement("div");
+    listing.className = "listing"; listing.textContent = h.listing_id;
+    const sub = document.createElement("div");
+    sub.className = "muted";
+    sub.textContent = h.n_images ? `${h.n_images} images` : h.image_id;
+    meta.append(score, listing, sub);
+    card.append(img, meta);
+    card.addEventListener("click", () => {
+      $("query-preview").src = h.thumbnail_url; $("query-preview").hidden = false;
+      runSearch({ kind: "id", image_id: h.image_id, listing_id: h.listing_id });
+    });
+    grid.append(card);
+  }
+}
+
+function useFile(file) {
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  $("query-preview").src = url; $("query-preview").hidden = false;
+  runSearch({ kind: "file", file });
+}
+
+// ------------------------------------------------------------------ search view wiring
+$("file-input").addEventListener("change", (e) => useFile(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault(); drop.classList.remove("over"); useFile(e.dataTransfer.files[0]);
+});
+for (const id of ["opt-k", "opt-group", "opt-agg", "opt-threshold", "opt-stock"]) {
+  $(id).addEventListener("change", () => { if (lastQuery) runSearch(lastQuery); });
+}
+
+// ------------------------------------------------------------------ tabs
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
+    for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-" + tab.dataset.view;
+    if (tab.dataset.view === "explore") loadMap();
+  });
+}
+
+// ------------------------------------------------------------------ explore view
+const map = { points: [], scale: 1, dx: 0, dy: 0, loaded: false, hover: null };
+
+const hues = new Map(); // group -> hue, spread by the golden angle in order of appearance
+function colour(p) {
+  const key = p.cluster !== null && p.cluster !== undefined ? "c" + p.cluster : p.listing_id;
+  if (!hues.has(key)) {
+    const i = hues.size;
+    hues.set(key, `hsl(${(i * 137.508) % 360}, 70%, ${i % 2 ? 44 : 54}%)`);
+  }
+  return hues.get(key);
+}
+
+async function loadMap() {
+  if (map.loaded) return draw();
+  $("map-status").textContent = "loading map...";
+  try {
+    const body = await api("/map");
+    $("map-method").textContent = body.method;
+    const xs = body.points.map((p) => p.x), ys = body.points.map((p) => p.y);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const c = $("map-canvas"), pad = 30;
+    map.points = body.points.map((p) => ({ ...p,
+      px: pad + (p.x - x0) / ((x1 - x0) || 1) * (c.width - 2 * pad),
+      py: pad + (p.y - y0) / ((y1 - y0) || 1) * (c.height - 2 * pad) }));
+    map.loaded = true;
+    $("map-status").textContent = `${body.points.length} of ${body.total} images`;
+    draw();
+  } catch (err) {
+    $("map-status").textContent = "error: " + err.message;
+  }
+}
+
+function screen(p) { return [p.px * map.scale + map.dx, p.py * map.scale + map.dy]; }
+
+function draw() {
+  const c = $("map-canvas"), g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  for (const p of map.points) {
+    const [x, y] = screen(p);
+    g.beginPath(); g.arc(x, y, 4, 0, 2 * Math.PI);
+    g.fillStyle = colour(p); g.fill();
+    if (p.outlier !== null && p.outlier !== undefined && p.outlier > 0.5) {
+      g.lineWidth = 2; g.strokeStyle = "#dc2626"; g.stroke();
+    }
+  }
+}
+
+function nearest(ev) {
+  const c = $("map-canvas"), r = c.getBoundingClientRect();
+  const mx = (ev.clientX - r.left) * c.width / r.width, my = (ev.clientY - r.top) * c.height / r.height;
+  let best = null, bd = 100;
+  for (const p of map.points) {
+    const [x, y] = screen(p), d = (x - mx) ** 2 + (y - my) ** 2;
+    if (d < bd) { bd = d; best = p; }
+  }
+  return best;
+}
+
+const canvas = $("map-canvas");
+let drag = null;
+canvas.addEventListener("wheel", (ev) => {
+  ev.preventDefault();
+  const f = ev.deltaY < 0 ? 1.2 : 1 / 1.2, r = canvas.getBoundingClientRect();
+  const mx = (ev.clientX - r.left) * canvas.width / r.width, my = (ev.clientY - r.top) * canvas.height / r.height;
+  map.dx = mx - (mx - map.dx) * f; map.dy = my - (my - map.dy) * f; map.scale *= f;
+  draw();
+}, { passive: false });
+canvas.addEventListener("mousedown", (ev) => { drag = { x: ev.clientX, y: ev.clientY, moved: false }; });
+window.addEventListener("mouseup", () => { drag = null; });
+canvas.addEventListener("mousemove", (ev) => {
+  if (drag) {
+    map.dx += ev.clientX - drag.x; map.dy += ev.clientY - drag.y;
+    drag.moved = drag.moved || Math.abs(ev.clientX - drag.x) + Math.abs(ev.clientY - drag.y) > 2;
+    drag.x = ev.clientX; drag.y = ev.clientY; draw(); return;
+  }
+  const p = nearest(ev), tip = $("map-tip");
+  if (!p) { tip.hidden = true; return; }
+  tip.hidden = false;
+  tip.querySelector("img").src = p.thumbnail_url;
+  tip.querySelector("span").textContent = `${p.listing_id} · ${p.image_id}`;
+  tip.style.left = (ev.offsetX + 12) + "px"; tip.style.top = (ev.offsetY + 12) + "px";
+});
+canvas.addEventListener("click", (ev) => {
+  const p = nearest(ev);
+  if (!p) return;
+  $("tab-search").click();
+  $("query-preview").src = p.thumbnail_url; $("query-preview").hidden = false;
+  runSearch({ kind: "id", image_id: p.image_id, listing_id: p.listing_id });
+});
+
+// ------------------------------------------------------------------ stats
+api("/stats").then((s) => {
+  $("stats").textContent = `${s.images} images · ${s.listings ?? 0} listings` +
+    (s.model ? ` · ${s.model.name} d=${s.model.dim}` : "");
+}).catch(() => {});

@@ -1,0 +1,99 @@
+"""End to end in a real browser: Debian's chromium driven by Playwright (never `playwright
+install`) against `lookalike serve`'s app on a free loopback port. Screenshots are saved in
+test-artifacts/ for people to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lookalike.server import create_app
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="chromium not installed (apt-get install chromium; CI installs it)",
+)
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--disable-quic"]
+
+
+@pytest.fixture
+def server_url(cnn_catalog_copy):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(cnn_catalog_copy)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    app.state.catalog.close()
+
+
+@pytest.fixture
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        yield context.new_page()
+        browser.close()
+
+
+def test_upload_search_explore_in_a_real_browser(server_url, page, demo_dir):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(server_url + "/")
+    page.wait_for_selector("#stats:has-text('84 images')")
+
+    # search by uploading a held-out photo: the right listing comes first
+    page.set_input_files("#file-input", str(demo_dir / "queries" / "motorcycle" / "q-01.jpg"))
+    page.wait_for_selector("#results .hit")
+    first = page.locator("#results .hit").first
+    assert first.get_attribute("data-listing") == "motorcycle"
+    assert "hits in" in page.inner_text("#status")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .hit img')].every(i => i.complete && "
+        "i.naturalWidth > 0)"
+    )
+    page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+
+    # the in-stock filter removes listings with stock_level 0 (the demo's coffee, hubble, moon)
+    page.set_input_files("#file-input", str(demo_dir / "queries" / "coffee" / "q-01.jpg"))
+    page.wait_for_function("document.querySelector('#results .hit')?.dataset.listing === 'coffee'")
+    page.check("#opt-stock")
+    page.wait_for_function("document.querySelector('#results .hit')?.dataset.listing !== 'coffee'")
+    listings = page.eval_on_selector_all("#results .hit", "els => els.map(e => e.dataset.listing)")
+    assert "coffee" not in listings and "moon" not in listings
+    page.uncheck("#opt-stock")
+
+    # clicking a result searches by that stored image
+    page.locator("#results .hit").nth(1).click()
+    page.wait_for_selector("#status:has-text(' for ')")
+
+    # the Explore view draws the map of the collection
+    page.click("#tab-explore")
+    page.wait_for_selector("#map-status:has-text('84 of 84 images')")
+    drawn = page.evaluate(
+        "(() => { const c = document.getElementById('map-canvas');"
+        " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; })()"
+    )
+    assert drawn > 84 * 10  # 84 dots of a few dozen pixels each
+    page.screenshot(path=str(ARTIFACTS / "explore.png"), full_page=True)

@@ -1,0 +1,186 @@
+"""The HTTP API on the real demo catalog (real model, real images), its OpenAPI contract
+(schemathesis: no 5xx on generated input), and its security rules."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from PIL import Image
+
+from lookalike.server import create_app
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def client(cnn_catalog_copy):
+    app = create_app(cnn_catalog_copy, token=TOKEN, max_upload=2 * 2**20)
+    with TestClient(app) as c:
+        yield c
+    app.state.catalog.close()
+
+
+def upload_search(client, path, **options):
+    with open(path, "rb") as fh:
+        data = {k: str(v) for k, v in options.items()}
+        return client.post("/search", files={"image": ("q.jpg", fh, "image/jpeg")}, data=data)
+
+
+def test_upload_search_finds_the_right_listing_first(client, demo_dir):
+    for listing in ("chelsea", "rocket", "motorcycle"):
+        r = upload_search(client, demo_dir / "queries" / listing / "q-01.jpg", k=3,
+                          group_by="listing")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"query_id", "hits"}
+        assert body["hits"][0]["listing_id"] == listing
+        assert list(body["hits"][0])[:3] == ["listing_id", "image_id", "score"]
+        thumb = client.get(body["hits"][0]["thumbnail_url"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(thumb.content)).size[0] <= 192
+
+
+def test_json_search_by_id_and_by_vector(client):
+    r = client.post("/search", json={"image_id": "flower/flower-02.jpg", "k": 3})
+    assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == "flower/flower-02.jpg"
+    rng = np.random.default_rng(0)
+    r = client.post("/search", json={"vector": rng.standard_normal(1280).tolist(), "k": 2,
+                                     "group_by": "listing", "where": "stock_level > 0"})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 2
+    r = client.post("/search", json={"vector": [0.1] * 7})
+    assert r.status_code == 400 and "d=7" in r.json()["error"]["message"]
+
+
+def test_add_delete_and_update_are_reflected_in_the_next_search(client, demo_dir):
+    q = demo_dir / "queries" / "hubble" / "q-02.jpg"
+    with open(q, "rb") as fh:
+        r = client.post("/images", files={"image": ("new.jpg", fh, "image/jpeg")},
+                        data={"listing_id": "new-hubble", "image_id": "new-hubble/1.jpg"},
+                        headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "added"
+    hits = upload_search(client, q, k=1).json()["hits"]
+    assert hits[0]["image_id"] == "new-hubble/1.jpg" and hits[0]["score"] > 0.999
+    assert client.get("/images/new-hubble/1.jpg/thumbnail").status_code == 200  # from the upload
+
+    r = client.delete("/images/new-hubble/1.jpg", headers=AUTH)
+    assert r.status_code == 200
+    assert upload_search(client, q, k=1).json()["hits"][0]["listing_id"] == "hubble"
+
+    r = client.put("/listings/hubble", json={"stock_level": 5}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["attrs"]["stock_level"] == 5
+    hits = upload_search(client, q, k=3, group_by="listing", where="stock_level > 4")
+    assert hits.json()["hits"][0]["listing_id"] == "hubble"
+    assert client.get("/listings/hubble").json()["attrs"]["stock_level"] == 5
+
+
+def test_facts_endpoints(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    stats = client.get("/stats").json()
+    assert stats["images"] == 84 and stats["model"]["dim"] == 1280
+    info = client.get("/images/coins/coins-01.jpg").json()
+    assert info["listing_id"] == "coins" and len(info["sha256"]) == 64
+    m = client.get("/map").json()
+    assert m["method"] == "pca" and m["total"] == 84 and len(m["points"]) == 84
+    xs = [p["x"] for p in m["points"]]
+    assert max(xs) - min(xs) > 0.1  # a real spread, not a constant
+    client.post("/search", json={"image_id": "coins/coins-01.jpg"})
+    metrics = client.get("/metrics").text
+    assert 'lookalike_http_requests_total{method="POST",route="/search",status="200"}' in metrics
+    assert "lookalike_catalog_images 84.0" in metrics
+    assert "lookalike_http_request_seconds_bucket" in metrics
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>lookalike</title>" in page.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/images/../../etc/passwd/thumbnail", "/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
+     "/images/%2Fetc%2Fpasswd", "/images/coins/../../../catalog.db/thumbnail",
+     "/static/../catalog.py", "/static/%2e%2e/app.py"],
+)
+def test_path_traversal_reads_nothing_outside(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+    assert b"import" not in r.content and b"root:" not in r.content
+
+
+def test_write_endpoints_need_the_token(client, demo_dir):
+    assert client.put("/listings/coins", json={"stock_level": 0}).status_code == 401
+    assert client.put("/listings/coins", json={"stock_level": 0},
+                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.delete("/images/coins/coins-01.jpg").status_code == 401
+    with open(demo_dir / "queries" / "coins" / "q-01.jpg", "rb") as fh:
+        r = client.post("/images", files={"image": ("x.jpg", fh, "image/jpeg")},
+                        data={"listing_id": "x", "image_id": "x/1.jpg"})
+    assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+    assert client.get("/stats").json()["images"] == 84  # nothing was written
+
+
+def test_oversized_and_non_image_uploads_are_refused(client):
+    big = b"\xff\xd8" + b"0" * (2 * 2**20 + 10)
+    r = client.post("/search", files={"image": ("big.jpg", big, "image/jpeg")})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = client.post("/search", files={"image": ("a.txt", b"hello world", "text/plain")})
+    assert r.status_code == 415 and "not an image" in r.json()["error"]["message"]
+    r = client.post("/images", files={"image": ("a.txt", b"hello", "text/plain")},
+                    data={"listing_id": "x", "image_id": "x/1"}, headers=AUTH)
+    assert r.status_code == 415
+    r = client.post("/search", content=b"k=3", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = client.post("/search", content=json.dumps({"k": 0}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_errors_are_json_with_the_right_code(client):
+    assert client.get("/images/nope.jpg").json()["error"]["status"] == 404
+    r = client.post("/search", json={"image_id": "coins/coins-01.jpg", "where": "stock >"})
+    assert r.status_code == 400 and "where:" in r.json()["error"]["message"]
+    assert client.get("/listings/no-such").status_code == 404
+
+
+# ------------------------------------------------------------------ OpenAPI contract
+
+schemathesis = pytest.importorskip("schemathesis")
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory, cnn_catalog_dir):
+    import shutil
+
+    path = tmp_path_factory.mktemp("schema") / "cat"
+    shutil.copytree(cnn_catalog_dir, path)
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(path, token=TOKEN))
+
+
+def test_openapi_contract_no_server_errors(api_schema):
+    """schemathesis generates requests from /openapi.json for every operation (20 cases
+    each); none may cause a 5xx."""
+    from hypothesis import given
+
+    failures: list[str] = []
+    calls = []
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            response = case.call(headers=AUTH)
+            calls.append(response.status_code)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.formatted_path}: {response.status_code} "
+                                f"{response.text[:200]}")
+
+        check()
+    assert failures == []
+    assert len(calls) >= 5 * len(operations)  # the generator did exercise every operation
+    assert any(code == 200 for code in calls) and any(400 <= code < 500 for code in calls)
