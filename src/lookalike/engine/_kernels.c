@@ -1088,6 +1088,7 @@ static PyObject *py_dot_rows(PyObject *self, PyObject *args) {
     const float *xf = (const float *)x.buf, *qf = (const float *)q.buf;
     float *o = (float *)out.buf;
     Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static) if (m * d > 262144)
     for (int64_t i = 0; i < m; i++) {
         const float *row = xf + r[i] * d;
 #if LK_X86
