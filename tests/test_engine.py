@@ -204,7 +204,8 @@ def test_batch_of_queries_equals_single_queries(engine_kind):
     queries = oracle.quantized(rng, 19, 8)  # 2 full groups of 8 queries and a partial one
     engine = make_engine(cache, engine_kind)
     reference = ExactEngine(cache)
-    for spec in (SearchSpec(k=7), SearchSpec(k=3, listing_mask=np.arange(7) % 2 == 0)):
+    for spec in (SearchSpec(k=7), SearchSpec(k=3, listing_mask=np.arange(7) % 2 == 0),
+                 SearchSpec(k=5, threshold=0.25)):
         batch = engine.search(queries, spec)
         for q, hits in zip(queries, batch, strict=True):
             single = reference.search(q, spec)[0]
@@ -286,6 +287,8 @@ def test_fast_engine_equals_exact_engine_at_scale(codes, n):
         SearchSpec(k=10),
         SearchSpec(k=25, listing_mask=mask),
         SearchSpec(k=None, threshold=0.75),
+        SearchSpec(k=10, threshold=0.5),  # batch path with per-query candidate floors
+        SearchSpec(k=10, threshold=1.5),  # fewer than k hits pass
         SearchSpec(k=10, group_by="listing"),
         SearchSpec(k=10, group_by="listing", agg="mean", listing_mask=mask),
         SearchSpec(k=10, group_by="listing", agg="sum-top-n", top_n=2),

@@ -170,6 +170,8 @@ class Catalog:
         self._cache: VectorCache | None = None
         self._engine: ExactEngine | None = None
         self._ann: dict[str, AnnEngine] = {}
+        self._classifier: Any = None
+        self._classifier_stamp: int | None = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ basics
@@ -337,7 +339,15 @@ class Catalog:
                 prepared = list(pool.map(prep, range(len(items))))
         else:
             prepared = [prep(i) for i in range(len(items))]
-        write_prepared(self.store, ext, prepared, labels)
+        clf = self.classifier
+        label_fn = None
+        if clf is not None:  # recognition in the write path: store the predicted label
+
+            def label_fn(vectors: np.ndarray) -> list[dict[str, Any]]:
+                return [{"predicted": top[0][0], "probability": round(top[0][1], 6)}
+                        for top in clf.predict(vectors, k=1)]
+
+        write_prepared(self.store, ext, prepared, labels, label_fn)
         for p in prepared:  # thumbnails for result pages (content-addressed, see thumbs.py)
             if p.thumbnail is not None:
                 self._write_thumbnail(p.sha256, p.thumbnail)
@@ -351,6 +361,31 @@ class Catalog:
             else:
                 out.append(("updated" if key in known else "added", ""))
         return out
+
+    @property
+    def classifier(self) -> Any:
+        """The classifier trained with ``lookalike train`` (re-read when the file changes), or
+        None."""
+        from .recognize import load_classifier, model_dir
+
+        path = model_dir(self) / "classifier.joblib"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp != self._classifier_stamp:
+            self._classifier = load_classifier(self) if stamp is not None else None
+            self._classifier_stamp = stamp
+        return self._classifier
+
+    def predict(self, images: Sequence[ImageInput], k: int = 3) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(label, probability)`` per image from the catalog's classifier.
+
+        Raises:
+            LookalikeError: no classifier (train one with ``lookalike train``).
+            ImageError: an image cannot be read.
+        """
+        clf = self.classifier
+        if clf is None:
+            raise LookalikeError(f"{self.uri} has no classifier; train one (lookalike train)")
+        return clf.predict(self.embed(images), k=k)
 
     def _write_thumbnail(self, sha256: str, jpeg: bytes) -> None:
         path = thumbnail_path(self.uri, sha256)

@@ -698,8 +698,10 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     token: Annotated[
         str | None,
-        typer.Option(envvar="LOOKALIKE_TOKEN",
-                     help="Bearer token required by POST /images, DELETE /images, PUT /listings."),
+        typer.Option(
+            envvar="LOOKALIKE_TOKEN",
+            help="Bearer token required by POST /images, DELETE /images, PUT /listings.",
+        ),
     ] = None,
     max_upload: Annotated[int, typer.Option(help="Largest upload, bytes.")] = 16 * 2**20,
     engine: Annotated[str | None, typer.Option(help="Exact engine (see search --engine).")] = None,
@@ -715,8 +717,11 @@ def serve(
     except LookalikeError as exc:
         raise _fail(exc) from None
     app_ = create_app(cat, token=token, max_upload=max_upload)
-    err.print(f"lookalike: serving {catalog} on http://{host}:{port}/"
-              + (" (writes need the bearer token)" if token else ""), highlight=False)
+    err.print(
+        f"lookalike: serving {catalog} on http://{host}:{port}/"
+        + (" (writes need the bearer token)" if token else ""),
+        highlight=False,
+    )
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
@@ -760,22 +765,268 @@ def eval_(
         ),
     ],
     k: Annotated[int, typer.Option("-k", "--k", help="Cut-off for precision@k, recall@k.")] = 10,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Also evaluate another extractor (e.g. colorhist, hog) on the same "
+            "images, re-indexed from their source files, for comparison."
+        ),
+    ] = None,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Measure retrieval quality: top-1, precision@k, recall@k and mAP over labelled queries."""
-    from .evaluate import evaluate, query_set
+    from .evaluate import evaluate, evaluate_baseline, query_set
 
     try:
         with _open(catalog) as cat:
-            report = evaluate(cat, query_set(queries), k=k)
+            qs = query_set(queries)
+            report = evaluate(cat, qs, k=k)
+            name = cat.model.name if cat.model else "catalog"
+            base = evaluate_baseline(cat, qs, baseline, k=k) if baseline else None
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    d = report.to_dict()
+    if fmt == OutputFormat.json:
+        _print_json({**d, "baseline": {"extractor": baseline, **base.to_dict()}} if base else d)
+        return
+    table = Table(title=f"{d['n_queries']} queries, k={k}", title_justify="left")
+    table.add_column("metric")
+    table.add_column(name, justify="right")
+    if base:
+        table.add_column(f"{baseline} (baseline)", justify="right")
+    for key in ("top1", "precision_at_k", "recall_at_k", "mAP"):
+        row = [key, f"{d[key]:.4f}"]
+        if base:
+            row.append(f"{base.to_dict()[key]:.4f}")
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def train(
+    catalog: CatalogOpt,
+    labels: Annotated[
+        str | None, typer.Option(help="CSV with image_id,label (and optionally listing_id).")
+    ] = None,
+    label_from: Annotated[
+        str | None,
+        typer.Option(help="Label each image by its 'listing' id or its 'parent' folder."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="logreg (default) or mlp.")] = "logreg",
+    grid: Annotated[
+        bool, typer.Option(help="Choose hyper-parameters by 3-fold grid search on the train split.")
+    ] = False,
+    test_size: Annotated[float, typer.Option(help="Held-out fraction (stratified).")] = 0.25,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Train a classifier on the stored vectors; print held-out accuracy, macro precision /
+    recall / F1 and the confusion matrix; save it in the catalog (used by `predict`, the
+    stream and the HTTP API)."""
+    from .recognize import labels_from
+    from .recognize import train as train_classifier
+
+    if bool(labels) == bool(label_from):
+        err.print("error: give exactly one of --labels FILE and --label-from listing|parent")
+        raise typer.Exit(2)
+    try:
+        with _open(catalog) as cat:
+            lab = labels_from(cat, labels or label_from or "")
+            _, report = train_classifier(cat, lab, model=model, grid=grid, test_size=test_size)
     except LookalikeError as exc:
         raise _fail(exc) from None
     d = report.to_dict()
     if fmt == OutputFormat.json:
         _print_json(d)
-    else:
-        for key, value in d.items():
-            out.print(f"{key:>15}: {value}", highlight=False)
+        return
+    out.print(
+        f"{model} on {d['n_train']} train / {d['n_test']} held-out images "
+        f"({d['seconds']:.1f} s); params {d['params'] or 'default'}",
+        highlight=False,
+    )
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
+        out.print(f"{key:>16}: {d[key]:.4f}", highlight=False)
+    table = Table(title="confusion matrix (rows: true label, columns: predicted label number)",
+                  title_justify="left")
+    table.add_column("true label")
+    for n in range(len(d["labels"])):
+        table.add_column(str(n + 1), justify="right")
+    for n, (label, row) in enumerate(zip(d["labels"], d["confusion"], strict=True)):
+        table.add_row(f"{n + 1} {label}", *[str(v) if v else "." for v in row])
+    out.print(table)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files or URLs.")],
+    catalog: CatalogOpt,
+    k: Annotated[int, typer.Option("-k", "--k", help="Labels per image.")] = 3,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Recognize images with the catalog's classifier: top-k labels with probabilities."""
+    try:
+        with _open(catalog) as cat:
+            preds = cat.predict(images, k=k)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    for image, top in zip(images, preds, strict=True):
+        if fmt == OutputFormat.json:
+            _print_json(
+                {
+                    "image": image,
+                    "predictions": [{"label": lab, "probability": round(p, 6)} for lab, p in top],
+                }
+            )
+        else:
+            out.print(f"{image}: " + ", ".join(f"{lab} {p:.3f}" for lab, p in top), highlight=False)
+
+
+analyze_app = typer.Typer(
+    help="Clusters, outliers and a 2-D map of the collection.", no_args_is_help=True
+)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("clusters")
+def analyze_clusters(
+    catalog: CatalogOpt,
+    k: Annotated[
+        int | None, typer.Option("-k", "--k", help="Clusters (default: sqrt(n / 2)).")
+    ] = None,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Spherical k-means (faiss) of the vectors; cluster and distance stored per image."""
+    from .analytics import kmeans
+
+    try:
+        with _open(catalog) as cat:
+            report = kmeans(cat, k=k)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if fmt == OutputFormat.json:
+        _print_json(report.to_dict())
+        return
+    table = Table(title=f"k = {report.k}", title_justify="left")
+    for col in ("cluster", "size", "representative"):
+        table.add_column(col, justify="right" if col != "representative" else "left")
+    for c in report.clusters:
+        table.add_row(str(c.id), str(c.size), c.representative)
+    out.print(table)
+
+
+@analyze_app.command("outliers")
+def analyze_outliers(
+    catalog: CatalogOpt,
+    top: Annotated[int, typer.Option(help="How many to list.")] = 10,
+    method: Annotated[
+        str, typer.Option(help="knn (1 - mean cosine to the k nearest) or isolation-forest.")
+    ] = "knn",
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the knn score.")] = 10,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Score every image by how unusual it is; the score is stored per image."""
+    from .analytics import isolation_outliers, knn_outliers
+
+    try:
+        with _open(catalog) as cat:
+            if method == "knn":
+                report = knn_outliers(cat, k=k)
+            elif method == "isolation-forest":
+                report = isolation_outliers(cat)
+            else:
+                raise LookalikeError("method must be knn or isolation-forest")
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    rows = report.top(top)
+    if fmt == OutputFormat.json:
+        _print_json(
+            {
+                "method": report.method,
+                "outliers": [
+                    {"listing_id": lid, "image_id": iid, "score": round(sc, 6)}
+                    for lid, iid, sc in rows
+                ],
+            }
+        )
+        return
+    for lid, iid, sc in rows:
+        out.print(f"{sc:.4f}  {lid}  {iid}", highlight=False)
+
+
+@analyze_app.command("map")
+def analyze_map(
+    catalog: CatalogOpt,
+    png: Annotated[Path | None, typer.Option(help="Also draw the map into this PNG.")] = None,
+    method: Annotated[str, typer.Option(help="pca, or umap when umap-learn is installed.")] = (
+        "pca"
+    ),
+) -> None:
+    """Compute the 2-D map of the collection (stored for the web page's Explore view)."""
+    from .analytics import project, render_map_png
+
+    try:
+        with _open(catalog) as cat:
+            keys, _, used = project(cat, method=method)
+            drawn = render_map_png(str(png), cat) if png else None
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    out.print(
+        f"{used} map of {len(keys)} images stored"
+        + (
+            f"; drawn to {png} ({drawn['clusters']} clusters, "
+            f"{drawn['outliers_marked']} outliers marked)"
+            if drawn
+            else ""
+        ),
+        highlight=False,
+    )
+
+
+@app.command()
+def dedup(
+    catalog: CatalogOpt,
+    threshold: Annotated[
+        float, typer.Option(help="Near-duplicates: images with score (cosine) > THRESHOLD.")
+    ] = 0.95,
+    exact: Annotated[bool, typer.Option(help="Identical files (SHA-256) instead.")] = False,
+    index: Annotated[str, typer.Option(help="exact (default) or a built ANN index.")] = "exact",
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write group,listing_id,image_id rows here.")
+    ] = None,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Find groups of near-duplicate (or identical) images: connected components of the
+    score > threshold graph, from the engine's threshold search (no n x n matrix)."""
+    from .analytics import exact_duplicates, near_duplicates
+
+    try:
+        with _open(catalog) as cat:
+            groups = (
+                exact_duplicates(cat)
+                if exact
+                else near_duplicates(cat, threshold=threshold, index=index)
+            )
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    if csv_out:
+        with open(csv_out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["group", "listing_id", "image_id"])
+            for i, g in enumerate(groups):
+                writer.writerows([i, lid, iid] for lid, iid in g)
+    if fmt == OutputFormat.json:
+        _print_json({"groups": [[iid for _, iid in g] for g in groups]})
+        return
+    out.print(
+        f"{len(groups)} group(s) of {'identical' if exact else 'near-duplicate'} images",
+        highlight=False,
+    )
+    for i, g in enumerate(groups[:50]):
+        out.print(
+            f"{i:>4}  ({len(g)})  "
+            + ", ".join(iid for _, iid in g[:8])
+            + (" ..." if len(g) > 8 else ""),
+            highlight=False,
+        )
 
 
 @app.command()

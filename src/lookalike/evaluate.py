@@ -103,3 +103,34 @@ def evaluate(
         n_queries=len(queries),
         k=k,
     )
+
+
+def evaluate_baseline(
+    catalog: Catalog, queries: Sequence[tuple[ImageInput, str]], extractor: str, k: int = 10,
+    folder: str | os.PathLike[str] | None = None,
+) -> EvalReport:
+    """Evaluate another extractor on the same images: re-index the catalog's recorded source
+    files with ``extractor`` into a temporary catalog (or ``folder``) and evaluate it there.
+
+    Raises:
+        LookalikeError: the catalog has images whose source files are not available.
+    """
+    import tempfile
+
+    from .catalog import open_catalog
+    from .errors import LookalikeError
+    from .images import ImageSource
+
+    sources = [ImageSource(k_[0], k_[1], src) for k_, src in catalog.store.all_sources().items()
+               if src]
+    missing = [s for s in sources if not os.path.isfile(s.location)]
+    if not sources or missing:
+        raise LookalikeError("the baseline needs the catalog's source files on disk "
+                             f"({len(missing)} missing)")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        open_catalog(folder or Path(tmp) / "baseline", extractor=extractor) as base,
+    ):
+        base.index(sources)
+        return evaluate(base, queries, k=k)
+

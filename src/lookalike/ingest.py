@@ -155,12 +155,15 @@ def write_prepared(
     extractor: BaseExtractor,
     items: Sequence[Prepared],
     labels: Sequence[dict | None] | None = None,
+    label_fn: Callable[[np.ndarray], list[dict]] | None = None,
 ) -> tuple[int, int]:
     """Embed the ``"ok"`` items in one batch and upsert them in one transaction.
 
     Args:
         labels: optional per-item metadata stored in the ``labels`` column (same order as
             ``items``; entries of items that are not ``"ok"`` are ignored).
+        label_fn: computes more metadata from the ``(m, d)`` vectors of the ``"ok"`` items
+            (e.g. a classifier's prediction), merged into ``labels``.
 
     Returns:
         ``(added, updated)``: new keys, and stored keys whose bytes changed.
@@ -170,6 +173,9 @@ def write_prepared(
         return 0, 0
     ok = [p for p, _ in pairs]
     vectors = extractor.embed(np.stack([p.array for p in ok]))  # type: ignore[misc]
+    if label_fn is not None:
+        more = label_fn(vectors)
+        pairs = [(p, {**(lab or {}), **m}) for (p, lab), m in zip(pairs, more, strict=True)]
     keys = [(p.source.listing_id, p.source.image_id) for p in ok]
     known = store.existing(keys)
     store.upsert(

@@ -79,45 +79,71 @@ static inline int row_ok(const Table *t, int64_t i) {
     return 1;
 }
 
+/* Top-`cap` selection by a reservoir (what faiss calls ReservoirTopN): candidates above the
+ * current floor are appended to a buffer of 2 * cap; when it is full, a quickselect keeps the
+ * best cap and raises the floor to the weakest kept. Amortised O(1) per candidate, against
+ * O(log cap) for a binary heap, which matters when many candidates arrive (large cap, short
+ * scans). The buffers s and r hold 2 * cap entries; call heap_finish before reading them. */
 typedef struct {
     float *s;
     int64_t *r;
     int64_t size, cap;
-} Heap; /* min-heap on score: the root is the weakest of the best `cap` */
+    float floor;
+} Heap;
+
+/* Reorder s[0..n) (with r) so that s[0..k) are the k largest values. */
+static void select_top(float *s, int64_t *r, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        float a = s[lo], b = s[mid], c = s[hi]; /* median of three */
+        const float pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (s[i] > pivot) i++;
+            while (s[j] < pivot) j--;
+            if (i <= j) {
+                float ts = s[i];
+                s[i] = s[j];
+                s[j] = ts;
+                int64_t tr = r[i];
+                r[i] = r[j];
+                r[j] = tr;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j) {
+            hi = j;
+        } else if (k - 1 >= i) {
+            lo = i;
+        } else {
+            break;
+        }
+    }
+}
+
+static void heap_trim(Heap *h) {
+    if (h->size <= h->cap) return;
+    select_top(h->s, h->r, h->size, h->cap);
+    h->size = h->cap;
+    float f = h->s[0];
+    for (int64_t e = 1; e < h->cap; e++)
+        if (h->s[e] < f) f = h->s[e];
+    h->floor = f;
+}
 
 static inline void heap_push(Heap *h, float s, int64_t r) {
-    int64_t i;
-    if (h->size < h->cap) {
-        i = h->size++;
-        while (i > 0) {
-            int64_t p = (i - 1) / 2;
-            if (h->s[p] <= s) break;
-            h->s[i] = h->s[p];
-            h->r[i] = h->r[p];
-            i = p;
-        }
-        h->s[i] = s;
-        h->r[i] = r;
-        return;
-    }
-    if (!(s > h->s[0])) return;
-    i = 0;
-    for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= h->size) break;
-        if (c + 1 < h->size && h->s[c + 1] < h->s[c]) c++;
-        if (h->s[c] >= s) break;
-        h->s[i] = h->s[c];
-        h->r[i] = h->r[c];
-        i = c;
-    }
-    h->s[i] = s;
-    h->r[i] = r;
+    if (!(s > h->floor)) return;
+    h->s[h->size] = s;
+    h->r[h->size] = r;
+    if (++h->size == 2 * h->cap) heap_trim(h);
 }
 
-static inline float heap_floor(const Heap *h) {
-    return h->size < h->cap ? -INFINITY : h->s[0];
-}
+static inline float heap_floor(const Heap *h) { return h->floor; }
+
+/* Keep the best cap entries; afterwards s[0..size) are the result (unordered). */
+static inline void heap_finish(Heap *h) { heap_trim(h); }
 
 #if LK_X86
 /* Bit s set when sc[s] > floor: one vector compare instead of 16 scalar ones. */
@@ -545,16 +571,17 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
             goto done;
         }
         heaps = (Heap *)calloc((size_t)nt, sizeof(Heap));
-        hs = (float *)malloc((size_t)(nt * kk) * sizeof(float));
-        hr = (int64_t *)malloc((size_t)(nt * kk) * sizeof(int64_t));
+        hs = (float *)malloc((size_t)(nt * 2 * kk) * sizeof(float));
+        hr = (int64_t *)malloc((size_t)(nt * 2 * kk) * sizeof(int64_t));
         if (!heaps || !hs || !hr) {
             PyErr_NoMemory();
             goto done;
         }
         for (int th = 0; th < nt; th++) {
-            heaps[th].s = hs + th * kk;
-            heaps[th].r = hr + th * kk;
+            heaps[th].s = hs + th * 2 * kk;
+            heaps[th].r = hr + th * 2 * kk;
             heaps[th].cap = kk;
+            heaps[th].floor = -INFINITY;
         }
     }
     float *o = (float *)out.buf;
@@ -584,9 +611,11 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
         }
     }
     if (heaps) {
+        for (int th = 0; th < nt; th++) heap_finish(&heaps[th]);
         for (int th = 1; th < nt; th++)
             for (int64_t e = 0; e < heaps[th].size; e++)
                 heap_push(&heaps[0], heaps[th].s[e], heaps[th].r[e]);
+        heap_finish(&heaps[0]);
         count = heaps[0].size;
         memcpy(orow.buf, heaps[0].r, (size_t)count * sizeof(int64_t));
         memcpy(osc.buf, heaps[0].s, (size_t)count * sizeof(float));
@@ -762,8 +791,10 @@ done:
 
 /* ------------------------------------------------------------------------------------------ */
 /* topk_batch(kind, data, n, d, queries, qscales, qoffsets, nq, codes, lmask, alive, n_listings,
- *            kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk), out_counts int64 (nq), threads)
- * For each query, the kk best rows (unordered) by score. qscales/qoffsets: float64 (nq). */
+ *            kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk), out_counts int64 (nq), threads,
+ *            floors float64 (nq) or None)
+ * For each query, the kk best rows (unordered) by score, among rows scoring above its floor
+ * (-inf without floors). qscales/qoffsets: float64 (nq). */
 
 static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     int kind, threads;
@@ -771,10 +802,14 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     Py_ssize_t n_listings;
     PyObject *data, *queries, *codes, *lmask, *alive;
     Py_buffer qscales, qoffsets, out_rows, out_scores, out_counts;
-    if (!PyArg_ParseTuple(args, "iOLLOy*y*LOOOnLw*w*w*i", &kind, &data, &n, &d, &queries,
+    PyObject *floors_o = Py_None;
+    if (!PyArg_ParseTuple(args, "iOLLOy*y*LOOOnLw*w*w*i|O", &kind, &data, &n, &d, &queries,
                           &qscales, &qoffsets, &nq, &codes, &lmask, &alive, &n_listings, &kk,
-                          &out_rows, &out_scores, &out_counts, &threads))
+                          &out_rows, &out_scores, &out_counts, &threads, &floors_o))
         return NULL;
+    Py_buffer floors;
+    int has_floors = 0;
+    memset(&floors, 0, sizeof(floors));
     Table t;
     Bufs b;
     Query *qs = NULL;
@@ -804,16 +839,25 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     nt = threads_for(n, threads);
     inter = interleave_queries(&t, qs, nq, &inter_stride);
     heaps = (Heap *)calloc((size_t)(nt * nq), sizeof(Heap));
-    hs = (float *)malloc((size_t)(nt * nq * kk) * sizeof(float));
-    hr = (int64_t *)malloc((size_t)(nt * nq * kk) * sizeof(int64_t));
+    hs = (float *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(float));
+    hr = (int64_t *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(int64_t));
     if (!heaps || !hs || !hr || !inter) {
         PyErr_NoMemory();
         goto done;
     }
+    if (floors_o != Py_None) {
+        if (PyObject_GetBuffer(floors_o, &floors, PyBUF_SIMPLE) < 0) goto done;
+        has_floors = 1;
+        if (floors.len < nq * 8) {
+            PyErr_SetString(PyExc_ValueError, "topk_batch: floors needs nq float64 values");
+            goto done;
+        }
+    }
     for (int64_t h = 0; h < nt * nq; h++) {
-        heaps[h].s = hs + h * kk;
-        heaps[h].r = hr + h * kk;
+        heaps[h].s = hs + h * 2 * kk;
+        heaps[h].r = hr + h * 2 * kk;
         heaps[h].cap = kk;
+        heaps[h].floor = has_floors ? (float)((double *)floors.buf)[h % nq] : -INFINITY;
     }
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     Py_BEGIN_ALLOW_THREADS
@@ -838,10 +882,13 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     /* merge the per-thread heaps of each query */
     for (int64_t k = 0; k < nq; k++) {
         Heap *first = &heaps[k];
+        heap_finish(first);
         for (int th = 1; th < nt; th++) {
             Heap *other = &heaps[(int64_t)th * nq + k];
+            heap_finish(other);
             for (int64_t e = 0; e < other->size; e++) heap_push(first, other->s[e], other->r[e]);
         }
+        heap_finish(first);
         int64_t *orow = (int64_t *)out_rows.buf + k * kk;
         float *osc = (float *)out_scores.buf + k * kk;
         memcpy(orow, first->r, (size_t)first->size * sizeof(int64_t));
@@ -855,6 +902,7 @@ done:
     free(qs);
     free(inter);
     free(heaps);
+    if (has_floors) PyBuffer_Release(&floors);
     free(hs);
     free(hr);
     PyBuffer_Release(&qscales);
@@ -880,12 +928,25 @@ static PyObject *py_topk_values(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "topk_values: bad kk or output sizes");
         goto done;
     }
-    Heap h = {(float *)out_scores.buf, (int64_t *)out_rows.buf, 0, kk};
+    float *bs = (float *)malloc((size_t)(2 * kk) * sizeof(float));
+    int64_t *br = (int64_t *)malloc((size_t)(2 * kk) * sizeof(int64_t));
+    if (!bs || !br) {
+        free(bs);
+        free(br);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Heap h = {bs, br, 0, kk, -INFINITY};
     const float *v = (const float *)values.buf;
     Py_BEGIN_ALLOW_THREADS
     for (int64_t i = 0; i < n; i++)
         if (v[i] > heap_floor(&h)) heap_push(&h, v[i], i);
+    heap_finish(&h);
+    memcpy(out_scores.buf, bs, (size_t)h.size * sizeof(float));
+    memcpy(out_rows.buf, br, (size_t)h.size * sizeof(int64_t));
     Py_END_ALLOW_THREADS
+    free(bs);
+    free(br);
     result = PyLong_FromLongLong(h.size);
 done:
     PyBuffer_Release(&values);

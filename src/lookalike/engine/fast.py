@@ -246,7 +246,7 @@ class FastEngine(ExactEngine):
         if cache.n_rows == 0:
             return [self._empty() for _ in range(len(q))]
         alive, lmask = self._filters(spec)
-        if len(q) > 1 and spec.group_by is None and spec.threshold is None:
+        if len(q) > 1 and spec.group_by is None and spec.k is not None:
             return self._batch(q, spec, alive, lmask)
         return [self._one(qv, spec, alive, lmask) for qv in q]
 
@@ -342,8 +342,14 @@ class FastEngine(ExactEngine):
         cache = self.cache
         assert spec.k is not None
         prepared = [self.table.prepare(qv) for qv in q]
-        kk = self._kk(spec.k, cache.n_rows, MIN_CANDIDATES_BATCH)
-        rows, approx, counts = self._batch_candidates(q, prepared, kk, alive, lmask)
+        # at most 1024 candidates a query, fewer for short scans (a widening is cheap there,
+        # while large reservoirs for many queries would not stay in cache)
+        floor = min(MIN_CANDIDATES_BATCH, max(64, cache.n_rows // 256))
+        kk = self._kk(spec.k, cache.n_rows, floor)
+        floors = None
+        if spec.threshold is not None:  # only rows that can pass the threshold are candidates
+            floors = np.array([spec.threshold - p.margin for p in prepared], dtype=np.float64)
+        rows, approx, counts = self._batch_candidates(q, prepared, kk, alive, lmask, floors)
         out = []
         for i, qv in enumerate(q):
             cand, scan = rows[i, : counts[i]], approx[i, : counts[i]]
@@ -356,11 +362,14 @@ class FastEngine(ExactEngine):
             out.append(res)
         return out
 
-    def _batch_candidates(self, q: np.ndarray, prepared, kk: int, alive, lmask):
-        """For each query the ``kk`` best rows by scan score: ``rows (nq, kk)``, ``scores``,
-        ``counts (nq,)`` (valid entries first)."""
+    def _batch_candidates(self, q: np.ndarray, prepared, kk: int, alive, lmask, floors=None):
+        """For each query the ``kk`` best rows by scan score (above ``floors[i]`` if given):
+        ``rows (nq, kk)``, ``scores``, ``counts (nq,)`` (valid entries first)."""
         if self.table.kind_name == "float32":
-            return self._batch_gemm(q, kk, alive, lmask)
+            rows, vals, counts = self._batch_gemm(q, kk, alive, lmask)
+            if floors is not None:  # rows are sorted best first: cut below the floor
+                counts = np.minimum(counts, (vals > floors[:, None].astype(np.float32)).sum(1))
+            return rows, vals, counts
         cache = self.cache
         nq = len(q)
         bufs = np.ascontiguousarray(np.stack([p.buf for p in prepared]))
@@ -387,6 +396,7 @@ class FastEngine(ExactEngine):
             approx,
             counts,
             self.threads,
+            floors,
         )
         return rows, approx, counts
 

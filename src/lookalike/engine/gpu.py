@@ -107,8 +107,9 @@ class TorchEngine(FastEngine):
         finite = vals > -np.inf
         return out, idx[finite], vals[finite]
 
-    def _batch_candidates(self, q: np.ndarray, prepared, kk: int, alive, lmask):
-        """Per-query top ``kk`` candidates from device matrix products in row blocks."""
+    def _batch_candidates(self, q: np.ndarray, prepared, kk: int, alive, lmask, floors=None):
+        """Per-query top ``kk`` candidates from device matrix products in row blocks (above
+        ``floors[i]`` when given)."""
         torch, n = self.torch, self.cache.n_rows
         self._sync_device()
         for p, qv in zip(prepared, q, strict=True):
@@ -128,5 +129,6 @@ class TorchEngine(FastEngine):
                 best_i = torch.gather(best_i, 1, pos)
         vals = best_v.cpu().numpy()
         rows = best_i.cpu().numpy().astype(np.int64)
-        counts = (vals > -np.inf).sum(axis=1).astype(np.int64)  # topk sorts: finite first
+        low = -np.inf if floors is None else floors[:, None].astype(np.float32)
+        counts = (vals > low).sum(axis=1).astype(np.int64)  # topk sorts: best first
         return rows, vals, counts

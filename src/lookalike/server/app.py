@@ -132,7 +132,8 @@ class MapPoint(BaseModel):
 
 
 class MapResponse(BaseModel):
-    """2-D projection of the vectors (``method``: ``pca``)."""
+    """2-D map of the collection (``method``: ``pca``, or ``analyze`` for the coordinates
+    stored by ``lookalike analyze map``)."""
 
     method: str
     total: int
@@ -407,9 +408,12 @@ def create_app(
             return {"method": "pca", "total": 0, "points": []}
         cache = cat._sync()
         with map_lock:
-            if map_cache.get("version") != (cache.version, limit):
-                map_cache["version"] = (cache.version, limit)
-                map_cache["body"] = _pca_map(cache, limit)
+            analysis = cat.store.analysis()
+            stamp = (cache.version, limit, len(analysis), hash(frozenset(
+                (k, v.get("cluster"), v.get("x")) for k, v in list(analysis.items())[:64])))
+            if map_cache.get("version") != stamp:
+                map_cache["version"] = stamp
+                map_cache["body"] = _map(cache, limit, analysis)
         return map_cache["body"]
 
     # -------------------------------------------------------------- page
@@ -422,28 +426,45 @@ def create_app(
     return app
 
 
-def _pca_map(cache: Any, limit: int) -> dict[str, Any]:
-    """PCA of the live vectors to 2-D (numpy SVD), on a seeded sample of at most ``limit``."""
+def _map(cache: Any, limit: int, analysis: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """2-D map of (a seeded sample of at most ``limit``) live images: the coordinates, clusters
+    and outlier scores stored by ``lookalike analyze`` where every sampled image has them, else
+    PCA of the vectors (numpy SVD). ``outlier`` is the percentile rank of the image's outlier
+    score (1.0 = the most unusual), or None."""
     live = np.flatnonzero(cache.alive)
     total = len(live)
     if total > limit:
         live = np.sort(np.random.default_rng(0).choice(live, limit, replace=False))
-    x = cache.vectors[live].astype(np.float64)
-    if len(x) >= 2:
-        x = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        xy = x @ vt[:2].T
-        if xy.shape[1] < 2:
-            xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    keys = [cache.keys[r] for r in live]
+    stored = [analysis.get(k, {}) for k in keys]
+    method = "analyze"
+    if keys and all(a.get("x") is not None for a in stored):
+        xy = np.array([[a["x"], a["y"]] for a in stored], dtype=np.float64)
     else:
-        xy = np.zeros((len(x), 2))
+        method = "pca"
+        x = cache.vectors[live].astype(np.float64)
+        if len(x) >= 2:
+            x = x - x.mean(axis=0)
+            _, _, vt = np.linalg.svd(x, full_matrices=False)
+            xy = x @ vt[:2].T
+            if xy.shape[1] < 2:
+                xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+        else:
+            xy = np.zeros((len(x), 2))
+    scores = np.array([a.get("outlier_score") if a.get("outlier_score") is not None else np.nan
+                       for a in stored], dtype=float)
+    ranks = np.full(len(keys), np.nan)
+    known = np.isfinite(scores)
+    if known.any():
+        order = np.argsort(np.argsort(scores[known]))
+        ranks[known] = (order + 1) / known.sum()
     points = []
-    for row, (px, py) in zip(live, xy, strict=True):
-        lid, iid = cache.keys[row]
+    for (lid, iid), a, (px, py), rank in zip(keys, stored, xy, ranks, strict=True):
         points.append({"listing_id": lid, "image_id": iid, "x": float(px), "y": float(py),
-                       "cluster": None, "outlier": None,
+                       "cluster": a.get("cluster"),
+                       "outlier": None if np.isnan(rank) else float(rank),
                        "thumbnail_url": thumbnail_url(iid, lid)})
-    return {"method": "pca", "total": total, "points": points}
+    return {"method": method, "total": total, "points": points}
 
 
 def _version() -> str:

@@ -179,6 +179,14 @@ class Store(Protocol):
         """Keys of every row whose ``image_id`` equals ``image_id``."""
         ...
 
+    def all_sha256(self) -> dict[Key, str]:
+        """SHA-256 of every stored image."""
+        ...
+
+    def all_sources(self) -> dict[Key, str | None]:
+        """The recorded source (path, URL) of every stored image."""
+        ...
+
     def count(self) -> int:
         """Number of rows in ``features``."""
         ...
@@ -193,6 +201,14 @@ class Store(Protocol):
 
     def get_listing(self, listing_id: str) -> ListingRecord | None:
         """One listing, or None."""
+        ...
+
+    def save_analysis(self, keys: Sequence[Key], columns: dict[str, Sequence[Any]]) -> None:
+        """Set per-image analysis columns (cluster, cluster_distance, outlier_score, x, y)."""
+        ...
+
+    def analysis(self) -> dict[Key, dict[str, Any]]:
+        """Stored per-image analysis of every image that still exists."""
         ...
 
     def save_results(self, query_id: str, hits: Sequence[tuple[str, str, float]]) -> None:

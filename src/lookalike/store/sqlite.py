@@ -65,6 +65,17 @@ CREATE TABLE IF NOT EXISTS listings (
     seq         INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS listings_seq ON listings (seq);
+CREATE TABLE IF NOT EXISTS image_analysis (
+    listing_id       TEXT NOT NULL,
+    image_id         TEXT NOT NULL,
+    cluster          INTEGER,
+    cluster_distance REAL,
+    outlier_score    REAL,
+    x                REAL,
+    y                REAL,
+    updated_at       REAL NOT NULL,
+    PRIMARY KEY (listing_id, image_id)
+);
 CREATE TABLE IF NOT EXISTS query_results (
     query_id   TEXT NOT NULL,
     rank       INTEGER NOT NULL,
@@ -77,6 +88,11 @@ CREATE TABLE IF NOT EXISTS query_results (
 """
 
 _CHUNK = 400  # keys per IN (...) query, well under SQLite's 32766 host-parameter limit
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers for sqlite3; None stays None."""
+    return value.item() if hasattr(value, "item") else value
 
 
 class SqliteStore:
@@ -351,6 +367,18 @@ class SqliteStore:
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
+    def all_sha256(self) -> dict[Key, str]:
+        """SHA-256 of every stored image."""
+        with self._lock:
+            rows = self._conn.execute("SELECT listing_id, image_id, sha256 FROM features")
+            return {(r[0], r[1]): r[2] for r in rows}
+
+    def all_sources(self) -> dict[Key, str | None]:
+        """The recorded source (path, URL) of every stored image."""
+        with self._lock:
+            rows = self._conn.execute("SELECT listing_id, image_id, source FROM features")
+            return {(r[0], r[1]): r[2] for r in rows}
+
     def count(self) -> int:
         """Number of rows in ``features``."""
         with self._lock:
@@ -413,6 +441,42 @@ class SqliteStore:
                 (listing_id,),
             ).fetchone()
         return ListingRecord(r[0], self._listing_attrs(r[1:])) if r else None
+
+    # ------------------------------------------------------------------ analysis
+
+    def save_analysis(self, keys: Sequence[Key], columns: dict[str, Sequence[Any]]) -> None:
+        """Set analysis columns (``cluster``, ``cluster_distance``, ``outlier_score``, ``x``,
+        ``y``) for ``keys`` (one transaction; other columns of those rows are kept)."""
+        allowed = ("cluster", "cluster_distance", "outlier_score", "x", "y")
+        names = [c for c in columns if c in allowed]
+        if len(names) != len(columns):
+            raise ValueError(f"analysis columns are {', '.join(allowed)}")
+        if not keys or not names:
+            return
+        now = time.time()
+        sets = ", ".join(f"{c} = excluded.{c}" for c in names)
+        with self._write() as cur:
+            cur.executemany(
+                f"INSERT INTO image_analysis (listing_id, image_id, {', '.join(names)}, "
+                f"updated_at) VALUES (?, ?, {', '.join('?' * len(names))}, ?) "
+                f"ON CONFLICT (listing_id, image_id) DO UPDATE SET {sets}, "
+                "updated_at = excluded.updated_at",
+                [
+                    (k[0], k[1], *(_plain(columns[c][i]) for c in names), now)
+                    for i, k in enumerate(keys)
+                ],
+            )
+
+    def analysis(self) -> dict[Key, dict[str, Any]]:
+        """Stored analysis of every image that still exists."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT a.listing_id, a.image_id, a.cluster, a.cluster_distance, "
+                "a.outlier_score, a.x, a.y FROM image_analysis a JOIN features f "
+                "ON f.listing_id = a.listing_id AND f.image_id = a.image_id"
+            ).fetchall()
+        names = ("cluster", "cluster_distance", "outlier_score", "x", "y")
+        return {(r[0], r[1]): dict(zip(names, r[2:], strict=True)) for r in rows}
 
     # ------------------------------------------------------------------ query results
 

@@ -145,7 +145,7 @@ function draw() {
     const [x, y] = screen(p);
     g.beginPath(); g.arc(x, y, 4, 0, 2 * Math.PI);
     g.fillStyle = colour(p); g.fill();
-    if (p.outlier !== null && p.outlier !== undefined && p.outlier > 0.5) {
+    if (p.outlier !== null && p.outlier !== undefined && p.outlier >= 0.97) { // top 3%
       g.lineWidth = 2; g.strokeStyle = "#dc2626"; g.stroke();
     }
   }

@@ -1,0 +1,331 @@
+"""Analytics on the stored feature vectors: clusters, outliers, near-duplicates, a 2-D map.
+
+All of it reads the catalog's in-RAM vector cache (live rows only) and writes per-image results
+to the store's ``image_analysis`` table, where the HTTP ``/map`` and the web page's Explore view
+read them.
+
+* :func:`kmeans`: spherical k-means (faiss), cluster id and distance per image, a
+  representative (the image nearest its centroid) per cluster;
+* :func:`knn_outliers` / :func:`isolation_outliers`: an outlier score per image;
+* :func:`near_duplicates`: groups of images with ``score > t`` (connected components of the
+  threshold graph, from the engine's threshold search; no ``n x n`` matrix), and
+  :func:`exact_duplicates` by file hash;
+* :func:`project`: 2-D PCA (always) or UMAP (when ``umap-learn`` is installed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..catalog import Catalog
+from ..engine import SearchSpec
+from ..errors import LookalikeError
+from ..store import Key
+
+
+def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:
+    """Keys and ``(n, d) float32`` vectors of the live rows, in cache order."""
+    cache = cat._sync()
+    rows = np.flatnonzero(cache.alive)
+    return [cache.keys[r] for r in rows], np.ascontiguousarray(cache.vectors[rows])
+
+
+def _neighbours(cat: Catalog, index: str, k: int, batch: int = 256,
+                threshold: float | None = None):
+    """For every live image: ``(its position, positions of its <= k best matches, scores)``
+    (itself included; only matches above ``threshold`` if given), from the catalog's engine."""
+    cache = cat._sync()
+    engine = cat._choose_engine(index)
+    live = np.flatnonzero(cache.alive)
+    pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
+    pos_of_row[live] = np.arange(len(live))
+    for a in range(0, len(live), batch):
+        block = np.ascontiguousarray(cache.vectors[live[a : a + batch]])
+        spec = SearchSpec(k=min(k, len(live)), threshold=threshold)
+        for j, raw in enumerate(engine.search(block, spec)):
+            yield a + j, pos_of_row[raw.rows], raw.scores
+
+
+# ------------------------------------------------------------------------------------ k-means
+
+
+def default_k(n: int) -> int:
+    """The rule of thumb ``k = sqrt(n / 2)`` (Mardia, Kent & Bibby, *Multivariate Analysis*,
+    1979), at least 2 and at most ``n``."""
+    return max(2, min(n, round(math.sqrt(n / 2))))
+
+
+@dataclass
+class Cluster:
+    """One cluster: id, size and the image nearest its centroid."""
+
+    id: int
+    size: int
+    representative: str
+    representative_listing: str
+
+
+@dataclass
+class ClusterReport:
+    """Result of :func:`kmeans`.
+
+    Attributes:
+        assignments: ``(n,) int64`` cluster per live image (order of ``keys``).
+        distances: ``(n,) float32`` 1 - cosine to the image's centroid.
+    """
+
+    k: int
+    keys: list[Key]
+    assignments: np.ndarray
+    distances: np.ndarray
+    clusters: list[Cluster] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract: ``{"k", "clusters": [{"id", "size", "representative"}]}``."""
+        return {"k": self.k, "clusters": [
+            {"id": c.id, "size": c.size, "representative": c.representative,
+             "listing_id": c.representative_listing} for c in self.clusters]}
+
+
+def kmeans(cat: Catalog, k: int | None = None, niter: int = 25, seed: int = 0,
+           save: bool = True) -> ClusterReport:
+    """Spherical k-means of the live vectors with faiss (inner product on unit vectors).
+
+    Args:
+        k: clusters; default :func:`default_k`.
+        save: store cluster id and distance per image in ``image_analysis``.
+
+    Raises:
+        LookalikeError: fewer than 2 vectors, or ``k`` larger than the collection.
+    """
+    import faiss
+
+    keys, x = _live(cat)
+    n = len(keys)
+    if n < 2:
+        raise LookalikeError("clustering needs at least 2 vectors")
+    k = default_k(n) if k is None else k
+    if not 1 <= k <= n:
+        raise LookalikeError(f"k must be between 1 and {n} (the number of vectors), got {k}")
+    # faiss trains on at most 256 points per centroid (a seeded sample), then assigns all
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True,
+                      max_points_per_centroid=256, min_points_per_centroid=1, verbose=False)
+    km.train(x)
+    sims, assign = km.index.search(x, 1)
+    assign = assign[:, 0].astype(np.int64)
+    dist = (1.0 - sims[:, 0]).astype(np.float32)
+    clusters = []
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        if len(members) == 0:
+            continue
+        rep = members[np.argmin(dist[members])]
+        clusters.append(Cluster(c, len(members), keys[rep][1], keys[rep][0]))
+    clusters.sort(key=lambda c: -c.size)
+    if save:
+        cat.store.save_analysis(keys, {"cluster": assign, "cluster_distance": dist})
+    return ClusterReport(k, keys, assign, dist, clusters)
+
+
+# ------------------------------------------------------------------------------------ outliers
+
+
+@dataclass
+class OutlierReport:
+    """Outlier scores (higher = more unusual), in the order of ``keys``."""
+
+    keys: list[Key]
+    scores: np.ndarray
+    method: str
+
+    def top(self, n: int = 10) -> list[tuple[str, str, float]]:
+        """The ``n`` most unusual images: ``(listing_id, image_id, score)``."""
+        order = np.argsort(-self.scores, kind="stable")[:n]
+        return [(self.keys[i][0], self.keys[i][1], float(self.scores[i])) for i in order]
+
+
+def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256) -> OutlierReport:
+    """k-NN distance score: ``1 - mean cosine`` to the ``k`` nearest other images.
+
+    An image far from all others scores high (Ramaswamy, Rastogi & Shim, SIGMOD 2000, use the
+    k-th neighbour; the mean over k is steadier). Neighbours come from the catalog's exact
+    engine in batches, so memory stays ``O(n k)``.
+    """
+    keys, _ = _live(cat)
+    if len(keys) < 2:
+        raise LookalikeError("outlier scores need at least 2 vectors")
+    scores = np.empty(len(keys), dtype=np.float32)
+    for i, pos, sims in _neighbours(cat, "exact", k + 1, batch):
+        others = sims[pos != i][:k]
+        scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
+    if save:
+        cat.store.save_analysis(keys, {"outlier_score": scores})
+    return OutlierReport(keys, scores, f"knn-{k}")
+
+
+def isolation_outliers(cat: Catalog, seed: int = 0, save: bool = True) -> OutlierReport:
+    """IsolationForest score (Liu, Ting & Zhou, ICDM 2008; scikit-learn), higher = more
+    unusual (the negated ``score_samples``)."""
+    from sklearn.ensemble import IsolationForest
+
+    keys, x = _live(cat)
+    forest = IsolationForest(random_state=seed, n_estimators=200).fit(x)
+    scores = (-forest.score_samples(x)).astype(np.float32)
+    if save:
+        cat.store.save_analysis(keys, {"outlier_score": scores})
+    return OutlierReport(keys, scores, "isolation-forest")
+
+
+# ------------------------------------------------------------------------------------ duplicates
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, i: int) -> int:
+        p = self.parent
+        root = i
+        while p[root] != root:
+            root = p[root]
+        while p[i] != root:
+            p[i], i = root, p[i]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: int = 512,
+                    index: str = "exact") -> list[list[Key]]:
+    """Groups of images connected by ``score > threshold`` (connected components).
+
+    Every image queries the engine for its ``k`` best matches above the threshold; an image
+    with ``k`` of them asks again without a limit (the engine's threshold scan), so no edge is
+    missed with ``index="exact"``. Memory is ``O(n k)`` edges, never an ``n x n`` matrix.
+
+    Returns:
+        Groups of two or more keys, largest first; keys within a group sorted.
+    """
+    keys, x = _live(cat)
+    n = len(keys)
+    uf = _UnionFind(n)
+    engine = cat._choose_engine(index)
+    cache = cat._sync()
+    live = np.flatnonzero(cache.alive)
+    pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
+    pos_of_row[live] = np.arange(len(live))
+    for i, matched, _ in _neighbours(cat, index, k, batch, threshold):
+        if len(matched) == min(k, n):  # saturated: this image's matches, however many
+            raw = engine.search(x[i], SearchSpec(k=None, threshold=threshold))[0]
+            matched = pos_of_row[raw.rows]
+        for p in matched:
+            if p != i:
+                uf.union(i, int(p))
+    groups: dict[int, list[Key]] = defaultdict(list)
+    for i in range(n):
+        groups[uf.find(i)].append(keys[i])
+    out = [sorted(g) for g in groups.values() if len(g) > 1]
+    out.sort(key=lambda g: (-len(g), g[0]))
+    return out
+
+
+def exact_duplicates(cat: Catalog) -> list[list[Key]]:
+    """Groups of images whose files have the same SHA-256 (identical bytes)."""
+    by_sha: dict[str, list[Key]] = defaultdict(list)
+    for key, sha in cat.store.all_sha256().items():
+        by_sha[sha].append(key)
+    out = [sorted(g) for g in by_sha.values() if len(g) > 1]
+    out.sort(key=lambda g: (-len(g), g[0]))
+    return out
+
+
+# ------------------------------------------------------------------------------------ map
+
+
+def project(cat: Catalog, method: str = "pca", save: bool = True, seed: int = 0) -> \
+        tuple[list[Key], np.ndarray, str]:
+    """2-D coordinates of every live image: PCA (numpy SVD), or UMAP (McInnes et al., 2018)
+    when ``method="umap"`` and ``umap-learn`` is installed (else PCA, reported in the result).
+
+    Returns:
+        ``(keys, (n, 2) float32, method used)``.
+    """
+    keys, x = _live(cat)
+    used = "pca"
+    xy: np.ndarray
+    if method == "umap":
+        try:
+            import umap  # type: ignore[import-not-found]
+
+            xy = umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x)
+            used = "umap"
+        except ImportError:
+            method = "pca"
+    if used == "pca":
+        centred = x.astype(np.float64) - x.mean(axis=0)
+        if len(x) >= 2:
+            _, _, vt = np.linalg.svd(centred, full_matrices=False)
+            xy = centred @ vt[:2].T
+            if xy.shape[1] < 2:
+                xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+        else:
+            xy = np.zeros((len(x), 2))
+    xy = np.asarray(xy, dtype=np.float32)
+    if save:
+        cat.store.save_analysis(keys, {"x": xy[:, 0], "y": xy[:, 1]})
+    return keys, xy, used
+
+
+def render_map_png(path: str, cat: Catalog, outliers_top: int = 10) -> dict[str, Any]:
+    """Draw the stored map (computing PCA if none) as a PNG scatter coloured by cluster, the
+    ``outliers_top`` highest outlier scores circled in red (matplotlib, Agg backend).
+
+    Returns:
+        What was drawn: points, clusters, outliers marked.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = cat.store.analysis()
+    keys, _ = _live(cat)
+    if not keys:
+        raise LookalikeError("the catalog is empty")
+    if any(analysis.get(k, {}).get("x") is None for k in keys):
+        project(cat)
+        analysis = cat.store.analysis()
+    xy = np.array([[analysis[k]["x"], analysis[k]["y"]] for k in keys])
+    clusters = np.array([analysis[k].get("cluster") if analysis[k].get("cluster") is not None
+                         else -1 for k in keys])
+    scores = np.array([analysis[k].get("outlier_score") if analysis[k].get("outlier_score")
+                       is not None else np.nan for k in keys], dtype=float)
+    fig, ax = plt.subplots(figsize=(9, 7), dpi=110)
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=18, alpha=0.85,
+                    linewidths=0)
+    marked = 0
+    if np.isfinite(scores).any():
+        top = np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:outliers_top]
+        ax.scatter(xy[top, 0], xy[top, 1], s=110, facecolors="none", edgecolors="red",
+                   linewidths=1.6, label=f"top {len(top)} outliers")
+        marked = len(top)
+        ax.legend(loc="best")
+    n_clusters = len(set(clusters.tolist()) - {-1})
+    ax.set_title(f"{len(keys)} images, {n_clusters} clusters (colour), "
+                 f"2-D projection of the feature vectors")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if n_clusters:
+        fig.colorbar(sc, ax=ax, label="cluster")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"points": len(keys), "clusters": n_clusters, "outliers_marked": marked, "png": path}
