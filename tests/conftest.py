@@ -44,3 +44,38 @@ def cnn_catalog_copy(cnn_catalog_dir: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "cat"
     shutil.copytree(cnn_catalog_dir, dst)
     return dst
+
+
+# ------------------------------------------------------------------ stores
+
+import os  # noqa: E402
+import shutil as _shutil  # noqa: E402
+import uuid  # noqa: E402
+
+HAVE_POSTGRES = bool(
+    _shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A PostgreSQL cluster of the test run (initdb + pg_ctl on a free loopback port)."""
+    if not HAVE_POSTGRES:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (.ci/run installs it)")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    from lookalike.store.localpg import LocalPostgres
+
+    server = LocalPostgres(tmp_path_factory.mktemp("pg")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path, monkeypatch):
+    """Where a fresh catalog lives, for every store backend: a folder, or a new database."""
+    monkeypatch.setenv("LOOKALIKE_STATE_DIR", str(tmp_path / "state"))
+    if request.param == "sqlite":
+        return str(tmp_path / "cat")
+    server = request.getfixturevalue("pg_server")
+    return server.create_database(f"t{uuid.uuid4().hex[:12]}")

@@ -18,12 +18,13 @@ MODEL = ModelInfo("external", "1", 8)
 
 
 @pytest.fixture
-def vec_catalog(tmp_path):
-    """A catalog of 60 quantized vectors in 12 listings with stock levels and colours."""
+def vec_catalog(store_location):
+    """A catalog of 60 quantized vectors in 12 listings with stock levels and colours, on
+    every store backend: all search options must answer the same on SQLite and PostgreSQL."""
     rng = np.random.default_rng(42)
     keys = [(f"L{i:02d}", f"L{i:02d}/{j}.jpg") for i in range(12) for j in range(5)]
     vectors = oracle.quantized(rng, len(keys), 8)
-    cat = lookalike.open_catalog(tmp_path / "cat")
+    cat = lookalike.open_catalog(store_location)
     cat.add_vectors(
         [k[0] for k in keys], [k[1] for k in keys], vectors, model=MODEL, normalize=False
     )

@@ -28,8 +28,9 @@ def batch(keys, d=4, seed=0, sha="s"):
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "cat")
+def store(store_location):
+    """The same behavioural tests run on every backend (SQLite, PostgreSQL)."""
+    s = open_store(store_location)
     s.claim_model(ModelInfo("test", "1", 4))
     yield s
     s.close()
@@ -40,8 +41,9 @@ def test_missing_catalog_without_create_is_not_found(tmp_path):
         open_store(tmp_path / "nope", create=False)
 
 
-def test_wal_mode_is_on(store):
-    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+def test_wal_mode_is_on(tmp_path):
+    s = open_store(tmp_path / "cat")
+    assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_model_is_claimed_once(store):
@@ -123,3 +125,88 @@ def test_a_crash_mid_transaction_leaves_no_partial_batch(tmp_path):
     assert s.count() == 1
     assert s.changes_since(0).upserted == [("a", "a/1")]
     assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_settings_analysis_and_hash_listings(store):
+    store.set_setting("codes", "float16")
+    store.set_setting("rerank", "8")
+    store.set_setting("rerank", None)
+    assert store.settings() == {"codes": "float16"}
+    keys = [("a", "a/1"), ("b", "b/1")]
+    store.upsert(batch(keys))
+    store.save_analysis(keys, {"cluster": [3, 4], "x": [0.5, -1.0]})
+    store.save_analysis(keys[:1], {"outlier_score": [0.9]})
+    got = store.analysis()
+    assert got[("a", "a/1")]["cluster"] == 3 and got[("a", "a/1")]["outlier_score"] == 0.9
+    assert got[("b", "b/1")]["x"] == -1.0 and got[("b", "b/1")]["outlier_score"] is None
+    assert store.all_sha256() == {keys[0]: "s0", keys[1]: "s1"}
+    assert store.find_image("b/1") == [("b", "b/1")]
+    store.delete(keys[:1])
+    assert set(store.analysis()) == {("b", "b/1")}  # analysis of deleted images is not returned
+
+
+def test_a_duplicate_key_in_one_batch_keeps_the_last(store):
+    b = batch([("a", "a/1"), ("a", "a/1")], sha="x")
+    store.upsert(b)
+    assert store.count() == 1 and store.existing([("a", "a/1")]) == {("a", "a/1"): "x1"}
+
+
+def test_a_killed_postgres_writer_leaves_no_partial_batch(pg_server):
+    """kill -9 a writer in the middle of its COPY transaction: none of the batch is stored."""
+    url = pg_server.create_database("crash")
+    s = open_store(url)
+    s.claim_model(ModelInfo("test", "1", 4))
+    s.upsert(batch([("a", "a/1")]))
+    code = textwrap.dedent(f"""
+        import time, numpy as np
+        from lookalike.store import open_store
+        s = open_store({url!r})
+        with s._tx() as cur:
+            s._next_seq(cur)
+            cur.execute("CREATE TEMP TABLE staging (LIKE features) ON COMMIT DROP")
+            with cur.copy("COPY staging (listing_id, image_id, vector, model, sha256, "
+                          "ingested_at, seq) FROM STDIN") as copy:
+                for i in range(2000):
+                    copy.write_row(("crash", f"crash/{{i}}", np.zeros(4, "<f4").tobytes(),
+                                    "test@1", "x", 0.0, 99))
+            cur.execute("INSERT INTO features SELECT * FROM staging")
+            print("inserted", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "inserted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert s.count() == 1  # the other session's rows were never committed
+    assert s.changes_since(0).upserted == [("a", "a/1")]
+    s.upsert(batch([("b", "b/1")]))  # and the counter row lock was released
+    assert s.count() == 2
+    s.close()
+
+
+WRITER = """
+import sys, numpy as np
+from lookalike.store import FeatureBatch, open_store
+from lookalike.extract import ModelInfo
+s = open_store(sys.argv[1])
+s.claim_model(ModelInfo("test", "1", 4))
+who = sys.argv[2]
+for b in range(20):
+    keys = [(f"{who}-{b % 7}", f"{who}/{b}/{i}") for i in range(25)]
+    keys += [("shared", f"shared/{b}/{i}") for i in range(5)]  # both writers write these
+    s.upsert(FeatureBatch([k[0] for k in keys], [k[1] for k in keys],
+                          np.ones((len(keys), 4), np.float32), ["h"] * len(keys)))
+s.close()
+"""
+
+
+def test_two_concurrent_writer_processes_end_with_the_exact_union(store_location):
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, store_location, who])
+             for who in ("left", "right")]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    s = open_store(store_location)
+    assert s.count() == 2 * 20 * 25 + 20 * 5  # each writer's own rows, and the shared ones once
+    changes = s.changes_since(0)
+    assert len(set(changes.upserted)) == len(changes.upserted) == s.count()
+    s.close()

@@ -388,7 +388,7 @@ class Catalog:
         return clf.predict(self.embed(images), k=k)
 
     def _write_thumbnail(self, sha256: str, jpeg: bytes) -> None:
-        path = thumbnail_path(self.uri, sha256)
+        path = thumbnail_path(self.store.folder, sha256)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -405,7 +405,7 @@ class Catalog:
         rec = self.store.get(key)
         if rec is None:
             raise NotFoundError(f"no image {image_id!r} in {self.uri}")
-        return ensure_thumbnail(self.uri, rec.sha256, rec.source)
+        return ensure_thumbnail(self.store.folder, rec.sha256, rec.source)
 
     def add_vectors(
         self,
@@ -536,7 +536,7 @@ class Catalog:
     @property
     def ann_folder(self) -> Path:
         """Where ANN indexes are saved: ``<catalog>/ann``."""
-        return Path(self.uri) / "ann"
+        return Path(self.store.folder) / "ann"
 
     def build_index(self, kind: str = "hnsw", **params: int) -> AnnIndex:
         """Build (train and fill) an ANN index of every stored vector and save it.

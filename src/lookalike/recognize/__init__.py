@@ -83,7 +83,7 @@ class Classifier:
 
 def model_dir(cat: Catalog) -> Path:
     """``CATALOG/models``."""
-    return Path(cat.uri) / "models"
+    return Path(cat.store.folder) / "models"
 
 
 def labels_from(cat: Catalog, source: str) -> dict[Key, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -138,6 +139,8 @@ class Store(Protocol):
     """What every backend provides. Writes are atomic per call (one transaction)."""
 
     uri: str
+    #: Local folder for the catalog's files (ANN indexes, thumbnails, classifier models).
+    folder: Path
 
     def claim_model(self, info: ModelInfo) -> ModelInfo:
         """Record ``info`` as the collection's model if none is set; return the stored one."""
@@ -225,22 +228,27 @@ class Store(Protocol):
 
 
 def open_store(location: str | os.PathLike[str], create: bool = True) -> Store:
-    """Open the store at ``location``: a catalog folder (SQLite ``catalog.db`` inside).
+    """Open the store at ``location``: a catalog folder (SQLite ``catalog.db`` inside), or a
+    ``postgresql://`` URL (the schema is created or migrated on first use).
 
     Args:
-        location: catalog folder path.
-        create: create the folder and schema if missing.
+        location: catalog folder path, or PostgreSQL URL.
+        create: create the folder and schema if missing (folders only).
 
     Raises:
-        NotFoundError: the catalog does not exist and ``create`` is False.
-        LookalikeError: the location names an unsupported backend.
+        NotFoundError: the catalog folder does not exist and ``create`` is False.
+        LookalikeError: an unsupported URL, or the database cannot be reached.
     """
     from ..errors import LookalikeError
 
     text = os.fspath(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(text)
     if "://" in text:
         raise LookalikeError(
-            f"{text}: unsupported catalog URL; use a folder path for the embedded SQLite store"
+            f"{text}: unsupported catalog URL; use a folder (SQLite) or postgresql://..."
         )
     from .sqlite import SqliteStore
 
