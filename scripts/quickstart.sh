@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 if [ ! -x .venv/bin/lookalike ]; then
     python3 -m venv .venv
-    .venv/bin/pip install --quiet -c requirements.lock -e ".[dev]"
+    .venv/bin/pip install --quiet -c requirements.lock -e ".[dev,spark]"
 fi
 
 run() { echo "+ $*" >&2; "$@"; }

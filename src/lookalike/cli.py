@@ -728,6 +728,165 @@ def serve(
         cat.close()
 
 
+@app.command("export")
+def export_(
+    catalog: CatalogOpt,
+    parquet: Annotated[Path, typer.Option(help="Folder to write the lake tables into.")],
+    parts: Annotated[int, typer.Option(help="Partitions of features (hash of listing_id).")] = 16,
+) -> None:
+    """Write the catalog as Parquet tables (features partitioned by a hash of listing_id,
+    listings, query_results): the input of the Spark jobs and any other engine."""
+    from .lake import export_catalog
+
+    try:
+        with _open(catalog) as cat:
+            counts = export_catalog(cat, parquet, parts=parts)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    out.print(f"exported {counts} to {parquet}", highlight=False)
+
+
+@app.command("import")
+def import_(
+    parquet: Annotated[Path, typer.Option(help="A lake folder (export or spark extract).")],
+    catalog: CatalogOpt,
+) -> None:
+    """Read lake tables (from `lookalike export` or `lookalike spark extract`) into a catalog."""
+    from .lake import import_catalog
+
+    try:
+        with _open(catalog, create=True) as cat:
+            counts = import_catalog(parquet, cat)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    out.print(f"imported {counts} into {catalog}", highlight=False)
+
+
+spark_app = typer.Typer(
+    help="The same jobs on Apache Spark (pip install 'lookalike[spark]'; Java 17).",
+    no_args_is_help=True,
+)
+app.add_typer(spark_app, name="spark")
+MasterOpt = Annotated[
+    str, typer.Option(help="Spark master: local[*], spark://host:7077, yarn, k8s://...")
+]
+
+
+@spark_app.command("extract")
+def spark_extract(
+    input_: Annotated[
+        str, typer.Option("--input", help="Manifest (.parquet/.csv) with listing_id,image_id,path.")
+    ],
+    out_dir: Annotated[str, typer.Option("--out", help="Lake folder to write.")],
+    extractor: Annotated[str, typer.Option(help="cnn, hog or colorhist.")] = "cnn",
+    master: MasterOpt = "local[*]",
+) -> None:
+    """Extract feature vectors on Spark executors; failed images land in an error column."""
+    from . import spark as lsp
+
+    try:
+        counts = lsp.extract(lsp.session(master), input_, out_dir, extractor=extractor)
+    except LookalikeError as exc:
+        raise _fail(exc) from None
+    out.print(
+        f"extracted {counts['images'] - counts['failed']} images into {out_dir} "
+        f"({counts['failed']} failed: see the error column)",
+        highlight=False,
+    )
+
+
+@spark_app.command("search")
+def spark_search(
+    features: Annotated[str, typer.Option(help="Lake folder (from export or spark extract).")],
+    query: Annotated[
+        str | None, typer.Argument(help="Query image (embedded on the driver).")
+    ] = None,
+    vector: Annotated[
+        Path | None, typer.Option(help="Query vector(s): .npy (d,) or (n, d).")
+    ] = None,
+    listings: Annotated[
+        str | None, typer.Option(help="Listings table (default: in the lake).")
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", "--k", help="Hits (default 10).")] = None,
+    group_by: Annotated[GroupBy | None, typer.Option(help="listing: one hit per listing.")] = None,
+    agg: Annotated[Agg, typer.Option(help="max, mean or sum-top-n.")] = Agg.max,
+    top_n: Annotated[int, typer.Option(help="n of sum-top-n.")] = 3,
+    threshold: Annotated[float | None, typer.Option(help="Only hits with score > T.")] = None,
+    where: Annotated[str | None, typer.Option(help="Filter on listing attributes.")] = None,
+    save: Annotated[str | None, typer.Option(help="Write query_results Parquet here.")] = None,
+    master: MasterOpt = "local[*]",
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Exact search on Spark: same options and the same JSON as `lookalike search`."""
+    from . import spark as lsp
+    from .extract import get_extractor
+    from .lake import read_model
+
+    try:
+        if (query is None) == (vector is None):
+            raise LookalikeError("give a query image or --vector")
+        if vector is not None:
+            q = np.load(vector)
+        else:
+            model = read_model(
+                features if not features.endswith("features") else str(Path(features).parent)
+            )
+            ext = get_extractor(model.name)
+            from .images import load_image
+
+            q = ext.embed_images([load_image(query, draft_size=ext.draft_size).image])[0]
+        results = lsp.search(
+            lsp.session(master),
+            features,
+            q,
+            k=k,
+            group_by=group_by.value if group_by else None,
+            agg=agg.value,
+            top_n=top_n,
+            threshold=threshold,
+            where=where,
+            listings=listings,
+            save=save,
+        )
+    except (LookalikeError, OSError, ValueError) as exc:
+        raise _fail(exc) from None
+    for res in results:
+        if fmt == OutputFormat.json:
+            _print_json(res.to_dict())
+        else:
+            for h in res.hits:
+                out.print(
+                    f"{h.rank:>4}  {h.score:.4f}  {h.listing_id}  {h.image_id}", highlight=False
+                )
+
+
+@spark_app.command("cluster")
+def spark_cluster(
+    features: Annotated[str, typer.Option(help="Lake folder.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Clusters.")],
+    master: MasterOpt = "local[*]",
+) -> None:
+    """k-means with Spark MLlib (cosine distance); prints the cluster sizes."""
+    from . import spark as lsp
+
+    result = lsp.kmeans(lsp.session(master), features, k=k)
+    _print_json(
+        {"k": result["k"], "sizes": {str(c): int(n) for c, n in sorted(result["sizes"].items())}}
+    )
+
+
+@spark_app.command("train")
+def spark_train(
+    features: Annotated[str, typer.Option(help="Lake folder (labels: listing ids).")],
+    model: Annotated[str, typer.Option(help="logreg or mlp.")] = "logreg",
+    master: MasterOpt = "local[*]",
+) -> None:
+    """Train an MLlib classifier with TrainValidationSplit + ParamGridBuilder."""
+    from . import spark as lsp
+
+    _print_json(lsp.train_classifier(lsp.session(master), features, model=model))
+
+
 @app.command()
 def demo(
     folder: Annotated[Path, typer.Argument(help="Where to write the demo collection.")],
@@ -845,8 +1004,10 @@ def train(
     )
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1"):
         out.print(f"{key:>16}: {d[key]:.4f}", highlight=False)
-    table = Table(title="confusion matrix (rows: true label, columns: predicted label number)",
-                  title_justify="left")
+    table = Table(
+        title="confusion matrix (rows: true label, columns: predicted label number)",
+        title_justify="left",
+    )
     table.add_column("true label")
     for n in range(len(d["labels"])):
         table.add_column(str(n + 1), justify="right")

@@ -222,6 +222,10 @@ class Store(Protocol):
         """Hits saved under ``query_id``, best first."""
         ...
 
+    def all_results(self) -> list[StoredHit]:
+        """Every saved query result, by query and rank."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

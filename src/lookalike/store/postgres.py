@@ -404,6 +404,13 @@ class PostgresStore:
                         "FROM query_results WHERE query_id = %s ORDER BY rank", (query_id,))
             return [StoredHit(*r) for r in cur.fetchall()]
 
+    def all_results(self) -> list[StoredHit]:
+        """Every saved query result, by query and rank."""
+        with self._tx(read_only=True) as cur:
+            cur.execute("SELECT query_id, rank, listing_id, image_id, score, created_at "
+                        "FROM query_results ORDER BY query_id, rank")
+            return [StoredHit(*r) for r in cur.fetchall()]
+
     def close(self) -> None:
         """Close the pool."""
         self.pool.close()

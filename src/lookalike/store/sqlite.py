@@ -502,6 +502,15 @@ class SqliteStore:
             ).fetchall()
         return [StoredHit(*r) for r in rows]
 
+    def all_results(self) -> list[StoredHit]:
+        """Every saved query result, by query and rank."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT query_id, rank, listing_id, image_id, score, created_at "
+                "FROM query_results ORDER BY query_id, rank"
+            ).fetchall()
+        return [StoredHit(*r) for r in rows]
+
     def close(self) -> None:
         """Close the connection."""
         with self._lock:

@@ -1,0 +1,166 @@
+"""Spark jobs (real pyspark, local[2], one session for the whole module) give the local
+engine's answers; the lake format round-trips; distributed extraction matches local."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import lookalike
+from lookalike import ModelInfo
+from lookalike.lake import export_catalog, import_catalog, read_model
+
+pyspark = pytest.importorskip("pyspark", reason="pip install 'lookalike[spark]'")
+pytestmark = [
+    pytest.mark.spark,
+    pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17"),
+]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from lookalike import spark as lsp
+
+    session = lsp.session("local[2]")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_lake(cnn_catalog_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lake")
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        counts = export_catalog(cat, folder, parts=8)
+    assert counts["features"] == 84 and counts["listings"] == 14
+    return folder
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert [(h.listing_id, h.image_id) for h in g.hits] == [
+            (h.listing_id, h.image_id) for h in w.hits]
+        np.testing.assert_allclose([h.score for h in g.hits], [h.score for h in w.hits],
+                                   atol=1e-5)
+        assert [h.n_images for h in g.hits] == [h.n_images for h in w.hits]
+
+
+OPTIONS = [
+    dict(k=10),
+    dict(k=5, group_by="listing"),
+    dict(k=4, group_by="listing", agg="mean"),
+    dict(k=4, group_by="listing", agg="sum-top-n", top_n=2),
+    dict(threshold=0.5),
+    dict(threshold=0.3, group_by="listing"),
+    dict(k=6, where="stock_level > 0 and category != 'space'"),
+    dict(k=3, group_by="listing", where="stock_level >= 2"),
+]
+
+
+def test_spark_search_equals_local_on_the_demo(spark, demo_lake, cnn_catalog_dir, demo_dir):
+    from lookalike import spark as lsp
+
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        q = cat.embed([demo_dir / "queries" / name / "q-01.jpg"
+                       for name in ("chelsea", "rocket", "hubble")])
+        for options in OPTIONS:
+            assert_same(lsp.search(spark, str(demo_lake), q, **options),
+                        cat.search(vector=q, **options))
+
+
+def test_spark_search_equals_local_on_50k_random_vectors(spark, tmp_path):
+    from lookalike import spark as lsp
+
+    rng = np.random.default_rng(0)
+    n, d = 50_000, 32
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    with lookalike.open_catalog(tmp_path / "cat") as cat:
+        cat.add_vectors([f"L{i % 9000:05d}" for i in range(n)], [f"{i:06d}" for i in range(n)],
+                        x, model=ModelInfo("random", "1", d))
+        for i in range(0, 9000, 3):
+            cat.update_listing(f"L{i:05d}", stock_level=i % 5)
+        export_catalog(cat, tmp_path / "lake", parts=16)
+        q = rng.standard_normal((4, d)).astype(np.float32)
+        for options in [*OPTIONS[:-2], dict(k=10, where="stock_level > 2"),
+                        dict(k=5, group_by="listing", where="stock_level = 1")]:
+            assert_same(lsp.search(spark, str(tmp_path / "lake"), q, **options),
+                        cat.search(vector=q, **options))
+
+
+def test_spark_search_json_is_the_local_json(spark, demo_lake, cnn_catalog_dir):
+    from lookalike import spark as lsp
+
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        q = cat.get_image_vector("moon/moon-01.jpg")
+        got = lsp.search(spark, str(demo_lake), q, k=3, group_by="listing")[0].to_dict()
+        want = cat.search(vector=q, k=3, group_by="listing").to_dict()
+    assert list(got) == list(want) == ["query_id", "hits"]
+    assert [list(h) for h in got["hits"]] == [list(h) for h in want["hits"]]
+    assert [(h["listing_id"], h["image_id"], h["n_images"]) for h in got["hits"]] == [
+        (h["listing_id"], h["image_id"], h["n_images"]) for h in want["hits"]]
+
+
+def test_export_import_round_trip_is_bit_for_bit(cnn_catalog_copy, tmp_path):
+    with lookalike.open_catalog(cnn_catalog_copy) as cat:
+        res = cat.search(image_id="coins/coins-01.jpg", k=3, save=True)
+        export_catalog(cat, tmp_path / "lake")
+        before = cat.store.changes_since(0)
+        sha = cat.store.all_sha256()
+    assert read_model(tmp_path / "lake").dim == 1280
+    with lookalike.open_catalog(tmp_path / "copy") as copy:
+        counts = import_catalog(tmp_path / "lake", copy)
+        assert counts == {"features": 84, "listings": 14, "query_results": 3}
+        after = copy.store.changes_since(0)
+        assert after.upserted == before.upserted
+        assert after.vectors.tobytes() == before.vectors.tobytes()
+        assert copy.store.all_sha256() == sha
+        assert copy.get_listing("coffee").attrs == {"stock_level": 0, "category": "food"}
+        assert [h.image_id for h in copy.store.get_results(res.query_id)] == res.image_ids
+    parts = {p.parent.name for p in (tmp_path / "lake" / "features").rglob("*.parquet")}
+    assert all(p.startswith("part=") for p in parts)
+    for path in (tmp_path / "lake" / "features").rglob("*.parquet"):  # a listing in one file
+        t = pq.read_table(path)
+        assert t.schema.field("vector").type.list_size == 1280
+
+
+def test_spark_extraction_equals_local_and_records_bad_images(spark, demo_dir, tmp_path,
+                                                              cnn_catalog_dir):
+    import pyarrow as pa
+
+    from lookalike import spark as lsp
+
+    photos = sorted((demo_dir / "photos").rglob("*.jpg"))[:20]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg at all")
+    rows = [{"listing_id": p.parent.name, "image_id": f"{p.parent.name}/{p.name}",
+             "path": str(p)} for p in photos]
+    rows.append({"listing_id": "broken", "image_id": "broken/1.jpg", "path": str(bad)})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    counts = lsp.extract(spark, str(tmp_path / "manifest.parquet"), str(tmp_path / "lake"))
+    assert counts == {"images": 21, "failed": 1}
+    table = pq.read_table(tmp_path / "lake" / "features").to_pandas()
+    failed = table[table["error"].notna()]
+    assert list(failed["image_id"]) == ["broken/1.jpg"]
+    assert "broken.jpg" in failed["error"].iloc[0]
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        for _, row in table[table["error"].isna()].iterrows():
+            local = cat.get_image_vector(row["image_id"])
+            assert np.abs(np.asarray(row["vector"], np.float32) - local).max() <= 1e-4
+    with lookalike.open_catalog(tmp_path / "imported") as imported:  # and it imports
+        assert import_catalog(tmp_path / "lake", imported)["features"] == 20
+
+
+def test_mllib_kmeans_and_classifier(spark, demo_lake):
+    from sklearn.metrics import adjusted_rand_score
+
+    from lookalike import spark as lsp
+
+    result = lsp.kmeans(spark, str(demo_lake), k=14)
+    a = result["assignments"]
+    assert sum(result["sizes"].values()) == 84
+    assert adjusted_rand_score(a["listing_id"], a["cluster"]) >= 0.7
+    report = lsp.train_classifier(spark, str(demo_lake), model="logreg")
+    assert report["n_test"] > 0 and report["accuracy"] >= 0.8
