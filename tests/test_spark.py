@@ -11,7 +11,7 @@ import pytest
 
 import lookalike
 from lookalike import ModelInfo
-from lookalike.lake import export_catalog, import_catalog, read_model
+from lookalike.lake import export_catalog, import_catalog, part_of, read_model
 
 pyspark = pytest.importorskip("pyspark", reason="pip install 'lookalike[spark]'")
 pytestmark = [
@@ -149,8 +149,41 @@ def test_spark_extraction_equals_local_and_records_bad_images(spark, demo_dir, t
         for _, row in table[table["error"].isna()].iterrows():
             local = cat.get_image_vector(row["image_id"])
             assert np.abs(np.asarray(row["vector"], np.float32) - local).max() <= 1e-4
+    for part_dir in (tmp_path / "lake" / "features").iterdir():  # one file per part
+        if part_dir.name.startswith("part="):
+            files = list(part_dir.glob("*.parquet"))
+            assert len(files) == 1, part_dir
+            lids = set(pq.read_table(files[0], columns=["listing_id"]).column(0).to_pylist())
+            assert {part_of(lid, 16) for lid in lids} == {int(part_dir.name[5:])}
     with lookalike.open_catalog(tmp_path / "imported") as imported:  # and it imports
         assert import_catalog(tmp_path / "lake", imported)["features"] == 20
+
+
+def test_cli_spark_search_prints_the_local_json(demo_lake, demo_dir, cnn_catalog_dir):
+    """``lookalike spark search IMAGE -f json`` in its own process (its own Spark session),
+    as a user runs it, gives the hits of ``lookalike search IMAGE -f json``."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    query = str(demo_dir / "queries" / "coins" / "q-01.jpg")
+    common = ["-k", "4", "--group-by", "listing", "--format", "json"]
+
+    def run(*args):
+        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    got = run("spark", "search", query, "--features", str(demo_lake), "--master", "local[1]",
+              *common)
+    want = run("search", query, "--catalog", str(cnn_catalog_dir), *common)
+    assert got["hits"][0]["listing_id"] == "coins"
+    strip = [{k: v for k, v in h.items() if k != "score"} for h in want["hits"]]
+    assert [{k: v for k, v in h.items() if k != "score"} for h in got["hits"]] == strip
+    np.testing.assert_allclose([h["score"] for h in got["hits"]],
+                               [h["score"] for h in want["hits"]], atol=1e-5)
 
 
 def test_mllib_kmeans_and_classifier(spark, demo_lake):

@@ -779,13 +779,17 @@ def spark_extract(
     ],
     out_dir: Annotated[str, typer.Option("--out", help="Lake folder to write.")],
     extractor: Annotated[str, typer.Option(help="cnn, hog or colorhist.")] = "cnn",
+    parts: Annotated[
+        int, typer.Option(min=1, help="Partitions of features (hash of listing_id); also tasks.")
+    ] = 16,
     master: MasterOpt = "local[*]",
 ) -> None:
     """Extract feature vectors on Spark executors; failed images land in an error column."""
     from . import spark as lsp
 
     try:
-        counts = lsp.extract(lsp.session(master), input_, out_dir, extractor=extractor)
+        counts = lsp.extract(lsp.session(master), input_, out_dir, extractor=extractor,
+                             parts=parts)
     except LookalikeError as exc:
         raise _fail(exc) from None
     out.print(

@@ -94,7 +94,13 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
 
     ext = _EXTRACTORS.get(extractor_name)
     if ext is None:
-        ext = _EXTRACTORS[extractor_name] = get_extractor(extractor_name)
+        from pyspark import TaskContext
+
+        # ONNX Runtime would start one thread per core in every Python worker; a task owns
+        # spark.task.cpus cores (1 by default), so use that many
+        ctx = TaskContext.get()
+        options = {"threads": ctx.cpus()} if extractor_name == "cnn" and ctx else {}
+        ext = _EXTRACTORS[extractor_name] = get_extractor(extractor_name, **options)
     for frame in batches:
         prepared = []
         for lid, iid, path in zip(frame["listing_id"], frame["image_id"], frame["path"],
@@ -110,7 +116,7 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
         vecs = ext.embed(np.stack([p.array for p in ok])) if ok else np.zeros((0, ext.dim))
         by_id = {id(p): v for p, v in zip(ok, vecs, strict=True)}
         out = []
-        for p in prepared:
+        for p, part in zip(prepared, frame["part"], strict=True):
             v = by_id.get(id(p))
             out.append({
                 "listing_id": p.source.listing_id, "image_id": p.source.image_id,
@@ -119,6 +125,7 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
                 "sha256": p.sha256 or None, "width": p.width or None,
                 "height": p.height or None, "ingested_at": time.time(),
                 "labels": None, "error": p.reason or None,
+                "part": int(part),
             })
         yield pd.DataFrame(out)
 
@@ -156,18 +163,21 @@ def extract(spark: Any, manifest: str, out: str, extractor: str = "cnn", parts: 
         T.StructField("source", T.StringType()), T.StructField("sha256", T.StringType()),
         T.StructField("width", T.IntegerType()), T.StructField("height", T.IntegerType()),
         T.StructField("ingested_at", T.DoubleType()), T.StructField("labels", T.StringType()),
-        T.StructField("error", T.StringType()),
+        T.StructField("error", T.StringType()), T.StructField("part", T.IntegerType()),
     ])
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     rows = (
         df.select("listing_id", "image_id", "path")
-        .mapInPandas(lambda it: _extract_batches(it, extractor), schema)
-        # the lake's partition: crc32(listing_id) mod parts, as lake.part_of computes it
+        # the lake's partition: crc32(listing_id) mod parts, as lake.part_of computes it;
+        # shuffling the (small) manifest rows by it before extraction spreads the model work
+        # over the tasks and leaves each part whole in one task (one file per part)
         .withColumn("part", F.pmod(F.crc32(F.col("listing_id").cast("binary")), F.lit(parts))
                     .cast("int"))
+        .repartition(parts, "part")
+        .mapInPandas(lambda it: _extract_batches(it, extractor), schema)
     )
     target = str(Path(out) / "features")
-    rows.repartition("part").write.mode("overwrite").partitionBy("part").parquet(target)
+    rows.write.mode("overwrite").partitionBy("part").parquet(target)
     write_model_sidecar(out, info)
     written = spark.read.parquet(target)
     counts = written.agg(F.count("*").alias("n"), F.count("error").alias("failed")).first()
