@@ -197,3 +197,39 @@ def test_mllib_kmeans_and_classifier(spark, demo_lake):
     assert adjusted_rand_score(a["listing_id"], a["cluster"]) >= 0.7
     report = lsp.train_classifier(spark, str(demo_lake), model="logreg")
     assert report["n_test"] > 0 and report["accuracy"] >= 0.8
+
+
+def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_catalog_dir,
+                                            tmp_path):
+    """Many queries at once: a query table (image paths, or vectors) -> a results table that
+    keeps the table's query ids; a bad row is named."""
+    import pyarrow as pa
+
+    from lookalike import spark as lsp
+    from lookalike.errors import QueryError
+    from lookalike.extract import get_extractor
+
+    names = ["chelsea", "rocket", "coins"]
+    paths = [str(demo_dir / "queries" / n / "q-02.jpg") for n in names]
+    pq.write_table(pa.table({"query_id": [f"q-{n}" for n in names], "path": paths}),
+                   tmp_path / "queries.parquet")
+    ids, q = lsp.read_query_table(str(tmp_path / "queries.parquet"), get_extractor("cnn"))
+    assert ids == ["q-chelsea", "q-rocket", "q-coins"] and q.shape == (3, 1280)
+    results = lsp.search(spark, str(demo_lake), q, k=2, group_by="listing",
+                         save=str(tmp_path / "out"), query_ids=ids)
+    assert [r.hits[0].listing_id for r in results] == names
+    saved = pq.read_table(tmp_path / "out").to_pandas()
+    assert sorted(set(saved["query_id"])) == sorted(ids) and len(saved) == 6
+    top = saved[saved["rank"] == 1].set_index("query_id")["listing_id"].to_dict()
+    assert top == {f"q-{n}": n for n in names}
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:  # vectors table: same hits as local
+        v = np.stack([cat.get_image_vector(f"{n}/{n}-03.jpg") for n in names])
+    pq.write_table(pa.table({"vector": pa.array(list(v), pa.list_(pa.float32()))}),
+                   tmp_path / "vectors.parquet")
+    ids, qv = lsp.read_query_table(str(tmp_path / "vectors.parquet"), None)
+    assert ids == ["0", "1", "2"]
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        assert_same(lsp.search(spark, str(demo_lake), qv, k=5), cat.search(vector=v, k=5))
+    (tmp_path / "bad.csv").write_text(f"query_id,path\nok,{paths[0]}\nnope,{tmp_path}/x.jpg\n")
+    with pytest.raises(QueryError, match=r"row 1 \(query_id nope\).*x\.jpg"):
+        lsp.read_query_table(str(tmp_path / "bad.csv"), get_extractor("cnn"))

@@ -808,6 +808,13 @@ def spark_search(
     vector: Annotated[
         Path | None, typer.Option(help="Query vector(s): .npy (d,) or (n, d).")
     ] = None,
+    queries: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch: a query table (.parquet/.csv) with query_id and a vector or path "
+            "column; with --save, the results table keeps its query ids."
+        ),
+    ] = None,
     listings: Annotated[
         str | None, typer.Option(help="Listings table (default: in the lake).")
     ] = None,
@@ -827,15 +834,16 @@ def spark_search(
     from .lake import read_model
 
     try:
-        if (query is None) == (vector is None):
-            raise LookalikeError("give a query image or --vector")
+        if sum(x is not None for x in (query, vector, queries)) != 1:
+            raise LookalikeError("give one of: a query image, --vector, --queries")
+        lake = features if not features.endswith("features") else str(Path(features).parent)
+        ids = None
         if vector is not None:
             q = np.load(vector)
+        elif queries is not None:
+            ids, q = lsp.read_query_table(queries, get_extractor(read_model(lake).name))
         else:
-            model = read_model(
-                features if not features.endswith("features") else str(Path(features).parent)
-            )
-            ext = get_extractor(model.name)
+            ext = get_extractor(read_model(lake).name)
             from .images import load_image
 
             q = ext.embed_images([load_image(query, draft_size=ext.draft_size).image])[0]
@@ -851,6 +859,7 @@ def spark_search(
             where=where,
             listings=listings,
             save=save,
+            query_ids=ids,
         )
     except (LookalikeError, OSError, ValueError) as exc:
         raise _fail(exc) from None

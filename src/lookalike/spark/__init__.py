@@ -240,6 +240,7 @@ def search(
     listings: str | None = None,
     normalize: bool = True,
     save: str | None = None,
+    query_ids: Sequence[str] | None = None,
 ) -> list[SearchResult]:
     """Distributed exact search: same options, same answers as ``Catalog.search``.
 
@@ -249,6 +250,7 @@ def search(
         listings: the ``listings`` table folder, needed by ``where`` (default: beside
             ``features``).
         save: write the hits as a ``query_results`` Parquet table under this folder.
+        query_ids: one id per query (a query table's ids); default: new UUIDs.
 
     Returns:
         One :class:`~lookalike.catalog.SearchResult` per query.
@@ -262,6 +264,8 @@ def search(
     lake = root.parent if root.name == "features" else root
     model = read_model(lake)
     q = check_queries(queries, model.dim)
+    if query_ids is not None and len(query_ids) != len(q):
+        raise QueryError(f"{len(query_ids)} query ids for {len(q)} queries")
     if normalize:
         q = l2_normalize(q)
     kk = k if k is not None else (None if threshold is not None else DEFAULT_K)
@@ -296,10 +300,54 @@ def search(
         hits = [Hit(lid, iid, float(np.float32(sc)), rank + 1,
                     int(n) if group_by == "listing" else None)
                 for rank, (sc, lid, iid, n) in enumerate(ordered)]
-        results.append(SearchResult(uuid.uuid4().hex, hits))
+        qid = str(query_ids[qi]) if query_ids is not None else uuid.uuid4().hex
+        results.append(SearchResult(qid, hits))
     if save:
         _save_results(results, save)
     return results
+
+
+def read_query_table(path: str, extractor: Any) -> tuple[list[str], np.ndarray]:
+    """A batch of queries from a Parquet or CSV table: a ``query_id`` column (optional; default
+    the row number) and either ``vector`` (list of float, Parquet) or ``path`` (an image file or
+    URL, embedded here with ``extractor``).
+
+    Returns:
+        ``(query ids, (n, d) float32)``.
+
+    Raises:
+        QueryError: no ``vector`` / ``path`` column, an empty table, or an image that does not
+            load (named with its row).
+    """
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from ..images import ImageError, load_image
+
+    table = pcsv.read_csv(path) if path.endswith(".csv") else pq.read_table(path)
+    if table.num_rows == 0:
+        raise QueryError(f"{path}: the query table is empty")
+    ids = ([str(v) for v in table.column("query_id").to_pylist()]
+           if "query_id" in table.column_names else [str(i) for i in range(table.num_rows)])
+    if "vector" in table.column_names:
+        rows = table.column("vector").to_pylist()
+        for i, v in enumerate(rows):
+            if v is None:
+                raise QueryError(f"{path}: row {i} (query_id {ids[i]}): vector is null")
+        return ids, np.asarray(rows, dtype=np.float32)
+    if "path" not in table.column_names:
+        raise QueryError(f"{path}: a query table needs a 'vector' or a 'path' column")
+    vectors = []
+    paths = table.column("path").to_pylist()
+    for a in range(0, len(paths), 64):
+        images = []
+        for i in range(a, min(a + 64, len(paths))):
+            try:
+                images.append(load_image(str(paths[i]), draft_size=extractor.draft_size).image)
+            except ImageError as exc:
+                raise QueryError(f"{path}: row {i} (query_id {ids[i]}): {exc}") from None
+        vectors.append(extractor.embed_images(images))
+    return ids, np.concatenate(vectors)
 
 
 def _save_results(results: Sequence[SearchResult], folder: str) -> None:
