@@ -2,11 +2,14 @@
 
 Vectors are unit vectors around random centres, with 1% planted near-duplicates (a noisy copy
 of another vector). For each size: spherical k-means (faiss, k = sqrt(n / 2)), kNN outlier
-scores (exact engine, k = 10), and near-duplicate groups at score > 0.95, exactly (the
+scores (exact engine, k = 10), and near-duplicate groups at score > 0.95: exactly (the
 engine's batched threshold search, O(n^2) work, O(n k) memory) up to ``--exact-dedup-max``
-vectors and through an IVF index above it.
+vectors, and always through an IVF index (each cell joined with its 16 nearest cells), with
+the share of the exact groups it finds where both ran (``ivf_groups_recall``) and, at every
+size, the share of the planted twin pairs found in one group (``planted_recall_*``; 1% of the
+vectors are planted twins, so about n / 100 groups are expected).
 
-    python benchmarks/analytics.py                       # 100k x 512, 100k x 1280, 1M x 512
+    python benchmarks/analytics.py                       # 100k and 1M, d = 512 and 1280
     python benchmarks/analytics.py --sizes 100000:512 --json
 
 Not a test: figures depend on the machine.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -28,7 +32,9 @@ from lookalike import ModelInfo
 from lookalike.analytics import default_k, kmeans, knn_outliers, near_duplicates
 
 
-def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, d) float32`` unit vectors around 1,000 random centres, and ``(n / 100, 2)``
+    planted twin pairs ``(copy, original)`` (cosine about 0.9998)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1000, d)).astype(np.float32)
     x = np.empty((n, d), dtype=np.float32)
@@ -37,25 +43,40 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
         block = centres[rng.integers(0, 1000, m)] + rng.standard_normal((m, d), dtype=np.float32)
         x[a : a + m] = block
     dup = rng.choice(n, n // 100, replace=False)
-    src = rng.integers(0, n, len(dup))
+    originals = np.setdiff1d(np.arange(n), dup)  # a copy of a copy would copy nothing
+    src = originals[rng.integers(0, len(originals), len(dup))]
     x[dup] = x[src] + 0.02 * rng.standard_normal((len(dup), d), dtype=np.float32) * np.linalg.norm(
         x[src], axis=1, keepdims=True
     ) / np.sqrt(d)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, np.stack([dup, src], axis=1)
+
+
+def planted_recall(groups: list[list[tuple[str, str]]], pairs: np.ndarray) -> float:
+    """Share of the planted twin pairs that ended in one group."""
+    group_of: dict[str, int] = {}
+    for g, members in enumerate(groups):
+        for _, image_id in members:
+            group_of[image_id] = g
+    found = [group_of.get(str(a), -1) == group_of.get(str(b), -2) for a, b in pairs.tolist()]
+    return sum(found) / max(1, len(found))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--sizes", default="100000:512,100000:1280,1000000:512", help="comma-separated n:d pairs"
+        "--sizes",
+        default="100000:512,100000:1280,1000000:512,1000000:1280",
+        help="comma-separated n:d pairs",
     )
     ap.add_argument("--exact-dedup-max", type=int, default=200_000)
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF cells per image (default 16)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
     for pair in args.sizes.split(","):
         n, d = (int(v) for v in pair.split(":"))
-        x = vectors(n, d)
+        x, pairs = vectors(n, d)
         with tempfile.TemporaryDirectory() as tmp:
             cat = lookalike.open_catalog(Path(tmp) / "cat")
             for a in range(0, n, 100_000):
@@ -66,6 +87,7 @@ def main() -> None:
                     model=ModelInfo("bench", "1", d),
                     normalize=False,
                 )
+            del x  # the catalog's cache holds the vectors now
             cat._sync()
             row: dict[str, float | int | str] = {"n": n, "d": d, "k": default_k(n)}
             t0 = time.perf_counter()
@@ -75,18 +97,25 @@ def main() -> None:
                 t0 = time.perf_counter()
                 knn_outliers(cat, k=10)
                 row["knn_outliers_s"] = round(time.perf_counter() - t0, 1)
-            index = "exact"
-            t0 = time.perf_counter()
-            if n > args.exact_dedup_max:
-                index = "ivf"
-                cat.build_index("ivf")
-                row["ivf_build_s"] = round(time.perf_counter() - t0, 1)
+            if n <= args.exact_dedup_max:
                 t0 = time.perf_counter()
-            groups = near_duplicates(cat, threshold=0.95, index=index)
-            row["dedup_index"] = index
-            row["dedup_s"] = round(time.perf_counter() - t0, 1)
-            row["dedup_groups"] = len(groups)
+                exact = near_duplicates(cat, threshold=0.95)
+                row["dedup_exact_s"] = round(time.perf_counter() - t0, 1)
+                row["groups_exact"] = len(exact)
+                row["planted_recall_exact"] = round(planted_recall(exact, pairs), 4)
+            t0 = time.perf_counter()
+            cat.build_index("ivf")
+            row["ivf_build_s"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            via_ivf = near_duplicates(cat, threshold=0.95, index="ivf", nprobe=args.nprobe)
+            row["dedup_ivf_s"] = round(time.perf_counter() - t0, 1)
+            row["groups_ivf"] = len(via_ivf)
+            row["planted_recall_ivf"] = round(planted_recall(via_ivf, pairs), 4)
+            if n <= args.exact_dedup_max:
+                same = {frozenset(g) for g in exact} & {frozenset(g) for g in via_ivf}
+                row["ivf_groups_recall"] = round(len(same) / max(1, len(exact)), 4)
             cat.close()
+        row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
         rows.append(row)
         print(row, file=sys.stderr)
     if args.json:
@@ -99,10 +128,15 @@ def main() -> None:
         "k",
         "kmeans_s",
         "knn_outliers_s",
+        "dedup_exact_s",
+        "groups_exact",
+        "planted_recall_exact",
         "ivf_build_s",
-        "dedup_index",
-        "dedup_s",
-        "dedup_groups",
+        "dedup_ivf_s",
+        "groups_ivf",
+        "planted_recall_ivf",
+        "ivf_groups_recall",
+        "peak_rss_gib",
     ]
     print(" | ".join(cols))
     for row in rows:

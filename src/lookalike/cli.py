@@ -7,6 +7,7 @@ some images failed (listed on stderr and, with ``--failed-csv``, in a file).
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -1162,14 +1163,27 @@ def dedup(
         float, typer.Option(help="Near-duplicates: images with score (cosine) > THRESHOLD.")
     ] = 0.95,
     exact: Annotated[bool, typer.Option(help="Identical files (SHA-256) instead.")] = False,
-    index: Annotated[str, typer.Option(help="exact (default) or a built ANN index.")] = "exact",
+    index: Annotated[
+        str,
+        typer.Option(help="exact (default: every pair, O(n^2)) or a built ANN index (faster "
+                     "on millions of images; may miss a few pairs)."),
+    ] = "exact",
+    nprobe: Annotated[
+        int | None,
+        typer.Option(help="With --index ivf/ivfpq: neighbouring cells each IVF cell is joined "
+                     "with (default 16; more finds more pairs, slower)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write group,listing_id,image_id rows here.")
     ] = None,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Find groups of near-duplicate (or identical) images: connected components of the
-    score > threshold graph, from the engine's threshold search (no n x n matrix)."""
+    score > threshold graph, from the engine's threshold search (no n x n matrix). On millions
+    of images, build an IVF index first (`lookalike ann build --kind ivf`) and pass --index
+    ivf: each cell of the index is then joined with its 16 nearest cells only (float32 block
+    products, exact scores), a fraction of the all-pairs work."""
     from .analytics import exact_duplicates, near_duplicates
 
     try:
@@ -1177,7 +1191,8 @@ def dedup(
             groups = (
                 exact_duplicates(cat)
                 if exact
-                else near_duplicates(cat, threshold=threshold, index=index)
+                else near_duplicates(cat, threshold=threshold, index=index, nprobe=nprobe,
+                                     progress=progress)
             )
     except LookalikeError as exc:
         raise _fail(exc) from None
@@ -1221,6 +1236,22 @@ def extractors(
 
         path = onnx_path()
         out.print(f"cnn ONNX: {export_onnx(path) if not path.exists() else path}", highlight=False)
+
+
+def _reflow(doc: str) -> str:
+    """A command docstring as ``--help`` should show it: typer keeps the single line breaks
+    of every paragraph after the first, so join them; indented paragraphs (examples) stay."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith((" ", "\b")) else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    )
+
+
+for _group in (app, listing_app, ann_app, spark_app, analyze_app):
+    for _command in _group.registered_commands:
+        if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+            _command.help = _reflow(_command.callback.__doc__)
 
 
 def main() -> None:

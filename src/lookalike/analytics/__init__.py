@@ -16,6 +16,7 @@ read them.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +30,14 @@ from ..store import Key
 
 
 def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:
-    """Keys and ``(n, d) float32`` vectors of the live rows, in cache order."""
+    """Keys and ``(n, d) float32`` vectors of the live rows, in cache order (a read-only view
+    of the cache when every row is live, so a 1M x 1280 collection is not copied)."""
     cache = cat._sync()
     rows = np.flatnonzero(cache.alive)
+    if len(rows) == cache.n_rows:
+        view = cache.vectors.view()
+        view.flags.writeable = False
+        return list(cache.keys[: cache.n_rows]), view
     return [cache.keys[r] for r in rows], np.ascontiguousarray(cache.vectors[rows])
 
 
@@ -185,6 +191,9 @@ def isolation_outliers(cat: Catalog, seed: int = 0, save: bool = True) -> Outlie
 
 
 class _UnionFind:
+    """Disjoint sets over ``0..n-1`` (Tarjan, JACM 1975: union by smaller root, path
+    compression), with a vectorized :meth:`union_many` for blocks of edges."""
+
     def __init__(self, n: int) -> None:
         self.parent = np.arange(n)
 
@@ -202,22 +211,98 @@ class _UnionFind:
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
+    def roots(self, idx: np.ndarray) -> np.ndarray:
+        """``(m,) int64`` roots of ``idx`` (pointer jumping in numpy)."""
+        r = self.parent[idx]
+        while True:
+            nr = self.parent[r]
+            if np.array_equal(nr, r):
+                return r
+            r = nr
+
+    def union_many(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Union every edge ``(a[i], b[i])``: roots found in numpy, so only edges joining two
+        different sets reach the Python loop (a dense group costs one pass, not one per edge)."""
+        if not len(a):
+            return
+        ra, rb = self.roots(a), self.roots(b)
+        self.parent[a], self.parent[b] = ra, rb  # path compression
+        cut = ra != rb
+        if cut.any():
+            pairs = np.unique(np.stack([np.minimum(ra[cut], rb[cut]),
+                                        np.maximum(ra[cut], rb[cut])], axis=1), axis=0)
+            for u, v in pairs.tolist():
+                self.union(u, v)
+
+    def groups(self, keys: list[Key]) -> list[list[Key]]:
+        """Sets of two or more, largest first; keys within a set sorted."""
+        roots = self.roots(np.arange(len(keys)))
+        members: dict[int, list[Key]] = defaultdict(list)
+        for i, r in enumerate(roots.tolist()):
+            members[r].append(keys[i])
+        out = [sorted(g) for g in members.values() if len(g) > 1]
+        out.sort(key=lambda g: (-len(g), g[0]))
+        return out
+
+
+DEDUP_NPROBE = 16
+"""Neighbouring IVF cells scanned per cell by :func:`near_duplicates` through an IVF index.
+A near-duplicate (cosine > ~0.9) almost always falls in its twin's cell or one of the nearest
+few, so dedup needs far fewer than the ``nlist / 8`` that top-k search uses (measured in
+``benchmarks/analytics.py``: groups found vs the exact scan)."""
+
 
 def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: int = 512,
-                    index: str = "exact") -> list[list[Key]]:
+                    index: str = "exact", nprobe: int | None = None,
+                    progress: bool = False) -> list[list[Key]]:
     """Groups of images connected by ``score > threshold`` (connected components).
 
-    Every image queries the engine for its ``k`` best matches above the threshold; an image
-    with ``k`` of them asks again without a limit (the engine's threshold scan), so no edge is
-    missed with ``index="exact"``. Memory is ``O(n k)`` edges, never an ``n x n`` matrix.
+    ``index="exact"``: every image queries the engine for its ``k`` best matches above the
+    threshold, in batches of ``batch``; an image with ``k`` of them asks again without a limit
+    (the engine's threshold scan), so no edge is missed. ``O(n^2 d)`` work on the engine's
+    kernels, ``O(n k)`` memory, never an ``n x n`` matrix.
+
+    Through an IVF index (``"ivf"``, ``"ivfpq"``): the vectors are bucketed by the index's
+    coarse quantizer, and each cell's members are scored (float32 matrix products, exact
+    scores) against the members of the ``nprobe`` cells nearest its centroid (its own among
+    them): the blocked all-pairs join of an inverted file, ``O(n^2 d nprobe / nlist)`` work.
+    A pair in two cells neither of which probes the other is missed; nothing is invented.
+    Through ``"hnsw"``: the engine's per-image search, as for exact (pairs can be missed).
+
+    Args:
+        threshold: cosine above which two images are near-duplicates.
+        k: matches asked per image before the unlimited re-query (exact / HNSW).
+        batch: images per engine call (exact / HNSW).
+        index: ``"exact"`` or a built ANN index (``lookalike ann build``).
+        nprobe: cells scanned per cell through IVF (default :data:`DEDUP_NPROBE`, at most
+            ``nlist``); the index's own search settings are not touched.
+        progress: a tqdm bar on stderr (images joined, images/s).
 
     Returns:
         Groups of two or more keys, largest first; keys within a group sorted.
+
+    Raises:
+        QueryError: unknown index, or no such index built.
     """
-    keys, x = _live(cat)
-    n = len(keys)
-    uf = _UnionFind(n)
+    from tqdm import tqdm
+
     engine = cat._choose_engine(index)
+    keys, x = _live(cat)
+    uf = _UnionFind(len(keys))
+    ann = getattr(engine, "ann", None)
+    with tqdm(total=len(keys), unit="img", desc="dedup", file=sys.stderr, dynamic_ncols=True,
+              disable=not progress) as bar:
+        if ann is not None and ann.params.kind in ("ivf", "ivfpq"):
+            _cell_join(ann, x, threshold, nprobe or DEDUP_NPROBE, uf, bar)
+        else:
+            _scan_join(cat, engine, x, threshold, k, batch, index, uf, bar)
+    return uf.groups(keys)
+
+
+def _scan_join(cat: Catalog, engine: Any, x: np.ndarray, threshold: float, k: int, batch: int,
+               index: str, uf: _UnionFind, bar: Any) -> None:
+    """Edges from the engine's batched threshold search (see :func:`near_duplicates`)."""
+    n = len(x)
     cache = cat._sync()
     live = np.flatnonzero(cache.alive)
     pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
@@ -226,19 +311,51 @@ def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: i
         if len(matched) == min(k, n):  # saturated: this image's matches, however many
             raw = engine.search(x[i], SearchSpec(k=None, threshold=threshold))[0]
             matched = pos_of_row[raw.rows]
-        for p in matched:
-            if p != i:
-                uf.union(i, int(p))
-    groups: dict[int, list[Key]] = defaultdict(list)
-    for i in range(n):
-        groups[uf.find(i)].append(keys[i])
-    out = [sorted(g) for g in groups.values() if len(g) > 1]
-    out.sort(key=lambda g: (-len(g), g[0]))
-    return out
+        matched = matched[matched != i]
+        uf.union_many(np.full(len(matched), i), matched)
+        bar.update(1)
+
+
+def _cell_join(ann: Any, x: np.ndarray, threshold: float, nprobe: int, uf: _UnionFind,
+               bar: Any, block: int = 1024) -> None:
+    """Edges from the blocked join over the IVF cells of ``ann`` (see :func:`near_duplicates`).
+
+    Memory: one ``(block, members of nprobe cells)`` float32 score block, and that many
+    gathered candidate vectors, at a time."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(ann.index)
+    nlist = int(ivf.nlist)
+    nprobe = max(1, min(nprobe, nlist))
+    quantizer = ivf.quantizer
+    cell = np.empty(len(x), dtype=np.int64)
+    for a in range(0, len(x), 65536):  # coarse assignment, in blocks (faiss copies its input)
+        cell[a : a + 65536] = quantizer.search(x[a : a + 65536], 1)[1][:, 0]
+    order = np.argsort(cell, kind="stable")  # positions grouped by cell
+    bounds = np.searchsorted(cell[order], np.arange(nlist + 1))
+    _, near = quantizer.search(quantizer.reconstruct_n(0, nlist), nprobe)
+    for c in range(nlist):
+        a, b = int(bounds[c]), int(bounds[c + 1])
+        if a == b:
+            continue
+        probe = sorted({int(p) for p in near[c] if p >= 0} | {c})
+        cand = np.concatenate([order[bounds[p] : bounds[p + 1]] for p in probe])
+        y = x[cand]
+        for q0 in range(a, b, block):
+            rows = order[q0 : min(b, q0 + block)]
+            ii, jj = np.nonzero(x[rows] @ y.T > threshold)
+            ii, jj = rows[ii], cand[jj]
+            keep = ii != jj
+            uf.union_many(ii[keep], jj[keep])
+        bar.update(b - a)
 
 
 def exact_duplicates(cat: Catalog) -> list[list[Key]]:
-    """Groups of images whose files have the same SHA-256 (identical bytes)."""
+    """Groups of images whose files have the same SHA-256 (identical bytes).
+
+    Returns:
+        Groups of two or more keys, largest first; keys within a group sorted.
+    """
     by_sha: dict[str, list[Key]] = defaultdict(list)
     for key, sha in cat.store.all_sha256().items():
         by_sha[sha].append(key)

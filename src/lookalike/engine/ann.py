@@ -269,7 +269,9 @@ class AnnEngine(ExactEngine):
     """Search through an :class:`AnnIndex`: candidates from the index, scored exactly.
 
     Filters, thresholds and grouping apply to the candidates; when a filter leaves fewer than
-    ``k`` hits, the candidate count is raised (up to 64x) before giving up.
+    ``k`` hits, the candidate count is raised (up to 64x) before giving up, unless a
+    threshold already cut the candidates (the lowest scores at or below it: more candidates,
+    which come further away, cannot pass it).
     """
 
     name = "ann"
@@ -324,7 +326,12 @@ class AnnEngine(ExactEngine):
                     else self._images(rows, scores, spec)
                 )
                 short = spec.k is not None and len(res.rows) < spec.k
-                if short and fetch < 64 * want and fetch < cache.n_alive:
+                # Candidates come nearest first: once one scores at or below the threshold,
+                # fetching more cannot add a hit above it.
+                exhausted = spec.threshold is not None and bool(
+                    len(scores) and scores.min() <= spec.threshold
+                )
+                if short and not exhausted and fetch < 64 * want and fetch < cache.n_alive:
                     still.append(qi)
                 out[qi] = res
             todo = still
