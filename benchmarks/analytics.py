@@ -1,13 +1,19 @@
-"""Analytics at scale: k-means and near-duplicate grouping time on 100k and 1M vectors.
+"""Analytics at scale: k-means, kNN outliers and near-duplicate groups on 100k and 1M vectors.
 
-Vectors are unit vectors around random centres, with 1% planted near-duplicates (a noisy copy
-of another vector). For each size: spherical k-means (faiss, k = sqrt(n / 2)), kNN outlier
-scores (exact engine, k = 10), and near-duplicate groups at score > 0.95: exactly (the
-engine's batched threshold search, O(n^2) work, O(n k) memory) up to ``--exact-dedup-max``
-vectors, and always through an IVF index (each cell joined with its 16 nearest cells), with
-the share of the exact groups it finds where both ran (``ivf_groups_recall``) and, at every
-size, the share of the planted twin pairs found in one group (``planted_recall_*``; 1% of the
-vectors are planted twins, so about n / 100 groups are expected).
+Vectors are unit vectors around 1,000 random centres, with 1% planted near-duplicates (a noisy
+copy of another vector, cosine about 0.9998). For each size:
+
+* spherical k-means (faiss, k = sqrt(n / 2));
+* kNN outlier scores (k = 10): with the exact engine up to ``--exact-dedup-max`` vectors
+  (O(n^2) work), and always through the IVF cell join (each cell joined with its 16 nearest
+  cells), with the share of images whose IVF score equals the exact one where both ran, and
+  the share of 0.1% planted loners (vectors near no centre) among the top scores
+  (``loners_found_*``);
+* near-duplicate groups at score > 0.95: exactly (the engine's batched threshold search, O(n^2)
+  work, O(n k) memory) up to ``--exact-dedup-max`` vectors, and always through the IVF cell
+  join, with the share of the exact groups it finds where both ran (``ivf_groups_recall``)
+  and, at every size, the share of the planted twin pairs found in one group
+  (``planted_recall_*``; about n / 100 groups are expected).
 
     python benchmarks/analytics.py                       # 100k and 1M, d = 512 and 1280
     python benchmarks/analytics.py --sizes 100000:512 --json
@@ -29,12 +35,13 @@ import numpy as np
 
 import lookalike
 from lookalike import ModelInfo
-from lookalike.analytics import default_k, kmeans, knn_outliers, near_duplicates
+from lookalike.analytics import OutlierReport, default_k, kmeans, knn_outliers, near_duplicates
 
 
-def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, d) float32`` unit vectors around 1,000 random centres, and ``(n / 100, 2)``
-    planted twin pairs ``(copy, original)`` (cosine about 0.9998)."""
+def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n, d) float32`` unit vectors around 1,000 random centres (cosine about 0.5 within a
+    centre), ``(n / 100, 2)`` planted twin pairs ``(copy, original)`` (cosine about 0.9998),
+    and ``n / 1000`` planted loners (positions of vectors near no centre: true outliers)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((1000, d)).astype(np.float32)
     x = np.empty((n, d), dtype=np.float32)
@@ -48,8 +55,17 @@ def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x[dup] = x[src] + 0.02 * rng.standard_normal((len(dup), d), dtype=np.float32) * np.linalg.norm(
         x[src], axis=1, keepdims=True
     ) / np.sqrt(d)
+    others = np.setdiff1d(originals, src)
+    loners = rng.choice(others, max(1, n // 1000), replace=False)
+    x[loners] = rng.standard_normal((len(loners), d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x, np.stack([dup, src], axis=1)
+    return x, np.stack([dup, src], axis=1), np.sort(loners)
+
+
+def loners_found(report: OutlierReport, loners: np.ndarray) -> float:
+    """Share of the planted loners among the ``len(loners)`` highest outlier scores."""
+    top = {int(image_id) for _, image_id, _ in report.top(len(loners))}
+    return len(top & set(loners.tolist())) / len(loners)
 
 
 def planted_recall(groups: list[list[tuple[str, str]]], pairs: np.ndarray) -> float:
@@ -76,7 +92,7 @@ def main() -> None:
     rows = []
     for pair in args.sizes.split(","):
         n, d = (int(v) for v in pair.split(":"))
-        x, pairs = vectors(n, d)
+        x, pairs, loners = vectors(n, d)
         with tempfile.TemporaryDirectory() as tmp:
             cat = lookalike.open_catalog(Path(tmp) / "cat")
             for a in range(0, n, 100_000):
@@ -95,9 +111,9 @@ def main() -> None:
             row["kmeans_s"] = round(time.perf_counter() - t0, 1)
             if n <= args.exact_dedup_max:
                 t0 = time.perf_counter()
-                knn_outliers(cat, k=10)
-                row["knn_outliers_s"] = round(time.perf_counter() - t0, 1)
-            if n <= args.exact_dedup_max:
+                knn_exact = knn_outliers(cat, k=10, save=False)
+                row["knn_exact_s"] = round(time.perf_counter() - t0, 1)
+                row["loners_found_exact"] = round(loners_found(knn_exact, loners), 4)
                 t0 = time.perf_counter()
                 exact = near_duplicates(cat, threshold=0.95)
                 row["dedup_exact_s"] = round(time.perf_counter() - t0, 1)
@@ -111,9 +127,15 @@ def main() -> None:
             row["dedup_ivf_s"] = round(time.perf_counter() - t0, 1)
             row["groups_ivf"] = len(via_ivf)
             row["planted_recall_ivf"] = round(planted_recall(via_ivf, pairs), 4)
+            t0 = time.perf_counter()
+            knn_ivf = knn_outliers(cat, k=10, index="ivf", nprobe=args.nprobe, save=False)
+            row["knn_ivf_s"] = round(time.perf_counter() - t0, 1)
+            row["loners_found_ivf"] = round(loners_found(knn_ivf, loners), 4)
             if n <= args.exact_dedup_max:
                 same = {frozenset(g) for g in exact} & {frozenset(g) for g in via_ivf}
                 row["ivf_groups_recall"] = round(len(same) / max(1, len(exact)), 4)
+                equal = np.abs(knn_ivf.scores - knn_exact.scores) < 1e-5
+                row["knn_ivf_exact_share"] = round(float(np.mean(equal)), 4)
             cat.close()
         row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
         rows.append(row)
@@ -127,7 +149,11 @@ def main() -> None:
         "d",
         "k",
         "kmeans_s",
-        "knn_outliers_s",
+        "knn_exact_s",
+        "knn_ivf_s",
+        "knn_ivf_exact_share",
+        "loners_found_exact",
+        "loners_found_ivf",
         "dedup_exact_s",
         "groups_exact",
         "planted_recall_exact",

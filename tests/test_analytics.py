@@ -168,6 +168,17 @@ def test_analyze_and_dedup_cli_outputs(cnn_catalog_copy, tmp_path):
     assert (tmp_path / "d.csv").read_text().count("\n") == 85
     assert "map of 84 images" in run("analyze", "map", "--png", str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 20_000
+    exact = json.loads(run("analyze", "outliers", "--top", "5", "-f", "json"))
+    scores = [o["score"] for o in exact["outliers"]]
+    assert exact["method"] == "knn-10" and len(scores) == 5 and scores == sorted(scores)[::-1]
+    run("ann", "build", "--kind", "ivf")
+    via_ivf = json.loads(run("analyze", "outliers", "--top", "5", "--index", "ivf", "--nprobe",
+                             "1", "-f", "json"))
+    assert via_ivf["method"] == "knn-10-ivf"
+    assert [o["image_id"] for o in via_ivf["outliers"]] == [
+        o["image_id"] for o in exact["outliers"]]  # the listed top is certified exact
+    ivf_groups = json.loads(run("dedup", "--threshold", "0.7", "--index", "ivf", "-f", "json"))
+    assert ivf_groups["groups"] == groups
 
 
 # ------------------------------------------------------------------ references
@@ -197,6 +208,38 @@ def test_knn_outliers_match_a_brute_force_reference(vec_cat):
     expected = 1.0 - top.mean(axis=1)
     order = [int(k[1]) for k in report.keys]
     np.testing.assert_allclose(report.scores, expected[order], atol=1e-5)
+
+
+def test_knn_outliers_through_an_ivf_index(tmp_path):
+    """Every cell joined with every cell gives the brute-force scores. With few cells probed,
+    scores are upper bounds of the exact ones, and the top ones are certified exact: the same
+    images and scores as brute force, the planted loners first."""
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((30, 32)).astype(np.float32) * 3
+    x = centres[rng.integers(0, 30, 4000)] + rng.standard_normal((4000, 32)).astype(np.float32)
+    x[-20:] = 3 * rng.standard_normal((20, 32)).astype(np.float32)  # loners, far from all
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    brute = 1.0 - (-np.sort(-sims, axis=1)[:, :10]).mean(axis=1)
+    with lookalike.open_catalog(tmp_path / "ivf") as cat:
+        cat.add_vectors([f"L{i}" for i in range(len(x))], [str(i) for i in range(len(x))], x,
+                        model=ModelInfo("test", "1", 32))
+        cat.build_index("ivf")
+        every = knn_outliers(cat, k=10, index="ivf", nprobe=10**6, save=False)
+        few = knn_outliers(cat, k=10, index="ivf", nprobe=2, top=50)
+        stored = cat.store.analysis()
+    order = [int(k[1]) for k in every.keys]
+    np.testing.assert_allclose(every.scores, brute[order], atol=1e-5)
+    assert np.all(few.scores >= brute[order] - 1e-5)  # bounds: a missed neighbour, further
+    assert np.mean(np.abs(few.scores - brute[order]) > 1e-4) > 0.05  # 2 cells do miss some
+    want = np.argsort(-brute, kind="stable")[:50]
+    got = [int(iid) for _, iid, _ in few.top(50)]
+    assert set(got) == set(want.tolist())  # the certified top 50 are brute force's
+    np.testing.assert_allclose([s for _, _, s in few.top(50)], brute[got], atol=1e-5)
+    assert set(got[:20]) == set(range(3980, 4000))  # the loners first
+    assert few.method == "knn-10-ivf"
+    assert stored[few.keys[0]]["outlier_score"] == pytest.approx(float(few.scores[0]))
 
 
 def test_isolation_forest_matches_scikit_learn(vec_cat):

@@ -1096,15 +1096,29 @@ def analyze_outliers(
         str, typer.Option(help="knn (1 - mean cosine to the k nearest) or isolation-forest.")
     ] = "knn",
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the knn score.")] = 10,
+    index: Annotated[
+        str,
+        typer.Option(help="knn neighbours from: exact (default: every pair, O(n^2)) or a built "
+                     "ANN index (ivf: a blocked cell join, far faster on millions; the --top "
+                     "listed are still exact)."),
+    ] = "exact",
+    nprobe: Annotated[
+        int | None,
+        typer.Option(help="With --index ivf/ivfpq: neighbouring cells each IVF cell is joined "
+                     "with (default 16)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
-    """Score every image by how unusual it is; the score is stored per image."""
+    """Score every image by how unusual it is; the score is stored per image (the web page's
+    Explore view rings the most unusual). knn: 1 - mean cosine to the k nearest images."""
     from .analytics import isolation_outliers, knn_outliers
 
     try:
         with _open(catalog) as cat:
             if method == "knn":
-                report = knn_outliers(cat, k=k)
+                report = knn_outliers(cat, k=k, index=index, nprobe=nprobe, top=top,
+                                      progress=progress)
             elif method == "isolation-forest":
                 report = isolation_outliers(cat)
             else:

@@ -42,19 +42,73 @@ def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:
 
 
 def _neighbours(cat: Catalog, index: str, k: int, batch: int = 256,
-                threshold: float | None = None):
-    """For every live image: ``(its position, positions of its <= k best matches, scores)``
-    (itself included; only matches above ``threshold`` if given), from the catalog's engine."""
+                threshold: float | None = None, positions: np.ndarray | None = None):
+    """For every live image (or those at ``positions``, indices into the live rows):
+    ``(its position, positions of its <= k best matches, scores)`` (itself included; only
+    matches above ``threshold`` if given), from the catalog's engine, ``batch`` at a time."""
     cache = cat._sync()
     engine = cat._choose_engine(index)
     live = np.flatnonzero(cache.alive)
     pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
     pos_of_row[live] = np.arange(len(live))
-    for a in range(0, len(live), batch):
-        block = np.ascontiguousarray(cache.vectors[live[a : a + batch]])
-        spec = SearchSpec(k=min(k, len(live)), threshold=threshold)
+    todo = np.arange(len(live)) if positions is None else np.asarray(positions, np.int64)
+    spec = SearchSpec(k=min(k, len(live)), threshold=threshold)
+    for a in range(0, len(todo), batch):
+        pos = todo[a : a + batch]
+        block = np.ascontiguousarray(cache.vectors[live[pos]])
         for j, raw in enumerate(engine.search(block, spec)):
-            yield a + j, pos_of_row[raw.rows], raw.scores
+            yield int(pos[j]), pos_of_row[raw.rows], raw.scores
+
+
+DEDUP_NPROBE = 16
+"""Neighbouring IVF cells joined with each cell by :func:`near_duplicates` and
+:func:`knn_outliers` through an IVF index. A near neighbour (a near-duplicate, or one of an
+image's k nearest) almost always falls in the image's own cell or one of the nearest few, so
+these joins need far fewer than the ``nlist / 8`` that top-k search uses (measured in
+``benchmarks/analytics.py``: groups found vs the exact scan)."""
+
+
+def _ivf_kind(engine: Any) -> bool:
+    ann = getattr(engine, "ann", None)
+    return ann is not None and ann.params.kind in ("ivf", "ivfpq")
+
+
+def _cell_blocks(ann: Any, x: np.ndarray, nprobe: int | None, block: int = 1024):
+    """The blocked all-pairs join of an inverted file, one cell at a time.
+
+    The ``(n, d) float32`` vectors ``x`` are bucketed by the coarse quantizer of the IVF index
+    in ``ann``; each cell's members are scored against the members of the ``nprobe`` cells
+    nearest its centroid (its own among them) with float32 matrix products: exact scores,
+    ``O(n^2 d nprobe / nlist)`` work. A pair whose cells do not probe each other is not scored.
+
+    Yields:
+        ``(rows (m,) int64, cand (c,) int64, scores (m, c) float32, cell_done)``: positions in
+        ``x`` of up to ``block`` members of one cell, of its candidates (the members
+        themselves included), their scores, and whether this block ends the cell. Memory: one
+        score block and ``c`` gathered vectors at a time.
+    """
+    import faiss
+
+    ivf = faiss.extract_index_ivf(ann.index)
+    nlist = int(ivf.nlist)
+    nprobe = max(1, min(nprobe or DEDUP_NPROBE, nlist))
+    quantizer = ivf.quantizer
+    cell = np.empty(len(x), dtype=np.int64)
+    for a in range(0, len(x), 65536):  # coarse assignment, in blocks (faiss copies its input)
+        cell[a : a + 65536] = quantizer.search(x[a : a + 65536], 1)[1][:, 0]
+    order = np.argsort(cell, kind="stable")  # positions grouped by cell
+    bounds = np.searchsorted(cell[order], np.arange(nlist + 1))
+    _, near = quantizer.search(quantizer.reconstruct_n(0, nlist), nprobe)
+    for c in range(nlist):
+        a, b = int(bounds[c]), int(bounds[c + 1])
+        if a == b:
+            continue
+        probe = sorted({int(p) for p in near[c] if p >= 0} | {c})
+        cand = np.concatenate([order[bounds[p] : bounds[p + 1]] for p in probe])
+        y = x[cand]
+        for q0 in range(a, b, block):
+            rows = order[q0 : min(b, q0 + block)]
+            yield rows, cand, x[rows] @ y.T, q0 + block >= b
 
 
 # ------------------------------------------------------------------------------------ k-means
@@ -155,23 +209,92 @@ class OutlierReport:
         return [(self.keys[i][0], self.keys[i][1], float(self.scores[i])) for i in order]
 
 
-def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256) -> OutlierReport:
+def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
+                 index: str = "exact", nprobe: int | None = None, top: int = 100,
+                 progress: bool = False) -> OutlierReport:
     """k-NN distance score: ``1 - mean cosine`` to the ``k`` nearest other images.
 
     An image far from all others scores high (Ramaswamy, Rastogi & Shim, SIGMOD 2000, use the
-    k-th neighbour; the mean over k is steadier). Neighbours come from the catalog's exact
-    engine in batches, so memory stays ``O(n k)``.
+    k-th neighbour; the mean over k is steadier).
+
+    With ``index="exact"`` every image's neighbours come from the catalog's exact engine, in
+    batches of ``batch`` (``O(n^2 d)`` work, ``O(n k)`` memory). Through a built IVF index
+    (``"ivf"``, ``"ivfpq"``) the neighbours come from the blocked cell join
+    (:func:`_cell_blocks`, ``nprobe`` cells, default :data:`DEDUP_NPROBE`), a fraction of the
+    work. A neighbour outside the probed cells is missed, so such a score is an *upper bound*
+    of the exact one; the images with the highest bounds are then re-scored with the exact
+    engine, doubling their number until the ``top``-th best exact score is at least every bound
+    left (no other image can beat it). So the ``top`` outliers and their scores are exactly
+    the exact path's; the rest are bounds (measured in ``benchmarks/analytics.py``).
+
+    Args:
+        k: neighbours averaged.
+        index: ``"exact"``, ``"ivf"``, ``"ivfpq"`` (see above) or ``"hnsw"`` (the engine's
+            graph search, approximate).
+        top: through IVF, how many of the highest scores are made exact.
+        progress: a tqdm bar on stderr.
+
+    Returns:
+        Scores in ``[0, 2]``, ``(n,) float32`` in the order of ``keys``; stored per image
+        (``outlier_score``) when ``save``.
+
+    Raises:
+        LookalikeError: fewer than 2 vectors.
+        QueryError: unknown index, or no such index built.
     """
-    keys, _ = _live(cat)
-    if len(keys) < 2:
+    from tqdm import tqdm
+
+    engine = cat._choose_engine(index)
+    keys, x = _live(cat)
+    n = len(keys)
+    if n < 2:
         raise LookalikeError("outlier scores need at least 2 vectors")
-    scores = np.empty(len(keys), dtype=np.float32)
-    for i, pos, sims in _neighbours(cat, "exact", k + 1, batch):
-        others = sims[pos != i][:k]
-        scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
+    scores = np.empty(n, dtype=np.float32)
+
+    def exact(positions: np.ndarray | None, bar: Any) -> None:
+        for i, pos, sims in _neighbours(cat, "exact", k + 1, batch, positions=positions):
+            others = sims[pos != i][:k]
+            scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
+            bar.update(1)
+
+    with tqdm(total=n, unit="img", desc="outliers", file=sys.stderr, dynamic_ncols=True,
+              disable=not progress) as bar:
+        if not _ivf_kind(engine):
+            if index == "exact":
+                exact(None, bar)
+            else:  # HNSW: the engine's approximate neighbours
+                for i, pos, sims in _neighbours(cat, index, k + 1, batch):
+                    others = sims[pos != i][:k]
+                    scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
+                    bar.update(1)
+        else:
+            for rows, cand, sims, _ in _cell_blocks(engine.ann, x, nprobe):
+                sims[rows[:, None] == cand[None, :]] = -np.inf  # not its own neighbour
+                kk = min(k, len(cand) - 1)
+                total = np.zeros(len(rows), dtype=np.float32)
+                if kk >= 1:
+                    total = (-np.partition(-sims, kk - 1, axis=1)[:, :kk]).sum(axis=1)
+                # fewer than k candidates: the missing neighbours count as cosine -1, so the
+                # score stays an upper bound of the exact one
+                scores[rows] = 1.0 - (total - (k - kk)) / k
+                bar.update(len(rows))
+            bound = scores.copy()
+            order = np.argsort(-bound, kind="stable")
+            done = np.zeros(n, dtype=bool)
+            want = min(max(1, top), n)
+            m = min(n, max(2 * want, 64))
+            while True:  # certify the top: re-score the highest bounds exactly
+                fresh = order[:m][~done[order[:m]]]
+                bar.total += len(fresh)
+                exact(fresh, bar)
+                done[fresh] = True
+                kth = np.partition(scores[order[:m]], m - want)[m - want]
+                if m == n or kth >= bound[order[m]] + 1e-5:  # margin: float32 rounding
+                    break
+                m = min(n, 2 * m)
     if save:
         cat.store.save_analysis(keys, {"outlier_score": scores})
-    return OutlierReport(keys, scores, f"knn-{k}")
+    return OutlierReport(keys, scores, f"knn-{k}" + ("" if index == "exact" else f"-{index}"))
 
 
 def isolation_outliers(cat: Catalog, seed: int = 0, save: bool = True) -> OutlierReport:
@@ -245,13 +368,6 @@ class _UnionFind:
         return out
 
 
-DEDUP_NPROBE = 16
-"""Neighbouring IVF cells scanned per cell by :func:`near_duplicates` through an IVF index.
-A near-duplicate (cosine > ~0.9) almost always falls in its twin's cell or one of the nearest
-few, so dedup needs far fewer than the ``nlist / 8`` that top-k search uses (measured in
-``benchmarks/analytics.py``: groups found vs the exact scan)."""
-
-
 def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: int = 512,
                     index: str = "exact", nprobe: int | None = None,
                     progress: bool = False) -> list[list[Key]]:
@@ -292,8 +408,8 @@ def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: i
     ann = getattr(engine, "ann", None)
     with tqdm(total=len(keys), unit="img", desc="dedup", file=sys.stderr, dynamic_ncols=True,
               disable=not progress) as bar:
-        if ann is not None and ann.params.kind in ("ivf", "ivfpq"):
-            _cell_join(ann, x, threshold, nprobe or DEDUP_NPROBE, uf, bar)
+        if _ivf_kind(engine):
+            _cell_join(ann, x, threshold, nprobe, uf, bar)
         else:
             _scan_join(cat, engine, x, threshold, k, batch, index, uf, bar)
     return uf.groups(keys)
@@ -316,38 +432,15 @@ def _scan_join(cat: Catalog, engine: Any, x: np.ndarray, threshold: float, k: in
         bar.update(1)
 
 
-def _cell_join(ann: Any, x: np.ndarray, threshold: float, nprobe: int, uf: _UnionFind,
-               bar: Any, block: int = 1024) -> None:
-    """Edges from the blocked join over the IVF cells of ``ann`` (see :func:`near_duplicates`).
-
-    Memory: one ``(block, members of nprobe cells)`` float32 score block, and that many
-    gathered candidate vectors, at a time."""
-    import faiss
-
-    ivf = faiss.extract_index_ivf(ann.index)
-    nlist = int(ivf.nlist)
-    nprobe = max(1, min(nprobe, nlist))
-    quantizer = ivf.quantizer
-    cell = np.empty(len(x), dtype=np.int64)
-    for a in range(0, len(x), 65536):  # coarse assignment, in blocks (faiss copies its input)
-        cell[a : a + 65536] = quantizer.search(x[a : a + 65536], 1)[1][:, 0]
-    order = np.argsort(cell, kind="stable")  # positions grouped by cell
-    bounds = np.searchsorted(cell[order], np.arange(nlist + 1))
-    _, near = quantizer.search(quantizer.reconstruct_n(0, nlist), nprobe)
-    for c in range(nlist):
-        a, b = int(bounds[c]), int(bounds[c + 1])
-        if a == b:
-            continue
-        probe = sorted({int(p) for p in near[c] if p >= 0} | {c})
-        cand = np.concatenate([order[bounds[p] : bounds[p + 1]] for p in probe])
-        y = x[cand]
-        for q0 in range(a, b, block):
-            rows = order[q0 : min(b, q0 + block)]
-            ii, jj = np.nonzero(x[rows] @ y.T > threshold)
-            ii, jj = rows[ii], cand[jj]
-            keep = ii != jj
-            uf.union_many(ii[keep], jj[keep])
-        bar.update(b - a)
+def _cell_join(ann: Any, x: np.ndarray, threshold: float, nprobe: int | None, uf: _UnionFind,
+               bar: Any) -> None:
+    """Edges from the blocked join over the IVF cells of ``ann`` (:func:`_cell_blocks`)."""
+    for rows, cand, scores, _ in _cell_blocks(ann, x, nprobe):
+        ii, jj = np.nonzero(scores > threshold)
+        ii, jj = rows[ii], cand[jj]
+        keep = ii != jj
+        uf.union_many(ii[keep], jj[keep])
+        bar.update(len(rows))
 
 
 def exact_duplicates(cat: Catalog) -> list[list[Key]]:
