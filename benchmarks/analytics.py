@@ -15,6 +15,9 @@ copy of another vector, cosine about 0.9998). For each size:
   and, at every size, the share of the planted twin pairs found in one group
   (``planted_recall_*``; about n / 100 groups are expected).
 
+Above ``--exact-dedup-max`` the exact peers are timed on a 1% sample of the images as queries
+and scaled by 100 (``*_exact_est_s``: their work is linear in the number of queries).
+
     python benchmarks/analytics.py                       # 100k and 1M, d = 512 and 1280
     python benchmarks/analytics.py --sizes 100000:512 --json
 
@@ -35,7 +38,14 @@ import numpy as np
 
 import lookalike
 from lookalike import ModelInfo
-from lookalike.analytics import OutlierReport, default_k, kmeans, knn_outliers, near_duplicates
+from lookalike.analytics import (
+    OutlierReport,
+    _neighbours,
+    default_k,
+    kmeans,
+    knn_outliers,
+    near_duplicates,
+)
 
 
 def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,6 +129,13 @@ def main() -> None:
                 row["dedup_exact_s"] = round(time.perf_counter() - t0, 1)
                 row["groups_exact"] = len(exact)
                 row["planted_recall_exact"] = round(planted_recall(exact, pairs), 4)
+            if n > args.exact_dedup_max:  # the exact peers on a 1% sample of queries, scaled
+                sample = np.random.default_rng(1).choice(n, n // 100, replace=False)
+                for name, k, threshold in (("knn", 11, None), ("dedup", 32, 0.95)):
+                    t0 = time.perf_counter()
+                    for _ in _neighbours(cat, "exact", k, 512, threshold, positions=sample):
+                        pass
+                    row[f"{name}_exact_est_s"] = round((time.perf_counter() - t0) * 100)
             t0 = time.perf_counter()
             cat.build_index("ivf")
             row["ivf_build_s"] = round(time.perf_counter() - t0, 1)
@@ -150,11 +167,13 @@ def main() -> None:
         "k",
         "kmeans_s",
         "knn_exact_s",
+        "knn_exact_est_s",
         "knn_ivf_s",
         "knn_ivf_exact_share",
         "loners_found_exact",
         "loners_found_ivf",
         "dedup_exact_s",
+        "dedup_exact_est_s",
         "groups_exact",
         "planted_recall_exact",
         "ivf_build_s",

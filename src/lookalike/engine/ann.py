@@ -46,8 +46,10 @@ from .cache import VectorCache
 from .exact import ExactEngine, RawHits, SearchSpec, check_queries
 
 ANN_KINDS: tuple[str, ...] = ("ivf", "ivfpq", "hnsw")
-#: Rows sampled to train IVF / PQ.
+#: Rows sampled to train IVF / PQ: at least this many, and at least ``TRAIN_PER_CELL`` per
+#: IVF cell (faiss warns below 39 points per centroid: ``faiss/Clustering.cpp``).
 TRAIN_SAMPLE = 100_000
+TRAIN_PER_CELL = 40
 
 
 @dataclass
@@ -134,7 +136,8 @@ class AnnIndex:
             if p.kind == "ivfpq":
                 base.do_polysemous_training = False  # only for polysemous search, unused
             rng = np.random.default_rng(0)
-            sample = live if len(live) <= TRAIN_SAMPLE else rng.choice(live, TRAIN_SAMPLE, False)
+            want = max(TRAIN_SAMPLE, TRAIN_PER_CELL * p.nlist)
+            sample = live if len(live) <= want else rng.choice(live, want, False)
             base.train(np.ascontiguousarray(cache.vectors[np.sort(sample)]))
         ann = cls(params=p, dim=cache.dim, index=faiss.IndexIDMap2(base))
         ann._reset_to(cache)
