@@ -214,3 +214,22 @@ def test_two_streams_share_one_dead_letter_subject(nats_server, demo_dir, tmp_pa
         ingest = consume(tmp_path / name, nats_server.url, idle_exit=1.5, stream=name,
                          subject=f"{name.lower()}.>", durable=name)
         assert ingest.counts.added == 1
+
+
+def test_the_stream_stores_predictions_once_a_classifier_is_attached(nats_server, demo_dir,
+                                                                      cnn_catalog_copy):
+    """Recognition in the write path: a catalog with a trained classifier labels every image
+    that arrives through the broker (the held-out query photos, which it has never seen)."""
+    from lookalike.recognize import labels_from, train
+
+    with lookalike.open_catalog(cnn_catalog_copy) as cat:
+        train(cat, labels_from(cat, "listing"))
+    assert publish_images(nats_server.url, "images.in", [demo_dir / "queries"]) == 28
+    ingest = consume(cnn_catalog_copy, nats_server.url)
+    assert ingest.counts.added == 28
+    with lookalike.open_catalog(cnn_catalog_copy) as cat:
+        records = [cat.store.get(key) for key in cat._sync().keys if "/q-" in key[1]]
+    assert len(records) == 28
+    right = [r.labels["predicted"] == r.listing_id for r in records]
+    assert all(0 < r.labels["probability"] <= 1 for r in records)
+    assert sum(right) >= 25  # chance is 2 of 28
