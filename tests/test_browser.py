@@ -81,11 +81,23 @@ def test_upload_search_explore_in_a_real_browser(server_url, page, demo_dir):
     page.wait_for_function("document.querySelector('#results .hit')?.dataset.listing !== 'coffee'")
     listings = page.eval_on_selector_all("#results .hit", "els => els.map(e => e.dataset.listing)")
     assert "coffee" not in listings and "moon" not in listings
+    # clicking a result searches by that stored image, even while the re-search that
+    # unchecking starts (an upload, through the model) is still in flight: the later answer
+    # to the older search must not replace the click's
+    page.evaluate(  # answers to uploads arrive 1 s late, so the race is certain
+        "(() => { const f = window.fetch; window.fetch = async (p, init) => {"
+        " const r = await f(p, init);"
+        " if (init && init.body instanceof FormData) await new Promise(ok => setTimeout(ok, 1000));"
+        " return r; }; })()"
+    )
     page.uncheck("#opt-stock")
-
-    # clicking a result searches by that stored image
-    page.locator("#results .hit").nth(1).click()
-    page.wait_for_selector("#status:has-text(' for ')")
+    card = page.locator("#results .hit").nth(1)
+    clicked = card.get_attribute("title").removeprefix("search by ")
+    card.click()
+    page.wait_for_selector(f"#status:has-text(' for {clicked}')")
+    page.wait_for_timeout(1500)  # the late upload answer has arrived by now
+    assert page.inner_text("#status").endswith(f" for {clicked}")
+    assert page.locator("#results .hit").first.get_attribute("title") == f"search by {clicked}"
 
     # the Explore view draws the map of the collection
     page.click("#tab-explore")

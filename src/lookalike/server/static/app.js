@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {kind: "file", file} or {kind: "id", image_id, listing_id}
+let searchSeq = 0; // the latest search; an answer to an older one arriving later is dropped
 
 function options() {
   const o = { k: Number($("opt-k").value) || 12 };
@@ -22,6 +23,7 @@ async function api(path, init) {
 
 async function runSearch(query) {
   lastQuery = query;
+  const seq = ++searchSeq;
   const opts = options();
   $("status").textContent = "searching...";
   const t0 = performance.now();
@@ -36,11 +38,13 @@ async function runSearch(query) {
       body = await api("/search", { method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ image_id: query.image_id, listing_id: query.listing_id, ...opts }) });
     }
+    if (seq !== searchSeq) return; // superseded while in flight (e.g. a click during a re-search)
     const ms = Math.round(performance.now() - t0);
     $("status").textContent = `${body.hits.length} hits in ${ms} ms` +
       (query.kind === "id" ? ` for ${query.image_id}` : "");
     render(body.hits);
   } catch (err) {
+    if (seq !== searchSeq) return;
     $("status").textContent = "error: " + err.message;
     render([]);
   }
