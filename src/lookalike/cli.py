@@ -84,6 +84,26 @@ FormatOpt = Annotated[
 ]
 
 
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar (stderr).")]
+CellsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--nprobe",
+        help="With --index ivf/ivfpq: neighbouring cells each IVF cell is joined with (default "
+        "16; more finds more pairs, slower).",
+    ),
+]
+
+
+def _join_index_opt(what: str) -> Any:
+    """``--index`` of the all-pairs analytics (dedup, kNN outliers)."""
+    return typer.Option(
+        "--index",
+        help=f"exact (default: every pair, O(n^2)) or a built IVF index (`lookalike ann build "
+        f"--kind ivf`): a blocked cell join, far faster on millions of images; {what}.",
+    )
+
+
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
     return typer.Exit(EXIT_ERROR)
@@ -151,7 +171,7 @@ def index(
     failed_csv: Annotated[
         Path | None, typer.Option(help="Write failed files as CSV (location,reason).")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
+    progress: ProgressOpt = True,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Extract feature vectors from images and store them in the catalog.
@@ -1096,18 +1116,9 @@ def analyze_outliers(
         str, typer.Option(help="knn (1 - mean cosine to the k nearest) or isolation-forest.")
     ] = "knn",
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours of the knn score.")] = 10,
-    index: Annotated[
-        str,
-        typer.Option(help="knn neighbours from: exact (default: every pair, O(n^2)) or a built "
-                     "ANN index (ivf: a blocked cell join, far faster on millions; the --top "
-                     "listed are still exact)."),
-    ] = "exact",
-    nprobe: Annotated[
-        int | None,
-        typer.Option(help="With --index ivf/ivfpq: neighbouring cells each IVF cell is joined "
-                     "with (default 16)."),
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
+    index: Annotated[str, _join_index_opt("the --top listed stay exact")] = "exact",
+    nprobe: CellsOpt = None,
+    progress: ProgressOpt = True,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Score every image by how unusual it is; the score is stored per image (the web page's
@@ -1177,17 +1188,9 @@ def dedup(
         float, typer.Option(help="Near-duplicates: images with score (cosine) > THRESHOLD.")
     ] = 0.95,
     exact: Annotated[bool, typer.Option(help="Identical files (SHA-256) instead.")] = False,
-    index: Annotated[
-        str,
-        typer.Option(help="exact (default: every pair, O(n^2)) or a built ANN index (faster "
-                     "on millions of images; may miss a few pairs)."),
-    ] = "exact",
-    nprobe: Annotated[
-        int | None,
-        typer.Option(help="With --index ivf/ivfpq: neighbouring cells each IVF cell is joined "
-                     "with (default 16; more finds more pairs, slower)."),
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (stderr).")] = True,
+    index: Annotated[str, _join_index_opt("it may miss a pair, never invent one")] = "exact",
+    nprobe: CellsOpt = None,
+    progress: ProgressOpt = True,
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write group,listing_id,image_id rows here.")
     ] = None,
