@@ -60,7 +60,7 @@ def _neighbours(cat: Catalog, index: str, k: int, batch: int = 256,
             yield int(pos[j]), pos_of_row[raw.rows], raw.scores
 
 
-DEDUP_NPROBE = 16
+JOIN_NPROBE = 16
 """Neighbouring IVF cells joined with each cell by :func:`near_duplicates` and
 :func:`knn_outliers` through an IVF index. A near neighbour (a near-duplicate, or one of an
 image's k nearest) almost always falls in the image's own cell or one of the nearest few, so
@@ -82,16 +82,16 @@ def _cell_blocks(ann: Any, x: np.ndarray, nprobe: int | None, block: int = 1024)
     ``O(n^2 d nprobe / nlist)`` work. A pair whose cells do not probe each other is not scored.
 
     Yields:
-        ``(rows (m,) int64, cand (c,) int64, scores (m, c) float32, cell_done)``: positions in
-        ``x`` of up to ``block`` members of one cell, of its candidates (the members
-        themselves included), their scores, and whether this block ends the cell. Memory: one
-        score block and ``c`` gathered vectors at a time.
+        ``(rows (m,) int64, cand (c,) int64, scores (m, c) float32)``: positions in ``x`` of
+        up to ``block`` members of one cell, of its candidates (the members themselves
+        included), and their scores. Memory: one score block and ``c`` gathered vectors at a
+        time.
     """
     import faiss
 
     ivf = faiss.extract_index_ivf(ann.index)
     nlist = int(ivf.nlist)
-    nprobe = max(1, min(nprobe or DEDUP_NPROBE, nlist))
+    nprobe = max(1, min(nprobe or JOIN_NPROBE, nlist))
     quantizer = ivf.quantizer
     cell = np.empty(len(x), dtype=np.int64)
     for a in range(0, len(x), 65536):  # coarse assignment, in blocks (faiss copies its input)
@@ -108,7 +108,7 @@ def _cell_blocks(ann: Any, x: np.ndarray, nprobe: int | None, block: int = 1024)
         y = x[cand]
         for q0 in range(a, b, block):
             rows = order[q0 : min(b, q0 + block)]
-            yield rows, cand, x[rows] @ y.T, q0 + block >= b
+            yield rows, cand, x[rows] @ y.T
 
 
 # ------------------------------------------------------------------------------------ k-means
@@ -220,7 +220,7 @@ def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
     With ``index="exact"`` every image's neighbours come from the catalog's exact engine, in
     batches of ``batch`` (``O(n^2 d)`` work, ``O(n k)`` memory). Through a built IVF index
     (``"ivf"``, ``"ivfpq"``) the neighbours come from the blocked cell join
-    (:func:`_cell_blocks`, ``nprobe`` cells, default :data:`DEDUP_NPROBE`), a fraction of the
+    (:func:`_cell_blocks`, ``nprobe`` cells, default :data:`JOIN_NPROBE`), a fraction of the
     work. A neighbour outside the probed cells is missed, so such a score is an *upper bound*
     of the exact one; the images with the highest bounds are then re-scored with the exact
     engine, doubling their number until the ``top``-th best exact score is at least every bound
@@ -251,24 +251,19 @@ def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
         raise LookalikeError("outlier scores need at least 2 vectors")
     scores = np.empty(n, dtype=np.float32)
 
-    def exact(positions: np.ndarray | None, bar: Any) -> None:
-        for i, pos, sims in _neighbours(cat, "exact", k + 1, batch, positions=positions):
+    def by_search(using: str, positions: np.ndarray | None, bar: Any) -> None:
+        """Scores of the images at ``positions`` (all if None) from engine ``using``."""
+        for i, pos, sims in _neighbours(cat, using, k + 1, batch, positions=positions):
             others = sims[pos != i][:k]
             scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
             bar.update(1)
 
     with tqdm(total=n, unit="img", desc="outliers", file=sys.stderr, dynamic_ncols=True,
               disable=not progress) as bar:
-        if not _ivf_kind(engine):
-            if index == "exact":
-                exact(None, bar)
-            else:  # HNSW: the engine's approximate neighbours
-                for i, pos, sims in _neighbours(cat, index, k + 1, batch):
-                    others = sims[pos != i][:k]
-                    scores[i] = 1.0 - float(np.mean(others)) if len(others) else 1.0
-                    bar.update(1)
+        if not _ivf_kind(engine):  # exact, or HNSW's approximate neighbours
+            by_search(index, None, bar)
         else:
-            for rows, cand, sims, _ in _cell_blocks(engine.ann, x, nprobe):
+            for rows, cand, sims in _cell_blocks(engine.ann, x, nprobe):
                 sims[rows[:, None] == cand[None, :]] = -np.inf  # not its own neighbour
                 kk = min(k, len(cand) - 1)
                 total = np.zeros(len(rows), dtype=np.float32)
@@ -286,7 +281,7 @@ def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
             while True:  # certify the top: re-score the highest bounds exactly
                 fresh = order[:m][~done[order[:m]]]
                 bar.total += len(fresh)
-                exact(fresh, bar)
+                by_search("exact", fresh, bar)
                 done[fresh] = True
                 kth = np.partition(scores[order[:m]], m - want)[m - want]
                 if m == n or kth >= bound[order[m]] + 1e-5:  # margin: float32 rounding
@@ -390,7 +385,7 @@ def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: i
         k: matches asked per image before the unlimited re-query (exact / HNSW).
         batch: images per engine call (exact / HNSW).
         index: ``"exact"`` or a built ANN index (``lookalike ann build``).
-        nprobe: cells scanned per cell through IVF (default :data:`DEDUP_NPROBE`, at most
+        nprobe: cells scanned per cell through IVF (default :data:`JOIN_NPROBE`, at most
             ``nlist``); the index's own search settings are not touched.
         progress: a tqdm bar on stderr (images joined, images/s).
 
@@ -405,11 +400,10 @@ def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: i
     engine = cat._choose_engine(index)
     keys, x = _live(cat)
     uf = _UnionFind(len(keys))
-    ann = getattr(engine, "ann", None)
     with tqdm(total=len(keys), unit="img", desc="dedup", file=sys.stderr, dynamic_ncols=True,
               disable=not progress) as bar:
         if _ivf_kind(engine):
-            _cell_join(ann, x, threshold, nprobe, uf, bar)
+            _cell_join(engine.ann, x, threshold, nprobe, uf, bar)
         else:
             _scan_join(cat, engine, x, threshold, k, batch, index, uf, bar)
     return uf.groups(keys)
@@ -435,7 +429,7 @@ def _scan_join(cat: Catalog, engine: Any, x: np.ndarray, threshold: float, k: in
 def _cell_join(ann: Any, x: np.ndarray, threshold: float, nprobe: int | None, uf: _UnionFind,
                bar: Any) -> None:
     """Edges from the blocked join over the IVF cells of ``ann`` (:func:`_cell_blocks`)."""
-    for rows, cand, scores, _ in _cell_blocks(ann, x, nprobe):
+    for rows, cand, scores in _cell_blocks(ann, x, nprobe):
         ii, jj = np.nonzero(scores > threshold)
         ii, jj = rows[ii], cand[jj]
         keep = ii != jj
