@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 import lookalike
-from lookalike import ModelInfo
 from lookalike.analytics import (
     OutlierReport,
     _neighbours,
@@ -46,6 +45,7 @@ from lookalike.analytics import (
     knn_outliers,
     near_duplicates,
 )
+from lookalike.types import ModelInfo
 
 
 def vectors(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

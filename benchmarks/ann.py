@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 import lookalike
-from lookalike import ModelInfo
 from lookalike.catalog import ANN_AUTO_BYTES
+from lookalike.types import ModelInfo
 
 
 def clustered(rng: np.random.Generator, n: int, d: int, centres: np.ndarray) -> np.ndarray:

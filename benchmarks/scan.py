@@ -40,10 +40,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lookalike.engine import SearchSpec, VectorCache
+from lookalike.engine import VectorCache
 from lookalike.engine import _kernels as kernels
 from lookalike.engine.fast import FastEngine
-from lookalike.store import Changes
+from lookalike.types import Changes, SearchSpec
 
 K = 10
 CORES = os.cpu_count() or 1

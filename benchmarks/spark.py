@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 import lookalike
 from lookalike import spark as lsp
 from lookalike.demo import write_demo
-from lookalike.engine import ExactEngine, SearchSpec, VectorCache
-from lookalike.extract import ModelInfo, l2_normalize
+from lookalike.engine import ExactEngine, VectorCache
+from lookalike.extract import l2_normalize
 from lookalike.images import iter_folder
 from lookalike.lake import (
     column_vectors,
@@ -42,7 +42,7 @@ from lookalike.lake import (
     vectors_column,
     write_model_sidecar,
 )
-from lookalike.store import Changes
+from lookalike.types import Changes, ModelInfo, SearchSpec
 
 
 def write_lake(folder: Path, x: np.ndarray, parts: int) -> list[tuple[str, str]]:

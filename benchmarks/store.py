@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.engine import VectorCache
-from lookalike.extract import ModelInfo
-from lookalike.store import FeatureBatch, open_store
+from lookalike.store import open_store
 from lookalike.store.localpg import LocalPostgres
+from lookalike.types import FeatureBatch, ModelInfo
 
 
 def run(location: str, x: np.ndarray, batch: int) -> dict[str, float]:

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 import lookalike
-from lookalike import ModelInfo
 from lookalike.analytics import (
     default_k,
     exact_duplicates,
@@ -25,6 +24,7 @@ from lookalike.analytics import (
 )
 from lookalike.evaluate import query_set
 from lookalike.recognize import labels_from, train
+from lookalike.types import ModelInfo
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 
@@ -273,7 +273,7 @@ def test_dedup_of_200k_vectors_never_builds_an_n_by_n_matrix(tmp_path):
 import json, resource, time
 import numpy as np
 import lookalike
-from lookalike import ModelInfo
+from lookalike.types import ModelInfo
 from lookalike.analytics import near_duplicates
 n, d = 200_000, 8
 rng = np.random.default_rng(1)

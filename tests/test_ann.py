@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import lookalike
-from lookalike import ModelInfo
 from lookalike import catalog as catalog_mod
 from lookalike.errors import QueryError
+from lookalike.types import ModelInfo
 
 D = 32
 MODEL = ModelInfo("external", "1", D)

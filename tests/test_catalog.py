@@ -11,8 +11,8 @@ import pytest
 
 import lookalike
 import oracle
-from lookalike import ModelInfo
 from lookalike.errors import ModelMismatchError, NotFoundError, QueryError
+from lookalike.types import ModelInfo
 
 MODEL = ModelInfo("external", "1", 8)
 
@@ -178,7 +178,7 @@ def test_engine_picks_up_another_process_writes(vec_catalog):
     assert cat.stats()["cache_rows"] == 60
     code = textwrap.dedent(f"""
         import numpy as np, lookalike
-        from lookalike import ModelInfo
+        from lookalike.types import ModelInfo
         cat = lookalike.open_catalog({cat.uri!r})
         cat.add_vectors(["new"], ["new/1.jpg"], np.full((1, 8), 0.5),
                         model=ModelInfo("external", "1", 8))

@@ -8,12 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
-from lookalike.engine import ExactEngine, SearchSpec, VectorCache
+from lookalike.engine import ExactEngine, VectorCache, check_spec
 from lookalike.engine import _kernels as kernels
 from lookalike.engine.fast import FastEngine
 from lookalike.engine.gpu import TorchEngine
 from lookalike.errors import QueryError
-from lookalike.store import Changes
+from lookalike.types import Changes, SearchSpec
 
 ENGINES = ["numpy", "int8", "float16", "float32", "int8-generic", "float16-generic", "torch"]
 
@@ -239,7 +239,7 @@ def test_wrong_dimension_query_is_a_clear_error():
 )
 def test_bad_specs_are_refused(spec):
     with pytest.raises(QueryError):
-        SearchSpec(**spec)
+        check_spec(SearchSpec(**spec))
 
 
 @settings(

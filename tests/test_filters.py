@@ -6,7 +6,7 @@ import pytest
 
 from lookalike.engine import ListingTable, parse_where
 from lookalike.errors import QueryError
-from lookalike.store import ListingRecord
+from lookalike.types import ListingRecord
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import lookalike
-from lookalike import ModelInfo
 from lookalike.lake import export_catalog, import_catalog, part_of, read_model
+from lookalike.types import ModelInfo
 
 pyspark = pytest.importorskip("pyspark", reason="pip install 'lookalike[spark]'")
 pytestmark = [

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from lookalike.errors import NotFoundError
-from lookalike.extract import ModelInfo
-from lookalike.store import FeatureBatch, open_store
+from lookalike.store import open_store
+from lookalike.types import FeatureBatch, ModelInfo
 
 
 def batch(keys, d=4, seed=0, sha="s"):
@@ -186,8 +186,9 @@ def test_a_killed_postgres_writer_leaves_no_partial_batch(pg_server):
 
 WRITER = """
 import sys, numpy as np
-from lookalike.store import FeatureBatch, open_store
-from lookalike.extract import ModelInfo
+from lookalike.store import open_store
+from lookalike.types import FeatureBatch
+from lookalike.types import ModelInfo
 s = open_store(sys.argv[1])
 s.claim_model(ModelInfo("test", "1", 4))
 who = sys.argv[2]

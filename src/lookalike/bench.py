@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from .catalog import Catalog
-from .engine import CODES, ExactEngine, SearchSpec, kernels_available, make_engine
+from .engine import CODES, ExactEngine, kernels_available, make_engine
 from .engine.ann import ANN_KINDS
+from .types import SearchSpec
 
 
 def _run(engine: ExactEngine, queries: np.ndarray, spec: SearchSpec) -> tuple[list, list]:

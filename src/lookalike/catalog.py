@@ -20,7 +20,6 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,6 @@ from .engine import (
     CODES,
     ENGINES,
     ExactEngine,
-    SearchSpec,
     VectorCache,
     check_queries,
     make_engine,
@@ -39,11 +37,12 @@ from .engine import (
 )
 from .engine.ann import ANN_KINDS, AnnEngine, AnnIndex, AnnParams
 from .errors import ImageError, LookalikeError, ModelMismatchError, NotFoundError, QueryError
-from .extract import BaseExtractor, ModelInfo, available_extractors, get_extractor, l2_normalize
+from .extract import BaseExtractor, available_extractors, get_extractor, l2_normalize
 from .images import ImageSource, decode_image, iter_sources, read_bytes, sha256_hex
 from .ingest import IndexReport, Prepared, prepare_bytes, run_index, write_prepared
-from .store import FeatureBatch, Key, ListingRecord, Store, open_store
+from .store import Store, open_store
 from .thumbs import ensure_thumbnail, thumbnail_path
+from .types import FeatureBatch, Hit, Key, ListingRecord, ModelInfo, SearchResult, SearchSpec
 
 DEFAULT_EXTRACTOR = "cnn"
 DEFAULT_K = 10
@@ -57,72 +56,6 @@ ANN_AUTO_BYTES = 1.5e9
 INDEX_CHOICES: tuple[str, ...] = ("auto", "exact", *ANN_KINDS)
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
-
-
-@dataclass
-class Hit:
-    """One search hit.
-
-    Attributes:
-        listing_id: the listing.
-        image_id: the image (for a grouped hit: the listing's best-scoring image).
-        score: inner product with the query in [-1, 1] (grouped: the aggregate; ``sum-top-n``
-            can exceed 1).
-        rank: 1 for the best hit.
-        n_images: grouped hits only: how many of the listing's images were scored.
-    """
-
-    listing_id: str
-    image_id: str
-    score: float
-    rank: int
-    n_images: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: ``listing_id``, ``image_id``, ``score``, ``rank`` (+ ``n_images``)."""
-        d: dict[str, Any] = {
-            "listing_id": self.listing_id,
-            "image_id": self.image_id,
-            "score": round(float(self.score), 6),
-            "rank": self.rank,
-        }
-        if self.n_images is not None:
-            d["n_images"] = self.n_images
-        return d
-
-
-@dataclass
-class SearchResult:
-    """The hits of one query, best first, under a ``query_id``.
-
-    Attributes:
-        query_id: unique id (32 hex digits); the key in ``query_results`` when saved.
-        hits: ordered best first.
-        saved: True if written to ``query_results``.
-    """
-
-    query_id: str
-    hits: list[Hit] = field(default_factory=list)
-    saved: bool = False
-
-    @property
-    def scores(self) -> np.ndarray:
-        """``(len(hits),) float32`` scores."""
-        return np.array([h.score for h in self.hits], dtype=np.float32)
-
-    @property
-    def listing_ids(self) -> list[str]:
-        """Listing ids of the hits, in order."""
-        return [h.listing_id for h in self.hits]
-
-    @property
-    def image_ids(self) -> list[str]:
-        """Image ids of the hits, in order."""
-        return [h.image_id for h in self.hits]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON shape shared by every face: ``{"query_id": ..., "hits": [...]}``."""
-        return {"query_id": self.query_id, "hits": [h.to_dict() for h in self.hits]}
 
 
 class Catalog:

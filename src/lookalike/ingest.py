@@ -33,8 +33,9 @@ import numpy as np
 from .errors import ImageError
 from .extract import BaseExtractor, get_extractor
 from .images import ImageSource, decode_image, read_bytes, sha256_hex
-from .store import FeatureBatch, Key, Store
+from .store import Store
 from .thumbs import make_thumbnail
+from .types import FeatureBatch, Key
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ import pyarrow.parquet as pq
 
 from .catalog import Catalog
 from .errors import ModelMismatchError, SourceError
-from .extract import ModelInfo
-from .store import FeatureBatch
+from .types import FeatureBatch, ModelInfo
 
 #: Default number of ``part`` partitions.
 DEFAULT_PARTS = 16

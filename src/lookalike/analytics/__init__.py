@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..catalog import Catalog
-from ..engine import SearchSpec
 from ..errors import LookalikeError
-from ..store import Key
+from ..types import Key, SearchSpec
 
 
 def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:

@@ -17,8 +17,9 @@ import logging
 import warnings
 
 from ..errors import LookalikeError
+from ..types import RawHits, SearchSpec
 from .cache import ListingTable, VectorCache
-from .exact import AGGREGATIONS, ExactEngine, RawHits, SearchSpec, check_queries
+from .exact import AGGREGATIONS, ExactEngine, check_queries, check_spec
 from .filters import Expr, parse_where
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ __all__ = [
     "SearchSpec",
     "VectorCache",
     "check_queries",
+    "check_spec",
     "kernels_available",
     "make_engine",
     "parse_where",

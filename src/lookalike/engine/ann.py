@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LookalikeError
+from ..types import RawHits, SearchSpec
 from .cache import VectorCache
-from .exact import ExactEngine, RawHits, SearchSpec, check_queries
+from .exact import ExactEngine, check_queries, check_spec
 
 ANN_KINDS: tuple[str, ...] = ("ivf", "ivfpq", "hnsw")
 #: Rows sampled to train IVF / PQ: at least this many, and at least ``TRAIN_PER_CELL`` per
@@ -304,6 +305,7 @@ class AnnEngine(ExactEngine):
     def search(self, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
         """Approximate search: ``(nq, d)`` queries -> one :class:`RawHits` each (exact scores)."""
         cache = self.cache
+        check_spec(spec)
         q = check_queries(queries, cache.dim)
         self.ann.sync(cache)
         if cache.n_alive == 0:

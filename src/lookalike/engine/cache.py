@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store import Changes, Key, ListingRecord
+from ..types import Changes, Key, ListingRecord
 
 #: Compact (drop dead rows and re-cluster) once this fraction of the rows is dead.
 COMPACT_DEAD_FRACTION = 0.25

@@ -16,69 +16,29 @@ Search semantics (shared by every engine, so they can be checked against this on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
 from ..errors import QueryError
+from ..types import Aggregation, RawHits, SearchSpec, choices
 from .cache import VectorCache
 
-Agg = Literal["max", "mean", "sum-top-n"]
-AGGREGATIONS: tuple[str, ...] = ("max", "mean", "sum-top-n")
+AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 
 #: Score blocks are sized so that one ``(rows, queries)`` block stays under this many bytes.
 BLOCK_BYTES = 256 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class SearchSpec:
-    """What to return for each query.
+def check_spec(spec: SearchSpec) -> SearchSpec:
+    """Return ``spec`` if it is consistent.
 
-    Attributes:
-        k: how many hits (images or listings); None = no limit (only with ``threshold``).
-        threshold: keep hits with ``score > threshold`` (aggregate score when grouped).
-        group_by: None (image-level) or ``"listing"``.
-        agg: per-listing aggregation, one of :data:`AGGREGATIONS`.
-        top_n: ``n`` of ``sum-top-n``.
-        listing_mask: ``(n_listings,) bool`` over listing codes; False excludes the listing.
+    Raises:
+        QueryError: ``k < 1``, no limit without a threshold, an unknown aggregation or grouping,
+            ``top_n < 1``, or a non-finite threshold (:meth:`SearchSpec.problem`).
     """
-
-    k: int | None = 10
-    threshold: float | None = None
-    group_by: Literal["listing"] | None = None
-    agg: Agg = "max"
-    top_n: int = 3
-    listing_mask: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.k is None and self.threshold is None:
-            raise QueryError("k=None (no limit) needs a threshold")
-        if self.k is not None and self.k < 1:
-            raise QueryError(f"k must be >= 1, got {self.k}")
-        if self.group_by not in (None, "listing"):
-            raise QueryError(f"group_by must be 'listing' or None, got {self.group_by!r}")
-        if self.agg not in AGGREGATIONS:
-            raise QueryError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
-        if self.top_n < 1:
-            raise QueryError(f"top_n must be >= 1, got {self.top_n}")
-        if self.threshold is not None and not np.isfinite(self.threshold):
-            raise QueryError(f"threshold must be a finite number, got {self.threshold}")
-
-
-@dataclass
-class RawHits:
-    """Hits of one query, best first, as cache row numbers.
-
-    Attributes:
-        rows: ``(m,) int64`` cache rows (for grouped hits: the listing's best image).
-        scores: ``(m,) float32`` scores (aggregates when grouped).
-        counts: ``(m,) int64`` images that contributed (1 for image-level hits).
-    """
-
-    rows: np.ndarray
-    scores: np.ndarray
-    counts: np.ndarray
+    problem = spec.problem()
+    if problem is not None:
+        raise QueryError(problem)
+    return spec
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
@@ -120,6 +80,7 @@ class ExactEngine:
             QueryError: bad query (see :func:`check_queries`) or spec.
         """
         cache = self.cache
+        check_spec(spec)
         q = check_queries(queries, cache.dim)
         valid = cache.alive.copy()
         if spec.listing_mask is not None:

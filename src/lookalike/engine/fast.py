@@ -27,10 +27,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..types import RawHits, SearchSpec
 from . import _kernels  # type: ignore[attr-defined]
 from .cache import VectorCache
 from .codes import CodeTable
-from .exact import ExactEngine, RawHits, SearchSpec, check_queries
+from .exact import ExactEngine, check_queries, check_spec
 
 AGG_CODES = {"max": 0, "mean": 1, "sum-top-n": 2}
 #: Candidates kept by the scan for one query, so that the exactness check rarely has to widen
@@ -239,6 +240,7 @@ class FastEngine(ExactEngine):
             QueryError: bad query (see :func:`check_queries`) or spec.
         """
         cache = self.cache
+        check_spec(spec)
         q = check_queries(queries, cache.dim)
         if spec.listing_mask is not None and len(spec.listing_mask) != len(cache.listings):
             return super().search(q, spec)  # raises the shape error

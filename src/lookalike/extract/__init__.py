@@ -21,33 +21,13 @@ name        d      what
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from ..errors import LookalikeError
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity of the vectors in a collection: which extractor made them.
-
-    Attributes:
-        name: extractor name (``"cnn"``, ``"hog"``, or any name for externally made vectors).
-        version: extractor version; any change that alters vectors changes it.
-        dim: vector dimension ``d``.
-    """
-
-    name: str
-    version: str
-    dim: int
-
-    @property
-    def tag(self) -> str:
-        """``name@version``, the value of the ``model`` column in the store."""
-        return f"{self.name}@{self.version}"
+from ..types import ModelInfo
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -25,8 +25,7 @@ import numpy as np
 
 from ..catalog import Catalog
 from ..errors import LookalikeError, SourceError
-from ..extract import ModelInfo
-from ..store import Key
+from ..types import Key, ModelInfo
 
 MODELS = ("logreg", "mlp")
 #: Hyper-parameter grids (``--grid``); without it, the first value of each is used.

@@ -36,8 +36,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..catalog import Catalog, SearchResult, open_catalog
+from ..catalog import Catalog, open_catalog
 from ..errors import ImageError, LookalikeError, ModelMismatchError, NotFoundError
+from ..types import SearchResult
 from .metrics import Metrics
 
 STATIC = Path(__file__).with_name("static")

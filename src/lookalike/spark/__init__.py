@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from ..catalog import DEFAULT_K, Hit, SearchResult
-from ..engine import ExactEngine, SearchSpec, VectorCache, check_queries, parse_where
+from ..catalog import DEFAULT_K
+from ..engine import ExactEngine, VectorCache, check_queries, check_spec, parse_where
 from ..errors import LookalikeError, QueryError
 from ..extract import l2_normalize
 from ..lake import read_model
-from ..store import Changes, ListingRecord
+from ..types import Changes, Hit, ListingRecord, SearchResult, SearchSpec
 
 #: Largest Parquet file Spark reads in one task (bytes); raised so that a ``part`` file is
 #: never split.
@@ -270,7 +270,7 @@ def search(
         q = l2_normalize(q)
     kk = k if k is not None else (None if threshold is not None else DEFAULT_K)
     spec_args = dict(k=kk, threshold=threshold, group_by=group_by, agg=agg, top_n=top_n)
-    SearchSpec(**spec_args)  # validate on the driver, with a clear error
+    check_spec(SearchSpec(**spec_args))  # validate on the driver, with a clear error
     df = spark.read.parquet(str(lake / "features"))
     if where:
         listings_dir = listings or str(lake / "listings")

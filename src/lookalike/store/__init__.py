@@ -15,124 +15,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
-from ..extract import ModelInfo
-
-Key = tuple[str, str]
-"""``(listing_id, image_id)``: the primary key of an image."""
-
-
-@dataclass
-class FeatureBatch:
-    """Rows to upsert into ``features``, column-wise.
-
-    Attributes:
-        listing_ids, image_ids: keys, ``n`` each.
-        vectors: ``(n, d) float32``, L2-normalized.
-        sha256s: hex SHA-256 of each image's file bytes (or of the vector for external vectors).
-        sources: path or URL each image was read from (``None`` if unknown).
-        widths, heights: original image size in pixels (``None`` if unknown).
-        labels: optional per-row JSON-able metadata dicts.
-    """
-
-    listing_ids: list[str]
-    image_ids: list[str]
-    vectors: np.ndarray
-    sha256s: list[str]
-    sources: list[str | None] = field(default_factory=list)
-    widths: list[int | None] = field(default_factory=list)
-    heights: list[int | None] = field(default_factory=list)
-    labels: list[dict[str, Any] | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = len(self.listing_ids)
-        for name in ("sources", "widths", "heights", "labels"):
-            if not getattr(self, name):
-                setattr(self, name, [None] * n)
-        lengths = {
-            len(self.image_ids),
-            len(self.sha256s),
-            len(self.sources),
-            len(self.widths),
-            len(self.heights),
-            len(self.labels),
-            self.vectors.shape[0],
-        }
-        if lengths != {n}:
-            raise ValueError(f"FeatureBatch columns have different lengths: {sorted(lengths)}")
-
-    def __len__(self) -> int:
-        return len(self.listing_ids)
-
-
-@dataclass
-class ImageRecord:
-    """One stored image (a ``features`` row).
-
-    Attributes:
-        vector: ``(d,) float32``.
-        ingested_at: Unix time in seconds.
-    """
-
-    listing_id: str
-    image_id: str
-    vector: np.ndarray
-    model: str
-    source: str | None
-    sha256: str
-    width: int | None
-    height: int | None
-    ingested_at: float
-    labels: dict[str, Any] | None
-
-
-@dataclass
-class Changes:
-    """What changed after a sequence number (see the module docstring).
-
-    Apply ``deleted`` first, then ``upserted``: a key in both was deleted and written again.
-
-    Attributes:
-        seq: the sequence number these changes bring the reader up to.
-        upserted: keys of rows written (inserted or replaced), ordered by
-            ``(listing_id, image_id)``.
-        vectors: ``(len(upserted), d) float32``.
-        deleted: keys of rows deleted.
-    """
-
-    seq: int
-    upserted: list[Key]
-    vectors: np.ndarray
-    deleted: list[Key]
-
-
-@dataclass
-class ListingRecord:
-    """A ``listings`` row: live attributes to filter and join on.
-
-    Attributes:
-        attrs: every attribute, ``stock_level`` and ``etag`` included.
-    """
-
-    listing_id: str
-    attrs: dict[str, Any]
-
-
-@dataclass
-class StoredHit:
-    """A ``query_results`` row."""
-
-    query_id: str
-    rank: int
-    listing_id: str
-    image_id: str
-    score: float
-    created_at: float
+from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
 
 
 class Store(Protocol):
@@ -218,11 +104,11 @@ class Store(Protocol):
         """Write ``(listing_id, image_id, score)`` hits, best first, under ``query_id``."""
         ...
 
-    def get_results(self, query_id: str) -> list[StoredHit]:
+    def get_results(self, query_id: str) -> list[SavedHit]:
         """Hits saved under ``query_id``, best first."""
         ...
 
-    def all_results(self) -> list[StoredHit]:
+    def all_results(self) -> list[SavedHit]:
         """Every saved query result, by query and rank."""
         ...
 

@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LookalikeError
-from ..extract import ModelInfo
-from . import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, StoredHit
+from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
 
 LISTING_COLUMNS = ("stock_level", "etag")
 _LOCK_ID = 0x6C6F6F6B  # advisory lock key for migrations ("look")
@@ -397,19 +396,19 @@ class PostgresStore:
                             [(query_id, rank, lid, iid, float(score), now)
                              for rank, (lid, iid, score) in enumerate(hits, start=1)])
 
-    def get_results(self, query_id: str) -> list[StoredHit]:
+    def get_results(self, query_id: str) -> list[SavedHit]:
         """Hits saved under ``query_id``, best first."""
         with self._tx(read_only=True) as cur:
             cur.execute("SELECT query_id, rank, listing_id, image_id, score, created_at "
                         "FROM query_results WHERE query_id = %s ORDER BY rank", (query_id,))
-            return [StoredHit(*r) for r in cur.fetchall()]
+            return [SavedHit(*r) for r in cur.fetchall()]
 
-    def all_results(self) -> list[StoredHit]:
+    def all_results(self) -> list[SavedHit]:
         """Every saved query result, by query and rank."""
         with self._tx(read_only=True) as cur:
             cur.execute("SELECT query_id, rank, listing_id, image_id, score, created_at "
                         "FROM query_results ORDER BY query_id, rank")
-            return [StoredHit(*r) for r in cur.fetchall()]
+            return [SavedHit(*r) for r in cur.fetchall()]
 
     def close(self) -> None:
         """Close the pool."""

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LookalikeError, NotFoundError
-from ..extract import ModelInfo
-from . import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, StoredHit
+from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
 
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 1
@@ -492,7 +491,7 @@ class SqliteStore:
                 ],
             )
 
-    def get_results(self, query_id: str) -> list[StoredHit]:
+    def get_results(self, query_id: str) -> list[SavedHit]:
         """Hits saved under ``query_id``, best first."""
         with self._lock:
             rows = self._conn.execute(
@@ -500,16 +499,16 @@ class SqliteStore:
                 "FROM query_results WHERE query_id = ? ORDER BY rank",
                 (query_id,),
             ).fetchall()
-        return [StoredHit(*r) for r in rows]
+        return [SavedHit(*r) for r in rows]
 
-    def all_results(self) -> list[StoredHit]:
+    def all_results(self) -> list[SavedHit]:
         """Every saved query result, by query and rank."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT query_id, rank, listing_id, image_id, score, created_at "
                 "FROM query_results ORDER BY query_id, rank"
             ).fetchall()
-        return [StoredHit(*r) for r in rows]
+        return [SavedHit(*r) for r in rows]
 
     def close(self) -> None:
         """Close the connection."""

@@ -1,0 +1,407 @@
+"""Shared types and vocabularies: the words every layer of lookalike speaks.
+
+This module owns the data that crosses module boundaries (keys, model identity, stored rows,
+search requests and results) and the closed vocabularies (aggregation, index kind, code kind,
+engine kind, write status). It imports nothing of the project, so every layer may import it
+(``DESIGN.md``, "Parts and where they live").
+
+Vocabularies are :class:`enum.StrEnum` s: a member *is* its string (``Aggregation.MAX ==
+"max"``), so APIs accept plain strings and JSON carries plain strings. Each face derives its
+choices from these enums (CLI option types, HTTP schemas, the web page via ``GET /options``),
+never from a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+Key = tuple[str, str]
+"""``(listing_id, image_id)``: the primary key of an image."""
+
+
+# ---------------------------------------------------------------------- vocabularies
+
+
+class Aggregation(StrEnum):
+    """Per-listing score of a grouped search (``group_by="listing"``).
+
+    ``max``: the listing's best image; ``mean``: the mean over its scored images;
+    ``sum-top-n``: the sum of its ``top_n`` best images (can exceed 1).
+    """
+
+    MAX = "max"
+    MEAN = "mean"
+    SUM_TOP_N = "sum-top-n"
+
+
+class GroupBy(StrEnum):
+    """What a search groups hits by: only ``listing`` (one hit per listing)."""
+
+    LISTING = "listing"
+
+
+class IndexKind(StrEnum):
+    """Where search candidates come from.
+
+    ``exact``: every live vector is scored; ``ivf``, ``ivfpq``, ``hnsw``: an approximate
+    (ANN) index built with ``lookalike ann build``; ``auto``: exact, or a built ANN index once
+    the collection is large (see ``lookalike.catalog.ANN_AUTO_BYTES``).
+    """
+
+    AUTO = "auto"
+    EXACT = "exact"
+    IVF = "ivf"
+    IVFPQ = "ivfpq"
+    HNSW = "hnsw"
+
+    @classmethod
+    def ann(cls) -> tuple[IndexKind, ...]:
+        """The approximate kinds, in the order ``auto`` tries them: ivf, ivfpq, hnsw."""
+        return (cls.IVF, cls.IVFPQ, cls.HNSW)
+
+
+class CodeKind(StrEnum):
+    """What the exact scan reads: compressed copies of the vectors (quantized *codes*).
+
+    ``int8``: 1 byte a value (per-dimension symmetric scale); ``float16``: 2 bytes;
+    ``float32``: the vectors themselves. Answers are exact with every kind (re-scoring).
+    """
+
+    INT8 = "int8"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per value: 1, 2 or 4."""
+        return {"int8": 1, "float16": 2, "float32": 4}[self.value]
+
+
+class EngineKind(StrEnum):
+    """Which exact engine scans: ``fast`` (compiled kernels), ``numpy`` (the reference),
+    ``torch`` (a GPU), or ``auto`` (torch on a CUDA GPU, else fast, else numpy)."""
+
+    AUTO = "auto"
+    FAST = "fast"
+    NUMPY = "numpy"
+    TORCH = "torch"
+
+
+class WriteStatus(StrEnum):
+    """What happened to one image offered for writing.
+
+    ``added``: a new key; ``updated``: new bytes under a stored key; ``unchanged``: the same
+    bytes (SHA-256) were already stored; ``failed``: it could not be read or decoded.
+    """
+
+    ADDED = "added"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+def choices(vocabulary: type[StrEnum]) -> tuple[str, ...]:
+    """The values of a vocabulary as plain strings, in declaration order."""
+    return tuple(m.value for m in vocabulary)
+
+
+# ---------------------------------------------------------------------- model identity
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the vectors in a collection: which extractor made them.
+
+    Attributes:
+        name: extractor name (``"cnn"``, ``"hog"``, or any name for externally made vectors).
+        version: extractor version; any change that alters vectors changes it.
+        dim: vector dimension ``d``.
+    """
+
+    name: str
+    version: str
+    dim: int
+
+    @property
+    def tag(self) -> str:
+        """``name@version``, the value of the ``model`` column in the store."""
+        return f"{self.name}@{self.version}"
+
+
+# ---------------------------------------------------------------------- stored rows
+
+
+@dataclass
+class FeatureBatch:
+    """Rows to upsert into ``features``, column-wise.
+
+    Attributes:
+        listing_ids, image_ids: keys, ``n`` each.
+        vectors: ``(n, d) float32``, L2-normalized.
+        sha256s: hex SHA-256 of each image's file bytes (or of the vector for external vectors).
+        sources: path or URL each image was read from (``None`` if unknown).
+        widths, heights: original image size in pixels (``None`` if unknown).
+        labels: optional per-row JSON-able metadata dicts.
+
+    Raises:
+        ValueError: the columns have different lengths.
+    """
+
+    listing_ids: list[str]
+    image_ids: list[str]
+    vectors: np.ndarray
+    sha256s: list[str]
+    sources: list[str | None] = field(default_factory=list)
+    widths: list[int | None] = field(default_factory=list)
+    heights: list[int | None] = field(default_factory=list)
+    labels: list[dict[str, Any] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.listing_ids)
+        for name in ("sources", "widths", "heights", "labels"):
+            if not getattr(self, name):
+                setattr(self, name, [None] * n)
+        lengths = {
+            len(self.image_ids),
+            len(self.sha256s),
+            len(self.sources),
+            len(self.widths),
+            len(self.heights),
+            len(self.labels),
+            self.vectors.shape[0],
+        }
+        if lengths != {n}:
+            raise ValueError(f"FeatureBatch columns have different lengths: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.listing_ids)
+
+
+@dataclass
+class ImageRecord:
+    """One stored image (a ``features`` row).
+
+    Attributes:
+        vector: ``(d,) float32``, L2-normalized.
+        model: the model tag (``name@version``) that made the vector.
+        source: path or URL it was read from, or None.
+        sha256: hex SHA-256 of the file bytes.
+        width, height: original size in pixels, or None.
+        ingested_at: Unix time in seconds.
+        labels: JSON-able metadata (e.g. a stored prediction), or None.
+    """
+
+    listing_id: str
+    image_id: str
+    vector: np.ndarray
+    model: str
+    source: str | None
+    sha256: str
+    width: int | None
+    height: int | None
+    ingested_at: float
+    labels: dict[str, Any] | None
+
+    @property
+    def key(self) -> Key:
+        """``(listing_id, image_id)``."""
+        return (self.listing_id, self.image_id)
+
+
+@dataclass
+class Changes:
+    """What changed in a store after a change-sequence number.
+
+    Apply ``deleted`` first, then ``upserted``: a key in both was deleted and written again.
+
+    Attributes:
+        seq: the sequence number these changes bring the reader up to.
+        upserted: keys of rows written (inserted or replaced), ordered by
+            ``(listing_id, image_id)``.
+        vectors: ``(len(upserted), d) float32``.
+        deleted: keys of rows deleted.
+    """
+
+    seq: int
+    upserted: list[Key]
+    vectors: np.ndarray
+    deleted: list[Key]
+
+
+@dataclass
+class ListingRecord:
+    """A ``listings`` row: live attributes to filter and join on.
+
+    Attributes:
+        attrs: every attribute, ``stock_level`` and ``etag`` included.
+    """
+
+    listing_id: str
+    attrs: dict[str, Any]
+
+
+@dataclass
+class SavedHit:
+    """A ``query_results`` row: one hit written back by ``search(save=True)``.
+
+    Attributes:
+        rank: 1 for the best hit. score: as returned by the search.
+        created_at: Unix time in seconds.
+    """
+
+    query_id: str
+    rank: int
+    listing_id: str
+    image_id: str
+    score: float
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``listing_id``, ``image_id``, ``score``, ``rank``, ``created_at``."""
+        return {
+            "listing_id": self.listing_id,
+            "image_id": self.image_id,
+            "score": round(float(self.score), 6),
+            "rank": self.rank,
+            "created_at": self.created_at,
+        }
+
+
+# ---------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What to return for each query (the engine's view of a search request).
+
+    Attributes:
+        k: how many hits (images or listings); None = no limit (only with ``threshold``).
+        threshold: keep hits with ``score > threshold`` (aggregate score when grouped).
+        group_by: None (image-level) or ``"listing"``.
+        agg: per-listing aggregation (:class:`Aggregation`).
+        top_n: ``n`` of ``sum-top-n``.
+        listing_mask: ``(n_listings,) bool`` over the cache's listing index; False excludes
+            the listing.
+
+    The spec is checked by the engines (``lookalike.engine.check_spec`` raises
+    ``QueryError`` with :meth:`problem`), not here, so this module needs nothing of the
+    project.
+    """
+
+    k: int | None = 10
+    threshold: float | None = None
+    group_by: GroupBy | None = None
+    agg: Aggregation = Aggregation.MAX
+    top_n: int = 3
+    listing_mask: np.ndarray | None = None
+
+    def problem(self) -> str | None:
+        """What is wrong with this spec, in one line, or None when it is valid."""
+        if self.k is None and self.threshold is None:
+            return "k=None (no limit) needs a threshold"
+        if self.k is not None and self.k < 1:
+            return f"k must be >= 1, got {self.k}"
+        if self.group_by not in (None, *choices(GroupBy)):
+            return f"group_by must be 'listing' or None, got {self.group_by!r}"
+        if self.agg not in choices(Aggregation):
+            return f"agg must be one of {', '.join(choices(Aggregation))}, got {self.agg!r}"
+        if self.top_n < 1:
+            return f"top_n must be >= 1, got {self.top_n}"
+        if self.threshold is not None and not np.isfinite(self.threshold):
+            return f"threshold must be a finite number, got {self.threshold}"
+        return None
+
+    @property
+    def grouped(self) -> bool:
+        """True when hits are listings (``group_by="listing"``)."""
+        return self.group_by == GroupBy.LISTING
+
+
+@dataclass
+class RawHits:
+    """Hits of one query, best first, as vector-cache row numbers (an engine's answer).
+
+    Attributes:
+        rows: ``(m,) int64`` cache rows (for grouped hits: the listing's best image).
+        scores: ``(m,) float32`` scores (aggregates when grouped).
+        counts: ``(m,) int64`` images that contributed (1 for image-level hits).
+    """
+
+    rows: np.ndarray
+    scores: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def empty(cls) -> RawHits:
+        """No hits."""
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+@dataclass
+class Hit:
+    """One search hit.
+
+    Attributes:
+        listing_id: the listing.
+        image_id: the image (for a grouped hit: the listing's best-scoring image).
+        score: inner product with the query in [-1, 1] (grouped: the aggregate; ``sum-top-n``
+            can exceed 1).
+        rank: 1 for the best hit.
+        n_images: grouped hits only: how many of the listing's images were scored.
+    """
+
+    listing_id: str
+    image_id: str
+    score: float
+    rank: int
+    n_images: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``listing_id``, ``image_id``, ``score``, ``rank`` (+ ``n_images``)."""
+        d: dict[str, Any] = {
+            "listing_id": self.listing_id,
+            "image_id": self.image_id,
+            "score": round(float(self.score), 6),
+            "rank": self.rank,
+        }
+        if self.n_images is not None:
+            d["n_images"] = self.n_images
+        return d
+
+
+@dataclass
+class SearchResult:
+    """The hits of one query, best first, under a ``query_id``.
+
+    Attributes:
+        query_id: unique id (32 hex digits); the key in ``query_results`` when saved.
+        hits: ordered best first.
+        saved: True if written to ``query_results``.
+    """
+
+    query_id: str
+    hits: list[Hit] = field(default_factory=list)
+    saved: bool = False
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``(len(hits),) float32`` scores."""
+        return np.array([h.score for h in self.hits], dtype=np.float32)
+
+    @property
+    def listing_ids(self) -> list[str]:
+        """Listing ids of the hits, in order."""
+        return [h.listing_id for h in self.hits]
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Image ids of the hits, in order."""
+        return [h.image_id for h in self.hits]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape shared by every face: ``{"query_id": ..., "hits": [...]}``."""
+        return {"query_id": self.query_id, "hits": [h.to_dict() for h in self.hits]}
