@@ -114,7 +114,7 @@ def main() -> None:
                     normalize=False,
                 )
             del x  # the catalog's cache holds the vectors now
-            cat._sync()
+            cat.vector_cache()
             row: dict[str, float | int | str] = {"n": n, "d": d, "k": default_k(n)}
             t0 = time.perf_counter()
             kmeans(cat)

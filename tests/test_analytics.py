@@ -73,7 +73,7 @@ def test_labels_from_parent_and_csv(demo_cat, tmp_path):
 def test_new_images_get_a_predicted_label_once_a_classifier_is_attached(demo_cat, demo_dir):
     train(demo_cat, labels_from(demo_cat, "listing"))
     demo_cat.add(demo_dir / "queries" / "retina" / "q-01.jpg", "incoming", "incoming/1.jpg")
-    rec = demo_cat.store.get(("incoming", "incoming/1.jpg"))
+    rec = demo_cat.get_image("incoming/1.jpg", "incoming")
     assert rec is not None and rec.labels is not None
     assert rec.labels["predicted"] == "retina" and 0 < rec.labels["probability"] <= 1
 
@@ -121,7 +121,7 @@ def test_kmeans_recovers_the_photo_groups(demo_cat):
     print(f"k-means ARI vs listings: {ari:.3f}")
     assert ari >= 0.8
     assert sum(c.size for c in report.clusters) == 84
-    stored = demo_cat.store.analysis()
+    stored = demo_cat.analysis()
     assert len(stored) == 84 and all(v["cluster"] is not None for v in stored.values())
     assert default_k(84) == 6 and report.to_dict()["k"] == 14
 
@@ -129,7 +129,7 @@ def test_kmeans_recovers_the_photo_groups(demo_cat):
 def test_near_duplicate_groups_equal_the_listings(demo_cat):
     groups = near_duplicates(demo_cat, threshold=0.7)
     assert sorted({k[0] for k in g}.pop() for g in groups) == sorted(
-        {lid for lid, _ in demo_cat._sync().keys})
+        {lid for lid, _ in demo_cat.vector_cache().keys})
     assert all(len({k[0] for k in g}) == 1 and len(g) == 6 for g in groups)
 
 
@@ -228,7 +228,7 @@ def test_knn_outliers_through_an_ivf_index(tmp_path):
         cat.build_index("ivf")
         every = knn_outliers(cat, k=10, index="ivf", nprobe=10**6, save=False)
         few = knn_outliers(cat, k=10, index="ivf", nprobe=2, top=50)
-        stored = cat.store.analysis()
+        stored = cat.analysis()
     order = [int(k[1]) for k in every.keys]
     np.testing.assert_allclose(every.scores, brute[order], atol=1e-5)
     assert np.all(few.scores >= brute[order] - 1e-5)  # bounds: a missed neighbour, further
@@ -282,7 +282,7 @@ x /= np.linalg.norm(x, axis=1, keepdims=True)
 with lookalike.open_catalog({str(tmp_path / "big")!r}) as cat:
     cat.add_vectors([f"L{{i // 8}}" for i in range(n)], [str(i) for i in range(n)], x,
                     model=ModelInfo("test", "1", d))
-    cat._sync()
+    cat.vector_cache()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     groups = near_duplicates(cat, threshold=0.999, k=8)
@@ -312,7 +312,7 @@ def test_near_duplicates_through_an_ivf_index_find_the_exact_groups(tmp_path):
                         model=ModelInfo("test", "1", 32))
         cat.build_index("ivf")
         cat.delete("5", listing_id="L5")  # a dead row: in neither answer
-        ann = cat._choose_engine("ivf").ann
+        ann = cat.search_engine("ivf").ann
         before = ann.params.nprobe
         exact = {frozenset(g) for g in near_duplicates(cat, threshold=0.95)}
         via_ivf = {frozenset(g) for g in near_duplicates(cat, threshold=0.95, index="ivf",

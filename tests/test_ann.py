@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lookalike
-from lookalike import catalog as catalog_mod
+from lookalike.catalog import engines as catalog_engines
 from lookalike.errors import QueryError
 from lookalike.types import ModelInfo
 
@@ -33,8 +33,8 @@ def big_catalog(tmp_path):
 
 
 def recall_at_10(cat, queries, index) -> float:
-    exact = cat.search(vector=queries, k=10, index="exact")
-    approx = cat.search(vector=queries, k=10, index=index)
+    exact = cat.search_batch(queries, k=10, index="exact")
+    approx = cat.search_batch(queries, k=10, index=index)
     return float(
         np.mean(
             [
@@ -99,13 +99,13 @@ def test_filters_still_fill_k_with_ann(big_catalog):
 def test_auto_uses_ann_only_for_large_collections(big_catalog, monkeypatch):
     cat, x, _rng = big_catalog
     cat.search(vector=x[0], k=1)
-    assert cat._choose_engine(None).name == "fast"  # no index built yet
+    assert cat.search_engine().name == "fast"  # no index built yet
     cat.build_index("ivf")
-    assert cat._choose_engine(None).name == "fast"  # 20k x 32 bytes: below the threshold
-    monkeypatch.setattr(catalog_mod, "ANN_AUTO_BYTES", 1000)
-    assert cat._choose_engine(None).name == "ann"
+    assert cat.search_engine().name == "fast"  # 20k x 32 bytes: below the threshold
+    monkeypatch.setattr(catalog_engines, "ANN_AUTO_BYTES", 1000)
+    assert cat.search_engine().name == "ann"
     cat.configure(index="exact")
-    assert cat._choose_engine(None).name == "fast"
+    assert cat.search_engine().name == "fast"
 
 
 def test_missing_index_is_a_clear_error(big_catalog):

@@ -86,7 +86,7 @@ def test_save_writes_query_results(vec_catalog):
     cat, _keys, vectors, _stock, _rng = vec_catalog
     res = cat.search(vector=vectors[3], k=4, save=True)
     assert res.saved
-    stored = cat.store.get_results(res.query_id)
+    stored = cat.saved_results(res.query_id).hits
     assert [(r.listing_id, r.image_id) for r in stored] == [
         (h.listing_id, h.image_id) for h in res.hits
     ]
@@ -96,7 +96,7 @@ def test_save_writes_query_results(vec_catalog):
 
 def test_batch_of_vectors_returns_one_result_per_row(vec_catalog):
     cat, _keys, vectors, _stock, _rng = vec_catalog
-    results = cat.search(vector=vectors[:3], k=2)
+    results = cat.search_batch(vectors[:3], k=2)
     assert isinstance(results, list) and len(results) == 3
     assert len({r.query_id for r in results}) == 3
 

@@ -19,7 +19,7 @@ def test_every_held_out_query_finds_its_listing_first(cnn_catalog_dir, demo_dir)
     queries = query_set(demo_dir / "queries")
     assert len(queries) == 28
     with lookalike.open_catalog(cnn_catalog_dir) as cat:
-        results = cat.search(vector=cat.embed([q for q, _ in queries]), k=2, group_by="listing")
+        results = cat.search_batch(cat.embed([q for q, _ in queries]), k=2, group_by="listing")
         for (path, listing), res in zip(queries, results, strict=True):
             assert res.hits[0].listing_id == listing, f"{path}: got {res.listing_ids}"
             # and by a margin: the runner-up listing scores clearly lower

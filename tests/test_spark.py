@@ -68,7 +68,7 @@ def test_spark_search_equals_local_on_the_demo(spark, demo_lake, cnn_catalog_dir
                        for name in ("chelsea", "rocket", "hubble")])
         for options in OPTIONS:
             assert_same(lsp.search(spark, str(demo_lake), q, **options),
-                        cat.search(vector=q, **options))
+                        cat.search_batch(q, **options))
 
 
 def test_spark_search_equals_local_on_50k_random_vectors(spark, tmp_path):
@@ -87,7 +87,7 @@ def test_spark_search_equals_local_on_50k_random_vectors(spark, tmp_path):
         for options in [*OPTIONS[:-2], dict(k=10, where="stock_level > 2"),
                         dict(k=5, group_by="listing", where="stock_level = 1")]:
             assert_same(lsp.search(spark, str(tmp_path / "lake"), q, **options),
-                        cat.search(vector=q, **options))
+                        cat.search_batch(q, **options))
 
 
 def test_spark_search_json_is_the_local_json(spark, demo_lake, cnn_catalog_dir):
@@ -107,18 +107,19 @@ def test_export_import_round_trip_is_bit_for_bit(cnn_catalog_copy, tmp_path):
     with lookalike.open_catalog(cnn_catalog_copy) as cat:
         res = cat.search(image_id="coins/coins-01.jpg", k=3, save=True)
         export_catalog(cat, tmp_path / "lake")
-        before = cat.store.changes_since(0)
-        sha = cat.store.all_sha256()
+        before = [r for batch in cat.iter_records() for r in batch]
+        sha = cat.sha256s()
     assert read_model(tmp_path / "lake").dim == 1280
     with lookalike.open_catalog(tmp_path / "copy") as copy:
         counts = import_catalog(tmp_path / "lake", copy)
         assert counts == {"features": 84, "listings": 14, "query_results": 3}
-        after = copy.store.changes_since(0)
-        assert after.upserted == before.upserted
-        assert after.vectors.tobytes() == before.vectors.tobytes()
-        assert copy.store.all_sha256() == sha
+        after = [r for batch in copy.iter_records() for r in batch]
+        assert [r.key for r in after] == [r.key for r in before]
+        assert np.stack([r.vector for r in after]).tobytes() == np.stack(
+            [r.vector for r in before]).tobytes()
+        assert copy.sha256s() == sha
         assert copy.get_listing("coffee").attrs == {"stock_level": 0, "category": "food"}
-        assert [h.image_id for h in copy.store.get_results(res.query_id)] == res.image_ids
+        assert copy.saved_results(res.query_id).image_ids == res.image_ids
     parts = {p.parent.name for p in (tmp_path / "lake" / "features").rglob("*.parquet")}
     assert all(p.startswith("part=") for p in parts)
     for path in (tmp_path / "lake" / "features").rglob("*.parquet"):  # a listing in one file
@@ -229,7 +230,7 @@ def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_cata
     ids, qv = lsp.read_query_table(str(tmp_path / "vectors.parquet"), None)
     assert ids == ["0", "1", "2"]
     with lookalike.open_catalog(cnn_catalog_dir) as cat:
-        assert_same(lsp.search(spark, str(demo_lake), qv, k=5), cat.search(vector=v, k=5))
+        assert_same(lsp.search(spark, str(demo_lake), qv, k=5), cat.search_batch(v, k=5))
     (tmp_path / "bad.csv").write_text(f"query_id,path\nok,{paths[0]}\nnope,{tmp_path}/x.jpg\n")
     with pytest.raises(QueryError, match=r"row 1 \(query_id nope\).*x\.jpg"):
         lsp.read_query_table(str(tmp_path / "bad.csv"), get_extractor("cnn"))

@@ -228,7 +228,7 @@ def test_the_stream_stores_predictions_once_a_classifier_is_attached(nats_server
     ingest = consume(cnn_catalog_copy, nats_server.url)
     assert ingest.counts.added == 28
     with lookalike.open_catalog(cnn_catalog_copy) as cat:
-        records = [cat.store.get(key) for key in cat._sync().keys if "/q-" in key[1]]
+        records = [r for b in cat.iter_records() for r in b if "/q-" in r.image_id]
     assert len(records) == 28
     right = [r.labels["predicted"] == r.listing_id for r in records]
     assert all(0 < r.labels["probability"] <= 1 for r in records)

@@ -8,7 +8,7 @@ The Python API (see ``DESIGN.md``)::
     result = cat.search("query.jpg", k=10, group_by="listing", where="stock_level > 0")
 """
 
-from .catalog import Catalog, open_catalog
+from .catalog import Catalog, IndexReport, open_catalog
 from .errors import (
     ImageError,
     LookalikeError,
@@ -19,7 +19,6 @@ from .errors import (
 )
 from .extract import available_extractors, get_extractor
 from .images import ImageSource
-from .ingest import IndexReport
 from .types import Hit, ModelInfo, SearchResult
 
 __version__ = "0.1.0"

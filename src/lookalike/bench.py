@@ -34,7 +34,7 @@ def bench_catalog(cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0
     Returns:
         One dict per engine: ``name``, ``p50_ms``, ``p99_ms``, ``recall_at_k``, ``n``, ``d``.
     """
-    cache = cat._sync()
+    cache = cat.vector_cache()
     live = np.flatnonzero(cache.alive)
     rng = np.random.default_rng(seed)
     pick = rng.choice(live, size=min(n_queries, len(live)), replace=False)
@@ -44,7 +44,7 @@ def bench_catalog(cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0
     if kernels_available()[0]:
         engines += [(f"exact fast {c}", make_engine(cache, "fast", codes=c)) for c in CODES]
     for kind in ANN_KINDS:
-        eng = cat._ann_engine(kind)
+        eng = cat.ann_engine(kind)
         if eng is not None:
             engines.append((f"ann {kind}", eng))
     truth: list[Any] = []

@@ -289,11 +289,7 @@ def search(
     try:
         with _open(catalog, device=device, engine=engine) as cat:
             vec = np.load(vector) if vector is not None else None
-            result = cat.search(
-                query,
-                image_id=image_id,
-                listing_id=listing,
-                vector=vec,
+            options = dict(
                 k=k,
                 group_by=group_by.value if group_by else None,
                 agg=agg.value,
@@ -303,9 +299,14 @@ def search(
                 save=save,
                 index=index,
             )
+            if vec is not None and vec.ndim == 2:
+                results = cat.search_batch(vec, **options)
+            else:
+                results = [
+                    cat.search(query, image_id=image_id, listing_id=listing, vector=vec, **options)
+                ]
     except (LookalikeError, OSError, ValueError) as exc:
         raise _fail(exc) from None
-    results = result if isinstance(result, list) else [result]
     if fmt == OutputFormat.json:
         for res in results:
             _print_json(res.to_dict())
@@ -376,23 +377,12 @@ def results(
     """Show the hits a search saved with --save."""
     try:
         with _open(catalog) as cat:
-            rows = cat.store.get_results(query_id)
+            result = cat.saved_results(query_id)
     except LookalikeError as exc:
         raise _fail(exc) from None
-    if not rows:
-        err.print(f"error: no saved results for query {query_id!r}", highlight=False)
-        raise typer.Exit(EXIT_ERROR)
-    hits = [
-        {
-            "listing_id": r.listing_id,
-            "image_id": r.image_id,
-            "score": round(r.score, 6),
-            "rank": r.rank,
-        }
-        for r in rows
-    ]
+    hits = [h.to_dict() for h in result.hits]
     if fmt == OutputFormat.json:
-        _print_json({"query_id": query_id, "hits": hits})
+        _print_json(result.to_dict())
         return
     for h in hits:
         out.print(

@@ -83,9 +83,9 @@ def evaluate(
         queries: ``(image, relevant listing_id)`` pairs.
         k: cut-off for precision@k and recall@k.
     """
-    n_images = catalog.store.count()
+    n_images = catalog.count()
     vectors = catalog.embed([q for q, _ in queries])
-    results = catalog.search(vector=vectors, k=n_images)
+    results = catalog.search_batch(vectors, k=n_images)
     assert isinstance(results, list)
     top1, p_at_k, r_at_k, ap = [], [], [], []
     for (_, listing), res in zip(queries, results, strict=True):
@@ -121,7 +121,7 @@ def evaluate_baseline(
     from .errors import LookalikeError
     from .images import ImageSource
 
-    sources = [ImageSource(k_[0], k_[1], src) for k_, src in catalog.store.all_sources().items()
+    sources = [ImageSource(k_[0], k_[1], src) for k_, src in catalog.sources().items()
                if src]
     missing = [s for s in sources if not os.path.isfile(s.location)]
     if not sources or missing:

@@ -21,7 +21,6 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +28,11 @@ import pyarrow.parquet as pq
 
 from .catalog import Catalog
 from .errors import ModelMismatchError, SourceError
-from .types import FeatureBatch, ModelInfo
+from .types import FeatureBatch, ImageRecord, ModelInfo
 
 #: Default number of ``part`` partitions.
+#: Rows read from the store per query while exporting.
+EXPORT_BATCH = 4096
 DEFAULT_PARTS = 16
 MODEL_KEY = b"lookalike.model"
 
@@ -80,43 +81,38 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     if model is None:
         raise SourceError(f"{cat.uri} is empty: nothing to export")
     root = Path(folder)
-    cache = cat._sync()
-    rows = np.flatnonzero(cache.alive)
-    keys = [cache.keys[r] for r in rows]
-    records = {k: cat.store.get(k) for k in keys}
-    by_part: dict[int, list[int]] = {}
-    for i, (lid, _) in enumerate(keys):
-        by_part.setdefault(part_of(lid, parts), []).append(i)
     schema = features_schema(model.dim, model)
-    for p, idx in sorted(by_part.items()):
-        recs = [records[keys[i]] for i in idx]
-        table = pa.table({
-            "listing_id": [r.listing_id for r in recs],
-            "image_id": [r.image_id for r in recs],
-            "vector": vectors_column(np.stack([r.vector for r in recs])),
-            "model": [r.model for r in recs],
-            "source": [r.source for r in recs],
-            "sha256": [r.sha256 for r in recs],
-            "width": pa.array([r.width for r in recs], pa.int32()),
-            "height": pa.array([r.height for r in recs], pa.int32()),
-            "ingested_at": [r.ingested_at for r in recs],
-            "labels": [json.dumps(r.labels) if r.labels is not None else None for r in recs],
-        }, schema=schema)
-        out = root / "features" / f"part={p}"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out / "data.parquet")
-    listing_ids = sorted({k[0] for k in keys} | set(_all_listing_ids(cat)))
-    listings = [cat.store.get_listing(lid) for lid in listing_ids]
+    writers: dict[int, pq.ParquetWriter] = {}
+    n_features = 0
+    listing_ids: set[str] = set()
+    try:  # stream the rows: one store query and one row group per part per batch
+        for recs in cat.iter_records(EXPORT_BATCH):
+            by_part: dict[int, list[ImageRecord]] = {}
+            for r in recs:
+                by_part.setdefault(part_of(r.listing_id, parts), []).append(r)
+                listing_ids.add(r.listing_id)
+            for p, part_recs in sorted(by_part.items()):
+                if p not in writers:
+                    out = root / "features" / f"part={p}"
+                    out.mkdir(parents=True, exist_ok=True)
+                    writers[p] = pq.ParquetWriter(out / "data.parquet", schema)
+                writers[p].write_table(_features_table(part_recs, schema))
+            n_features += len(recs)
+    finally:
+        for w in writers.values():
+            w.close()
+    listings = {rec.listing_id: rec for rec in cat.listings()}
+    listing_ids |= set(listings)
+    listings = [listings[lid] for lid in sorted(listing_ids) if lid in listings]
     lt = pa.table({
-        "listing_id": [rec.listing_id for rec in listings if rec],
-        "stock_level": pa.array([rec.attrs.get("stock_level") for rec in listings if rec],
-                                pa.int64()),
-        "etag": [rec.attrs.get("etag") for rec in listings if rec],
-        "attrs": [json.dumps(rec.attrs) for rec in listings if rec],
+        "listing_id": [rec.listing_id for rec in listings],
+        "stock_level": pa.array([rec.attrs.get("stock_level") for rec in listings], pa.int64()),
+        "etag": [rec.attrs.get("etag") for rec in listings],
+        "attrs": [json.dumps(rec.attrs) for rec in listings],
     })
     (root / "listings").mkdir(parents=True, exist_ok=True)
     pq.write_table(lt, root / "listings" / "data.parquet")
-    results = _all_results(cat)
+    results = cat.all_saved_results()
     qt = pa.table({
         "query_id": [r.query_id for r in results], "rank": pa.array([r.rank for r in results],
                                                                     pa.int32()),
@@ -128,16 +124,23 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     (root / "query_results").mkdir(parents=True, exist_ok=True)
     pq.write_table(qt, root / "query_results" / "data.parquet")
     write_model_sidecar(root, model)
-    return {"features": len(keys), "listings": lt.num_rows, "query_results": qt.num_rows}
+    return {"features": n_features, "listings": lt.num_rows, "query_results": qt.num_rows}
 
 
-def _all_listing_ids(cat: Catalog) -> list[str]:
-    _, records = cat.store.listings_since(-1)
-    return [r.listing_id for r in records]
-
-
-def _all_results(cat: Catalog) -> list[Any]:
-    return list(cat.store.all_results())
+def _features_table(recs: list[ImageRecord], schema: pa.Schema) -> pa.Table:
+    """A ``features`` table of stored rows (layout in the module docstring)."""
+    return pa.table({
+        "listing_id": [r.listing_id for r in recs],
+        "image_id": [r.image_id for r in recs],
+        "vector": vectors_column(np.stack([r.vector for r in recs])),
+        "model": [r.model for r in recs],
+        "source": [r.source for r in recs],
+        "sha256": [r.sha256 for r in recs],
+        "width": pa.array([r.width for r in recs], pa.int32()),
+        "height": pa.array([r.height for r in recs], pa.int32()),
+        "ingested_at": [r.ingested_at for r in recs],
+        "labels": [json.dumps(r.labels) if r.labels is not None else None for r in recs],
+    }, schema=schema)
 
 
 SIDECAR = "_lookalike.json"
@@ -181,9 +184,8 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
     """
     root = Path(folder)
     model = read_model(root)
-    stored = cat.store.claim_model(model)
-    if stored != model:
-        raise ModelMismatchError(f"{cat.uri} holds {stored.tag}; {root} has {model.tag}")
+    if cat.model is not None and cat.model != model:
+        raise ModelMismatchError(f"{cat.uri} holds {cat.model.tag}; {root} has {model.tag}")
     n = 0
     for path in sorted((root / "features").rglob("*.parquet")):
         table = pq.read_table(path)
@@ -192,7 +194,7 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
         if table.num_rows == 0:
             continue
         cols = table.to_pydict()
-        cat.store.upsert(FeatureBatch(
+        cat.import_batch(model, FeatureBatch(
             listing_ids=cols["listing_id"], image_ids=cols["image_id"],
             vectors=column_vectors(table["vector"], model.dim), sha256s=cols["sha256"],
             sources=cols.get("source") or [], widths=cols.get("width") or [],
@@ -205,7 +207,7 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
     if listings_file.exists():
         for path in sorted(listings_file.rglob("*.parquet")):
             for row in pq.read_table(path).to_pylist():
-                cat.store.upsert_listing(row["listing_id"], json.loads(row["attrs"] or "{}"))
+                cat.update_listing(row["listing_id"], **json.loads(row["attrs"] or "{}"))
                 n_listings += 1
     n_results = 0
     results_dir = root / "query_results"
@@ -216,7 +218,7 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
                 by_query.setdefault(row["query_id"], []).append(
                     (row["rank"], row["listing_id"], row["image_id"], row["score"]))
         for qid, hits in by_query.items():
-            if not cat.store.get_results(qid):
-                cat.store.save_results(qid, [(h[1], h[2], h[3]) for h in sorted(hits)])
+            if not cat.has_saved_results(qid):
+                cat.save_results(qid, [(h[1], h[2], h[3]) for h in sorted(hits)])
                 n_results += len(hits)
     return {"features": n, "listings": n_listings, "query_results": n_results}

@@ -31,7 +31,7 @@ from ..types import Key, SearchSpec
 def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:
     """Keys and ``(n, d) float32`` vectors of the live rows, in cache order (a read-only view
     of the cache when every row is live, so a 1M x 1280 collection is not copied)."""
-    cache = cat._sync()
+    cache = cat.vector_cache()
     rows = np.flatnonzero(cache.alive)
     if len(rows) == cache.n_rows:
         view = cache.vectors.view()
@@ -45,8 +45,8 @@ def _neighbours(cat: Catalog, index: str, k: int, batch: int = 256,
     """For every live image (or those at ``positions``, indices into the live rows):
     ``(its position, positions of its <= k best matches, scores)`` (itself included; only
     matches above ``threshold`` if given), from the catalog's engine, ``batch`` at a time."""
-    cache = cat._sync()
-    engine = cat._choose_engine(index)
+    cache = cat.vector_cache()
+    engine = cat.search_engine(index)
     live = np.flatnonzero(cache.alive)
     pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
     pos_of_row[live] = np.arange(len(live))
@@ -187,7 +187,7 @@ def kmeans(cat: Catalog, k: int | None = None, niter: int = 25, seed: int = 0,
         clusters.append(Cluster(c, len(members), keys[rep][1], keys[rep][0]))
     clusters.sort(key=lambda c: -c.size)
     if save:
-        cat.store.save_analysis(keys, {"cluster": assign, "cluster_distance": dist})
+        cat.save_analysis(keys, {"cluster": assign, "cluster_distance": dist})
     return ClusterReport(k, keys, assign, dist, clusters)
 
 
@@ -243,7 +243,7 @@ def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
     """
     from tqdm import tqdm
 
-    engine = cat._choose_engine(index)
+    engine = cat.search_engine(index)
     keys, x = _live(cat)
     n = len(keys)
     if n < 2:
@@ -287,7 +287,7 @@ def knn_outliers(cat: Catalog, k: int = 10, save: bool = True, batch: int = 256,
                     break
                 m = min(n, 2 * m)
     if save:
-        cat.store.save_analysis(keys, {"outlier_score": scores})
+        cat.save_analysis(keys, {"outlier_score": scores})
     return OutlierReport(keys, scores, f"knn-{k}" + ("" if index == "exact" else f"-{index}"))
 
 
@@ -300,7 +300,7 @@ def isolation_outliers(cat: Catalog, seed: int = 0, save: bool = True) -> Outlie
     forest = IsolationForest(random_state=seed, n_estimators=200).fit(x)
     scores = (-forest.score_samples(x)).astype(np.float32)
     if save:
-        cat.store.save_analysis(keys, {"outlier_score": scores})
+        cat.save_analysis(keys, {"outlier_score": scores})
     return OutlierReport(keys, scores, "isolation-forest")
 
 
@@ -396,7 +396,7 @@ def near_duplicates(cat: Catalog, threshold: float = 0.95, k: int = 32, batch: i
     """
     from tqdm import tqdm
 
-    engine = cat._choose_engine(index)
+    engine = cat.search_engine(index)
     keys, x = _live(cat)
     uf = _UnionFind(len(keys))
     with tqdm(total=len(keys), unit="img", desc="dedup", file=sys.stderr, dynamic_ncols=True,
@@ -412,7 +412,7 @@ def _scan_join(cat: Catalog, engine: Any, x: np.ndarray, threshold: float, k: in
                index: str, uf: _UnionFind, bar: Any) -> None:
     """Edges from the engine's batched threshold search (see :func:`near_duplicates`)."""
     n = len(x)
-    cache = cat._sync()
+    cache = cat.vector_cache()
     live = np.flatnonzero(cache.alive)
     pos_of_row = np.full(cache.n_rows, -1, dtype=np.int64)
     pos_of_row[live] = np.arange(len(live))
@@ -443,7 +443,7 @@ def exact_duplicates(cat: Catalog) -> list[list[Key]]:
         Groups of two or more keys, largest first; keys within a group sorted.
     """
     by_sha: dict[str, list[Key]] = defaultdict(list)
-    for key, sha in cat.store.all_sha256().items():
+    for key, sha in cat.sha256s().items():
         by_sha[sha].append(key)
     out = [sorted(g) for g in by_sha.values() if len(g) > 1]
     out.sort(key=lambda g: (-len(g), g[0]))
@@ -483,7 +483,7 @@ def project(cat: Catalog, method: str = "pca", save: bool = True, seed: int = 0)
             xy = np.zeros((len(x), 2))
     xy = np.asarray(xy, dtype=np.float32)
     if save:
-        cat.store.save_analysis(keys, {"x": xy[:, 0], "y": xy[:, 1]})
+        cat.save_analysis(keys, {"x": xy[:, 0], "y": xy[:, 1]})
     return keys, xy, used
 
 
@@ -499,13 +499,13 @@ def render_map_png(path: str, cat: Catalog, outliers_top: int = 10) -> dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    analysis = cat.store.analysis()
+    analysis = cat.analysis()
     keys, _ = _live(cat)
     if not keys:
         raise LookalikeError("the catalog is empty")
     if any(analysis.get(k, {}).get("x") is None for k in keys):
         project(cat)
-        analysis = cat.store.analysis()
+        analysis = cat.analysis()
     xy = np.array([[analysis[k]["x"], analysis[k]["y"]] for k in keys])
     clusters = np.array([analysis[k].get("cluster") if analysis[k].get("cluster") is not None
                          else -1 for k in keys])

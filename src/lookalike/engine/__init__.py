@@ -24,6 +24,9 @@ from .filters import Expr, parse_where
 
 log = logging.getLogger(__name__)
 
+SearchEngine = ExactEngine  # MERGE-ENGINE: replaced by the protocol
+
+
 #: Engines :func:`make_engine` knows.
 ENGINES: tuple[str, ...] = ("auto", "fast", "numpy", "torch")
 #: Code kinds of the fast engine.
@@ -100,6 +103,7 @@ __all__ = [
     "Expr",
     "ListingTable",
     "RawHits",
+    "SearchEngine",
     "SearchSpec",
     "VectorCache",
     "check_queries",

@@ -14,18 +14,16 @@ The model file is a joblib pickle written by lookalike itself: load catalogs you
 from __future__ import annotations
 
 import csv
-import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..catalog import Catalog
+from ..catalog import Catalog, Classifier
 from ..errors import LookalikeError, SourceError
-from ..types import Key, ModelInfo
+from ..types import Key
 
 MODELS = ("logreg", "mlp")
 #: Hyper-parameter grids (``--grid``); without it, the first value of each is used.
@@ -59,32 +57,6 @@ class TrainReport:
         return d
 
 
-@dataclass
-class Classifier:
-    """A fitted classifier over feature vectors of one extractor."""
-
-    estimator: Any
-    labels: list[str]
-    model_info: ModelInfo
-    kind: str
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def predict(self, vectors: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
-        """Top-``k`` ``(label, probability)`` per ``(n, d)`` vector, best first."""
-        proba = self.estimator.predict_proba(np.atleast_2d(vectors))
-        classes = [str(c) for c in self.estimator.classes_]
-        out = []
-        for row in proba:
-            order = np.argsort(-row, kind="stable")[:k]
-            out.append([(classes[i], float(row[i])) for i in order])
-        return out
-
-
-def model_dir(cat: Catalog) -> Path:
-    """``CATALOG/models``."""
-    return Path(cat.store.folder) / "models"
-
-
 def labels_from(cat: Catalog, source: str) -> dict[Key, str]:
     """Labels for every stored image: ``listing`` (the listing id), ``parent`` (the folder
     above the image in its image_id, else the listing id), or a CSV path with columns
@@ -93,7 +65,7 @@ def labels_from(cat: Catalog, source: str) -> dict[Key, str]:
     Raises:
         SourceError: the CSV is missing columns or names images that are not stored.
     """
-    cache = cat._sync()
+    cache = cat.vector_cache()
     keys = [cache.keys[r] for r in np.flatnonzero(cache.alive)]
     if source == "listing":
         return {k: k[0] for k in keys}
@@ -147,7 +119,7 @@ def train(
     if model not in MODELS:
         raise LookalikeError(f"unknown model {model!r}; use one of {', '.join(MODELS)}")
     t0 = time.perf_counter()
-    cache = cat._sync()
+    cache = cat.vector_cache()
     keys = [k for k in labels if k in cache.row_of]
     if not keys:
         raise LookalikeError("no labelled images in the catalog")
@@ -192,43 +164,5 @@ def train(
     assert info is not None
     classifier = Classifier(pipe, [str(c) for c in classes], info, model, report.to_dict())
     if save:
-        save_classifier(cat, classifier)
+        cat.set_classifier(classifier)
     return classifier, report
-
-
-def save_classifier(cat: Catalog, classifier: Classifier) -> Path:
-    """Write the classifier to ``CATALOG/models/classifier.joblib`` (+ ``.json`` metadata)."""
-    import joblib
-
-    folder = model_dir(cat)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".classifier.{os.getpid()}.tmp"
-    joblib.dump(classifier.estimator, tmp)
-    os.replace(tmp, folder / "classifier.joblib")
-    meta = {"kind": classifier.kind, "labels": classifier.labels,
-            "model": asdict(classifier.model_info), "report": classifier.report,
-            "trained_at": time.time()}
-    (folder / "classifier.json").write_text(json.dumps(meta, indent=1))
-    return folder / "classifier.joblib"
-
-
-def load_classifier(cat: Catalog) -> Classifier | None:
-    """The catalog's classifier, or None.
-
-    Raises:
-        LookalikeError: it was trained on vectors of another model.
-    """
-    import joblib
-
-    folder = model_dir(cat)
-    if not (folder / "classifier.joblib").exists():
-        return None
-    meta = json.loads((folder / "classifier.json").read_text())
-    info = ModelInfo(**meta["model"])
-    if cat.model is not None and info != cat.model:
-        raise LookalikeError(
-            f"the catalog's classifier expects {info.tag} vectors; the catalog holds "
-            f"{cat.model.tag}. Train it again."
-        )
-    return Classifier(joblib.load(folder / "classifier.joblib"), meta["labels"], info,
-                      meta["kind"], meta.get("report", {}))

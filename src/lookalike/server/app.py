@@ -349,10 +349,7 @@ def create_app(
     @app.get("/images/{image_id:path}", response_model=ImageInfo, responses=ERRORS,
              summary="A stored image's metadata")
     def get_image(image_id: str, listing_id: Annotated[str | None, Query()] = None) -> Any:
-        key = cat._resolve_keys(image_id, listing_id, must_exist=True)[0]
-        rec = cat.store.get(key)
-        if rec is None:
-            raise NotFoundError(f"no image {image_id!r}")
+        rec = cat.get_image(image_id, listing_id)
         return {
             "listing_id": rec.listing_id, "image_id": rec.image_id, "model": rec.model,
             "source": rec.source, "sha256": rec.sha256, "width": rec.width,
@@ -407,9 +404,9 @@ def create_app(
     def get_map(limit: Annotated[int, Query(ge=1, le=MAP_MAX_POINTS)] = MAP_MAX_POINTS) -> Any:
         if cat.model is None:
             return {"method": "pca", "total": 0, "points": []}
-        cache = cat._sync()
+        cache = cat.vector_cache()
         with map_lock:
-            analysis = cat.store.analysis()
+            analysis = cat.analysis()
             stamp = (cache.version, limit, len(analysis), hash(frozenset(
                 (k, v.get("cluster"), v.get("x")) for k, v in list(analysis.items())[:64])))
             if map_cache.get("version") != stamp:

@@ -25,7 +25,7 @@ class Metrics:
         )
         images = Gauge("lookalike_catalog_images", "Images stored in the catalog.",
                        registry=self.registry)
-        images.set_function(lambda: float(catalog.store.count()))
+        images.set_function(lambda: float(catalog.count()))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""

@@ -88,9 +88,9 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
     """mapInPandas body: manifest rows -> feature rows (the model loads once per process)."""
     import pandas as pd
 
+    from ..catalog.ingest import prepare_bytes
     from ..extract import get_extractor
     from ..images import ImageError, ImageSource, read_bytes
-    from ..ingest import prepare_bytes
 
     ext = _EXTRACTORS.get(extractor_name)
     if ext is None:
@@ -109,7 +109,7 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
             try:
                 prepared.append(prepare_bytes(read_bytes(src.location), src, ext))
             except ImageError as exc:
-                from ..ingest import Prepared
+                from ..catalog.ingest import Prepared
 
                 prepared.append(Prepared(src, "failed", reason=str(exc)))
         ok = [p for p in prepared if p.status == "ok"]

@@ -14,7 +14,7 @@ incrementally, also with writes made by other processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,6 +62,11 @@ class Store(Protocol):
 
     def get(self, key: Key) -> ImageRecord | None:
         """One stored image, or None."""
+        ...
+
+    def iter_records(self, batch_size: int = 1024) -> Iterator[list[ImageRecord]]:
+        """Every stored image, ordered by ``(listing_id, image_id)``, in batches of at most
+        ``batch_size`` (one query per batch)."""
         ...
 
     def find_image(self, image_id: str) -> list[Key]:

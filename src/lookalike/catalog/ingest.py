@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImageError
-from .extract import BaseExtractor, get_extractor
-from .images import ImageSource, decode_image, read_bytes, sha256_hex
-from .store import Store
+from ..errors import ImageError
+from ..extract import BaseExtractor, get_extractor
+from ..images import ImageSource, decode_image, read_bytes, sha256_hex
+from ..store import Store
+from ..types import FeatureBatch, Key
 from .thumbs import make_thumbnail
-from .types import FeatureBatch, Key
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,12 @@ def prepare_bytes(
         reason = f"{source.location}: {type(exc).__name__}: {exc}"
         return Prepared(source, "failed", reason=reason)
     return Prepared(
-        source, "ok", sha256=digest, width=decoded.width, height=decoded.height, array=array,
+        source,
+        "ok",
+        sha256=digest,
+        width=decoded.width,
+        height=decoded.height,
+        array=array,
         thumbnail=thumb,
     )
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ImageError
-from .images import decode_image, is_url, read_bytes
+from ..errors import ImageError
+from ..images import decode_image, is_url, read_bytes
 
 #: Longer side of a thumbnail, pixels.
 THUMB_SIZE = 192

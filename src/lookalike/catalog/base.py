@@ -1,0 +1,170 @@
+"""The state every part of :class:`~lookalike.catalog.Catalog` shares: the store, the
+extractor, the engine set, the lock; model checks, key lookup and embedding."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+from PIL import Image
+
+from ..errors import LookalikeError, ModelMismatchError, NotFoundError, QueryError
+from ..extract import BaseExtractor, available_extractors, get_extractor
+from ..images import decode_image, read_bytes
+from ..store import Store
+from ..types import (
+    EngineKind,
+    Key,
+    ModelInfo,
+    choices,
+)
+from .classifier import Classifier
+from .engines import EngineSet
+
+DEFAULT_EXTRACTOR = "cnn"
+DEFAULT_K = 10
+#: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).
+DEFAULT_SETTINGS: dict[str, str] = {"codes": "int8", "rerank": "4", "index": "auto"}
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image
+"""A query or an image to add: a file path, a URL, encoded bytes, or a PIL image."""
+
+
+class CatalogBase:
+    """The catalog's shared state and basics (see :class:`~lookalike.catalog.Catalog`).
+
+    Args and raises: as :class:`~lookalike.catalog.Catalog`.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        extractor: str | None = None,
+        device: str = "auto",
+        engine: str | None = None,
+    ) -> None:
+        self._store = store
+        self.device = device
+        self.engine_kind = engine or os.environ.get("LOOKALIKE_ENGINE") or EngineKind.AUTO
+        if self.engine_kind not in choices(EngineKind):
+            raise LookalikeError(
+                f"unknown engine {self.engine_kind!r}; use one of {', '.join(choices(EngineKind))}"
+            )
+        stored = store.model()
+        if stored is not None and extractor is not None and extractor != stored.name:
+            raise ModelMismatchError(
+                f"catalog {store.uri} holds {stored.name!r} vectors ({stored.tag}, d={stored.dim});"
+                f" it cannot take {extractor!r} vectors. Use another catalog folder."
+            )
+        self._extractor_name = extractor or (stored.name if stored else DEFAULT_EXTRACTOR)
+        self._extractor: BaseExtractor | None = None
+        self._engines = EngineSet(store, self.engine_kind, self.ann_folder)
+        self._classifier: Classifier | None = None
+        self._classifier_stamp: int | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def uri(self) -> str:
+        """Where the catalog lives (folder path or PostgreSQL URL)."""
+        return self._store.uri
+
+    @property
+    def folder(self) -> Path:
+        """The catalog's local folder for its files (ANN indexes, thumbnails, models)."""
+        return Path(self._store.folder)
+
+    @property
+    def ann_folder(self) -> Path:
+        """Where ANN indexes are saved: ``<folder>/ann``."""
+        return self.folder / "ann"
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The model of the stored vectors (None for a new, empty catalog)."""
+        return self._store.model()
+
+    @property
+    def extractor(self) -> BaseExtractor:
+        """The extractor that embeds images for this catalog (built on first use).
+
+        Raises:
+            LookalikeError: the catalog holds external vectors with no extractor to match.
+        """
+        with self._lock:
+            if self._extractor is None:
+                if self._extractor_name not in available_extractors():
+                    raise LookalikeError(
+                        f"catalog {self.uri} holds vectors of model {self._extractor_name!r}, "
+                        "which no installed extractor makes; query it by vector or stored id"
+                    )
+                options = {"device": self.device} if self._extractor_name == "cnn" else {}
+                ext = get_extractor(self._extractor_name, **options)
+                self._check_model(ext.info)
+                self._extractor = ext
+            return self._extractor
+
+    def _check_model(self, info: ModelInfo, stored: ModelInfo | None = None) -> None:
+        stored = stored or self._store.model()
+        if stored is not None and stored != info:
+            raise ModelMismatchError(
+                f"catalog {self.uri} holds vectors of {stored.tag} (d={stored.dim}); "
+                f"refusing vectors of {info.tag} (d={info.dim})"
+            )
+
+    def _claim(self, info: ModelInfo) -> None:
+        self._check_model(info)
+        # another process may have claimed first with another model
+        self._check_model(info, self._store.claim_model(info))
+
+    def close(self) -> None:
+        """Save ANN indexes that followed new writes, and close the store."""
+        with self._lock:
+            self._engines.save_dirty()
+        self._store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _find_keys(self, image_id: str, listing_id: str | None, must_exist: bool) -> list[Key]:
+        if listing_id is not None:
+            keys = [(listing_id, image_id)]
+            if must_exist and not self._store.existing(keys):
+                raise NotFoundError(f"no image {image_id!r} in listing {listing_id!r}")
+            return keys
+        keys = self._store.find_image(image_id)
+        if len(keys) > 1:
+            raise QueryError(
+                f"image id {image_id!r} is in {len(keys)} listings "
+                f"({', '.join(k[0] for k in keys[:5])}); give the listing id too"
+            )
+        if must_exist and not keys:
+            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+        return keys
+
+    def embed(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Embed images with the catalog's extractor: ``n`` inputs -> ``(n, d) float32``.
+
+        Raises:
+            ImageError: an image cannot be read or decoded.
+        """
+        ext = self.extractor
+        arrays = []
+        for im in images:
+            if isinstance(im, Image.Image):
+                pil = im.convert("RGB")
+            elif isinstance(im, bytes):
+                pil = decode_image(im, name="query image", draft_size=ext.draft_size).image
+            else:
+                loc = os.fspath(im)
+                pil = decode_image(read_bytes(loc), name=loc, draft_size=ext.draft_size).image
+            arrays.append(ext.preprocess(pil))
+        return ext.embed(np.stack(arrays)) if arrays else np.zeros((0, ext.dim), np.float32)

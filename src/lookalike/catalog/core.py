@@ -1,0 +1,368 @@
+"""The :class:`Catalog`: one store, one extractor and one engine set behind the Python API.
+
+Every face of lookalike (CLI, HTTP, stream, Spark) and every service (analytics, recognition,
+the Parquet lake, evaluation, benchmarks) calls these public methods; none reaches past the
+catalog into a store, and nothing outside this package touches a private member
+(``DESIGN.md``, "The shape of the Python API").
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..engine import SearchEngine, VectorCache, check_queries, parse_where
+from ..engine.ann import AnnEngine, AnnIndex, AnnParams
+from ..errors import LookalikeError, QueryError
+from ..extract import l2_normalize
+from ..store import open_store
+from ..types import (
+    Aggregation,
+    CodeKind,
+    GroupBy,
+    Hit,
+    IndexKind,
+    Key,
+    RawHits,
+    SearchResult,
+    SearchSpec,
+    choices,
+)
+from .base import DEFAULT_K, DEFAULT_SETTINGS, ImageInput
+from .rows import CatalogRows
+from .writes import CatalogWrites
+
+
+class Catalog(CatalogWrites, CatalogRows):
+    """A collection of feature vectors with its store, extractor and engines.
+
+    Build one with :func:`open_catalog`. Thread-safe: searches and writes may come from several
+    threads; the engine syncs with the store (also with other processes' writes) before each
+    search.
+
+    Args:
+        store: the system of record.
+        extractor: extractor name for a new catalog (default ``cnn``); must match an existing
+            catalog's model.
+        device: passed to the ``cnn`` extractor (``auto``, ``cpu``, ``cuda``...).
+        engine: :class:`~lookalike.types.EngineKind` (default ``auto``; ``LOOKALIKE_ENGINE``
+            overrides).
+
+    Raises:
+        ModelMismatchError: ``extractor`` differs from the catalog's model.
+        LookalikeError: unknown engine.
+    """
+
+    # ------------------------------------------------------------------ engine
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The catalog's settings (stored values over :data:`DEFAULT_SETTINGS`)."""
+        return {**DEFAULT_SETTINGS, **self._store.settings()}
+
+    def configure(
+        self, *, codes: str | None = None, rerank: int | None = None, index: str | None = None
+    ) -> dict[str, str]:
+        """Change settings, stored with the catalog; the engine is rebuilt on the next search.
+
+        Args:
+            codes: what the scan reads (:class:`~lookalike.types.CodeKind`): ``int8``
+                (default, 1 byte a value), ``float16``, or ``float32``. Answers are exact with
+                every kind.
+            rerank: candidates re-scored per requested hit before the exactness check.
+            index: default of ``search(index=...)`` (:class:`~lookalike.types.IndexKind`).
+
+        Returns:
+            The settings now in force.
+
+        Raises:
+            LookalikeError: unknown codes or index, or rerank < 1.
+        """
+        if codes is not None:
+            if codes not in choices(CodeKind):
+                raise LookalikeError(
+                    f"unknown codes {codes!r}; use one of {', '.join(choices(CodeKind))}"
+                )
+            self._store.set_setting("codes", codes)
+        if rerank is not None:
+            if rerank < 1:
+                raise LookalikeError(f"rerank must be >= 1, got {rerank}")
+            self._store.set_setting("rerank", str(rerank))
+        if index is not None:
+            if index not in choices(IndexKind):
+                raise LookalikeError(
+                    f"unknown index {index!r}; use one of {', '.join(choices(IndexKind))}"
+                )
+            self._store.set_setting("index", index)
+        with self._lock:
+            self._engines.reset()
+        return self.settings
+
+    def vector_cache(self) -> VectorCache:
+        """The in-RAM vector cache, synced with the store (incremental): ``cache.vectors``
+        ``(n_rows, d) float32``, ``cache.keys``, ``cache.alive``. Treat it as read-only.
+
+        Raises:
+            QueryError: the catalog is empty.
+        """
+        with self._lock:
+            return self._engines.sync(self.settings)
+
+    def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
+        """The live vectors of the (synced) vector cache, in cache order, as ``(keys,
+        (m, d) float32)`` batches of at most ``batch_size`` rows."""
+        cache = self.vector_cache()
+        live = np.flatnonzero(cache.alive)
+        for start in range(0, len(live), batch_size):
+            rows = live[start : start + batch_size]
+            yield [cache.keys[r] for r in rows], cache.vectors[rows]
+
+    def search_engine(self, index: str | None = None) -> SearchEngine:
+        """The synced engine that answers a search with ``index=`` (see :meth:`search`).
+
+        Raises:
+            QueryError: the catalog is empty, unknown index, or the ANN index is not built.
+        """
+        with self._lock:
+            self._engines.sync(self.settings)
+            return self._engines.choose(index or self.settings["index"])
+
+    @property
+    def engine(self) -> SearchEngine:
+        """The exact search engine, synced with the store (built on first use)."""
+        return self.search_engine(IndexKind.EXACT)
+
+    def ann_engine(self, kind: str) -> AnnEngine | None:
+        """The synced ANN engine of ``kind`` (``ivf``, ``ivfpq``, ``hnsw``), or None when no
+        such index was built."""
+        with self._lock:
+            self._engines.sync(self.settings)
+            return self._engines.ann(kind)
+
+    def build_index(self, kind: str = IndexKind.HNSW, **params: int) -> AnnIndex:
+        """Build (train and fill) an ANN index of every stored vector and save it.
+
+        Args:
+            kind: ``ivf``, ``ivfpq`` or ``hnsw``.
+            **params: :class:`~lookalike.engine.ann.AnnParams` fields (``nlist``, ``nprobe``,
+                ``pq_m``, ``hnsw_m``, ``ef_construction``, ``ef_search``, ``overfetch``).
+
+        Raises:
+            LookalikeError: unknown kind or parameter, or too few vectors to train.
+        """
+        try:
+            p = AnnParams(kind=kind, **params)
+        except TypeError as exc:
+            raise LookalikeError(f"bad index parameter: {exc}") from None
+        with self._lock:
+            self._engines.sync(self.settings)
+            return self._engines.build(p)
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        query: ImageInput | None = None,
+        *,
+        image_id: str | None = None,
+        listing_id: str | None = None,
+        vector: np.ndarray | None = None,
+        k: int | None = None,
+        group_by: GroupBy | str | None = None,
+        agg: Aggregation | str = Aggregation.MAX,
+        top_n: int = 3,
+        threshold: float | None = None,
+        where: str | None = None,
+        save: bool = False,
+        normalize: bool = True,
+        index: IndexKind | str | None = None,
+    ) -> SearchResult:
+        """Search by image, by stored id, or by one vector; one query, one result.
+
+        Exact by default: every vector is scored (through the fast engine's codes, with exact
+        re-scoring). With an ANN index, candidates come from the index and are scored exactly.
+        For many query vectors at once use :meth:`search_batch`.
+
+        Exactly one of ``query`` (path, URL, bytes, PIL image), ``image_id`` (stored image;
+        ``listing_id`` disambiguates) or ``vector`` (``(d,)`` float) must be given.
+
+        Args:
+            k: hits to return; default 10, or no limit when ``threshold`` is set.
+            group_by: ``"listing"``: one hit per listing, scored by ``agg``.
+            agg: ``max`` | ``mean`` | ``sum-top-n`` (sum of the ``top_n`` best images).
+            threshold: only hits with ``score > threshold``.
+            where: filter on listing attributes, e.g. ``"stock_level > 0"``
+                (grammar: :mod:`lookalike.engine.filters`).
+            save: write the hits to ``query_results`` under the result's ``query_id``.
+            normalize: L2-normalize the query vector (so scores are cosines).
+            index: :class:`~lookalike.types.IndexKind`; default: the catalog's setting
+                (``auto``: ANN when one is built and the collection is large, see
+                :data:`~lookalike.catalog.engines.ANN_AUTO_BYTES`).
+
+        Raises:
+            QueryError: bad arguments, a ``(n, d)`` vector (use :meth:`search_batch`), NaN in
+                the vector, unknown attribute in ``where``.
+            NotFoundError: ``image_id`` not stored. ImageError: query image unreadable.
+        """
+        given = sum(x is not None for x in (query, image_id, vector))
+        if given != 1:
+            raise QueryError("give exactly one of: a query image, image_id=, vector=")
+        if vector is not None:
+            q = np.asarray(vector)
+            if q.ndim != 1:
+                raise QueryError(
+                    f"search takes one (d,) vector, got shape {q.shape}; use search_batch"
+                )
+        elif image_id is not None:
+            q = self.get_image_vector(image_id, listing_id)
+        else:
+            assert query is not None
+            q = self.embed([query])[0]
+        options = dict(k=k, group_by=group_by, agg=agg, top_n=top_n, threshold=threshold)
+        return self._search(q, options, where, save, normalize, index)[0]
+
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        *,
+        k: int | None = None,
+        group_by: GroupBy | str | None = None,
+        agg: Aggregation | str = Aggregation.MAX,
+        top_n: int = 3,
+        threshold: float | None = None,
+        where: str | None = None,
+        save: bool = False,
+        normalize: bool = True,
+        index: IndexKind | str | None = None,
+    ) -> list[SearchResult]:
+        """Search ``(n, d)`` query vectors in one pass; one result per row, in order.
+
+        The options mean what they mean in :meth:`search`; a batch shares one scan of the
+        codes, so it costs far less than ``n`` single searches.
+
+        Raises:
+            QueryError: not ``(n, d)``, NaN in a vector, bad options.
+        """
+        q = np.asarray(vectors)
+        if q.ndim != 2:
+            raise QueryError(f"search_batch takes (n, d) vectors, got shape {q.shape}")
+        options = dict(k=k, group_by=group_by, agg=agg, top_n=top_n, threshold=threshold)
+        return self._search(q, options, where, save, normalize, index)
+
+    def _search(
+        self,
+        q: np.ndarray,
+        options: dict[str, Any],
+        where: str | None,
+        save: bool,
+        normalize: bool,
+        index: str | None,
+    ) -> list[SearchResult]:
+        if options["k"] is None and options["threshold"] is None:
+            options["k"] = DEFAULT_K
+        with self._lock:
+            cache = self._engines.sync(self.settings)
+            engine = self._engines.choose(index or self.settings["index"])
+            q = check_queries(q, cache.dim)
+            if normalize:
+                q = l2_normalize(q)
+            spec = SearchSpec(listing_mask=_where_mask(cache, where), **options)
+            results = [_result(cache, raw, spec) for raw in engine.search(q, spec)]
+        if save:
+            for res in results:
+                self.save_results(
+                    res.query_id, [(h.listing_id, h.image_id, h.score) for h in res.hits]
+                )
+                res.saved = True
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        """Catalog facts: model, image and listing counts, engine memory (bytes).
+
+        Keys: ``catalog``, ``images``, ``model`` (``name``, ``version``, ``dim``; None when
+        empty), ``listings``, ``engine``, ``codes`` (the code kind the scan reads),
+        ``cache_rows``, ``cache_bytes`` (the float32 vector cache), ``codes_bytes`` (the
+        quantized codes).
+        """
+        model = self._store.model()
+        out: dict[str, Any] = {"catalog": self.uri, "images": self._store.count()}
+        if model is None:
+            out["model"] = None
+            return out
+        engine = self.engine
+        cache = engine.cache
+        out.update(
+            model={"name": model.name, "version": model.version, "dim": model.dim},
+            listings=int(np.unique(cache.codes[cache.alive]).size),  # MERGE-ENGINE
+            engine=engine.name,
+            codes=str(getattr(engine, "codes", "float32")),  # MERGE-ENGINE
+            cache_rows=cache.n_rows,
+            cache_bytes=cache.nbytes(),
+            codes_bytes=int(getattr(engine, "nbytes", lambda: 0)()),  # MERGE-ENGINE
+        )
+        return out
+
+
+def _where_mask(cache: VectorCache, where: str | None) -> np.ndarray | None:
+    """``(n_listings,) bool`` mask of the listings that pass ``where``, or None for no filter.
+
+    Raises:
+        QueryError: a malformed expression, or an attribute no listing has (catches typos).
+    """
+    if not where:
+        return None
+    expr = parse_where(where)
+    known = {"listing_id"}.union(*cache.listings.attrs) if len(cache.listings) else {"listing_id"}
+    unknown = sorted(expr.names() - known)
+    if unknown:
+        raise QueryError(
+            f"where: unknown listing attribute(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    return expr.mask(cache.listings)
+
+
+def _result(cache: VectorCache, raw: RawHits, spec: SearchSpec) -> SearchResult:
+    """A :class:`SearchResult` (new ``query_id``) from an engine's rows and scores."""
+    hits = [
+        Hit(
+            listing_id=cache.keys[row][0],
+            image_id=cache.keys[row][1],
+            score=float(score),
+            rank=i + 1,
+            n_images=int(cnt) if spec.grouped else None,
+        )
+        for i, (row, score, cnt) in enumerate(zip(raw.rows, raw.scores, raw.counts, strict=True))
+    ]
+    return SearchResult(uuid.uuid4().hex, hits)
+
+
+def open_catalog(
+    location: str | os.PathLike[str],
+    extractor: str | None = None,
+    *,
+    device: str = "auto",
+    create: bool = True,
+    engine: str | None = None,
+) -> Catalog:
+    """Open (or create) the catalog at ``location``.
+
+    Args:
+        location: catalog folder (embedded SQLite store), or a ``postgresql://`` URL.
+        extractor: for a new catalog, the extractor (default ``cnn``); for an existing one,
+            checked against the stored model.
+        device: ``cnn`` inference device: ``auto`` (GPU if present), ``cpu``, ``cuda``.
+        create: create the catalog if missing.
+        engine: search engine (:class:`~lookalike.types.EngineKind`), default ``auto``.
+
+    Raises:
+        NotFoundError: missing catalog and ``create`` is False.
+        ModelMismatchError: ``extractor`` differs from the catalog's model.
+    """
+    return Catalog(
+        open_store(location, create=create), extractor=extractor, device=device, engine=engine
+    )
