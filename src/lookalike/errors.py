@@ -1,7 +1,13 @@
-"""Exception types raised by lookalike.
+"""The exception hierarchy of lookalike, and the one table that maps backend errors into it.
 
 Every error a user can cause derives from :class:`LookalikeError`, so callers can catch one
-type; the CLI turns these into a one-line message and a non-zero exit code instead of a traceback.
+type; the faces turn them into one line (CLI, with the README's exit codes) or a 4xx/5xx JSON
+answer (HTTP), never a traceback.
+
+Errors raised by backends (SQLite, PostgreSQL, the NATS client) are translated by
+:func:`translate` through :data:`BACKEND_ERRORS`: the only place that knows their types. It
+matches by qualified class name along the exception's MRO, so this module imports no backend
+(and nothing of the project).
 """
 
 from __future__ import annotations
@@ -31,3 +37,62 @@ class SourceError(LookalikeError):
 
 class NotFoundError(LookalikeError):
     """A stored image or listing id does not exist in the catalog."""
+
+
+class StoreError(LookalikeError):
+    """The system of record cannot be used: locked, corrupt, read-only, or the database
+    server cannot be reached. Usually temporary (``busy``) or an operator's problem."""
+
+
+class StoreBusyError(StoreError):
+    """The store is locked by another writer past the wait; retrying later may succeed."""
+
+
+class BrokerError(LookalikeError):
+    """The message broker (NATS JetStream) cannot be reached or refused a request."""
+
+
+#: Backend exception (qualified class name) -> (project exception, what to tell the user).
+#: The first entry that matches a class in the exception's MRO wins; ``{exc}`` is the
+#: backend's own message. Order from specific to general.
+BACKEND_ERRORS: tuple[tuple[str, type[LookalikeError], str], ...] = (
+    # SQLite (stdlib sqlite3): "database is locked" is an OperationalError.
+    ("sqlite3.OperationalError", StoreError, "catalog database error: {exc}"),
+    ("sqlite3.DatabaseError", StoreError, "catalog database is damaged or not a catalog: {exc}"),
+    ("sqlite3.Error", StoreError, "catalog database error: {exc}"),
+    # PostgreSQL (psycopg 3, psycopg_pool).
+    ("psycopg_pool.PoolTimeout", StoreError, "PostgreSQL cannot be reached: {exc}"),
+    ("psycopg.OperationalError", StoreError, "PostgreSQL cannot be reached: {exc}"),
+    ("psycopg.Error", StoreError, "PostgreSQL error: {exc}"),
+    # NATS (nats-py).
+    ("nats.errors.NoServersError", BrokerError, "NATS server cannot be reached: {exc}"),
+    ("nats.errors.TimeoutError", BrokerError, "NATS request timed out: {exc}"),
+    ("nats.js.errors.Error", BrokerError, "JetStream refused the request: {exc}"),
+    ("nats.errors.Error", BrokerError, "NATS error: {exc}"),
+)
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    # psycopg defines its classes in psycopg.errors and re-exports them from psycopg.
+    if module.startswith("psycopg.") and not module.startswith("psycopg_pool"):
+        module = "psycopg"
+    return f"{module}.{cls.__qualname__}"
+
+
+def translate(exc: BaseException) -> LookalikeError | None:
+    """The project exception for a backend exception, or None when ``exc`` is not one.
+
+    A :class:`LookalikeError` is returned as it is. A ``sqlite3`` error whose message says the
+    database is locked or busy becomes :class:`StoreBusyError`.
+    """
+    if isinstance(exc, LookalikeError):
+        return exc
+    names = {_qualname(cls) for cls in type(exc).__mro__}
+    for name, kind, message in BACKEND_ERRORS:
+        if name in names:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if kind is StoreError and ("locked" in text or "busy" in text):
+                kind = StoreBusyError
+            return kind(message.format(exc=text))
+    return None

@@ -26,6 +26,8 @@ import numpy as np
 from ..catalog import Catalog
 from ..errors import LookalikeError
 from ..types import Key, SearchSpec
+from .projection import map_points as map_points
+from .projection import pca_2d
 
 
 def _live(cat: Catalog) -> tuple[list[Key], np.ndarray]:
@@ -473,14 +475,7 @@ def project(cat: Catalog, method: str = "pca", save: bool = True, seed: int = 0)
         except ImportError:
             method = "pca"
     if used == "pca":
-        centred = x.astype(np.float64) - x.mean(axis=0)
-        if len(x) >= 2:
-            _, _, vt = np.linalg.svd(centred, full_matrices=False)
-            xy = centred @ vt[:2].T
-            if xy.shape[1] < 2:
-                xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
-        else:
-            xy = np.zeros((len(x), 2))
+        xy = pca_2d(x)
     xy = np.asarray(xy, dtype=np.float32)
     if save:
         cat.save_analysis(keys, {"x": xy[:, 0], "y": xy[:, 1]})

@@ -36,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..analytics.projection import map_points
 from ..catalog import Catalog, open_catalog
 from ..errors import ImageError, LookalikeError, ModelMismatchError, NotFoundError
 from ..types import SearchResult
@@ -402,16 +403,17 @@ def create_app(
 
     @app.get("/map", response_model=MapResponse, summary="2-D map of the collection")
     def get_map(limit: Annotated[int, Query(ge=1, le=MAP_MAX_POINTS)] = MAP_MAX_POINTS) -> Any:
-        if cat.model is None:
-            return {"method": "pca", "total": 0, "points": []}
-        cache = cat.vector_cache()
         with map_lock:
+            cache = cat.vector_cache() if cat.model is not None else None
             analysis = cat.analysis()
-            stamp = (cache.version, limit, len(analysis), hash(frozenset(
+            stamp = (cache.version if cache else -1, limit, len(analysis), hash(frozenset(
                 (k, v.get("cluster"), v.get("x")) for k, v in list(analysis.items())[:64])))
             if map_cache.get("version") != stamp:
+                body = map_points(cat, limit)
+                for p in body["points"]:
+                    p["thumbnail_url"] = thumbnail_url(p["image_id"], p["listing_id"])
                 map_cache["version"] = stamp
-                map_cache["body"] = _map(cache, limit, analysis)
+                map_cache["body"] = body
         return map_cache["body"]
 
     # -------------------------------------------------------------- page
@@ -422,47 +424,6 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def _map(cache: Any, limit: int, analysis: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    """2-D map of (a seeded sample of at most ``limit``) live images: the coordinates, clusters
-    and outlier scores stored by ``lookalike analyze`` where every sampled image has them, else
-    PCA of the vectors (numpy SVD). ``outlier`` is the percentile rank of the image's outlier
-    score (1.0 = the most unusual), or None."""
-    live = np.flatnonzero(cache.alive)
-    total = len(live)
-    if total > limit:
-        live = np.sort(np.random.default_rng(0).choice(live, limit, replace=False))
-    keys = [cache.keys[r] for r in live]
-    stored = [analysis.get(k, {}) for k in keys]
-    method = "analyze"
-    if keys and all(a.get("x") is not None for a in stored):
-        xy = np.array([[a["x"], a["y"]] for a in stored], dtype=np.float64)
-    else:
-        method = "pca"
-        x = cache.vectors[live].astype(np.float64)
-        if len(x) >= 2:
-            x = x - x.mean(axis=0)
-            _, _, vt = np.linalg.svd(x, full_matrices=False)
-            xy = x @ vt[:2].T
-            if xy.shape[1] < 2:
-                xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
-        else:
-            xy = np.zeros((len(x), 2))
-    scores = np.array([a.get("outlier_score") if a.get("outlier_score") is not None else np.nan
-                       for a in stored], dtype=float)
-    ranks = np.full(len(keys), np.nan)
-    known = np.isfinite(scores)
-    if known.any():
-        order = np.argsort(np.argsort(scores[known]))
-        ranks[known] = (order + 1) / known.sum()
-    points = []
-    for (lid, iid), a, (px, py), rank in zip(keys, stored, xy, ranks, strict=True):
-        points.append({"listing_id": lid, "image_id": iid, "x": float(px), "y": float(py),
-                       "cluster": a.get("cluster"),
-                       "outlier": None if np.isnan(rank) else float(rank),
-                       "thumbnail_url": thumbnail_url(iid, lid)})
-    return {"method": method, "total": total, "points": points}
 
 
 def _version() -> str:
