@@ -29,16 +29,24 @@ class SearchEngine(Protocol):
     """
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """Short engine name."""
+        ...
 
     @property
-    def cache(self) -> VectorCache: ...
+    def cache(self) -> VectorCache:
+        """The vector cache searched."""
+        ...
 
     @property
-    def code_kind(self) -> CodeKind: ...
+    def code_kind(self) -> CodeKind:
+        """What the scan reads."""
+        ...
 
     @property
-    def exact(self) -> bool: ...
+    def exact(self) -> bool:
+        """Whether answers equal exact search."""
+        ...
 
     def nbytes(self) -> int:
         """Bytes the engine holds beyond the cache (codes, indexes, device copies; 0 for
