@@ -49,9 +49,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cat = lookalike.open_catalog(tmp + "/cat")
         for a in range(0, args.n, 50_000):
-            cat.add_vectors([f"L{i // 4}" for i in range(a, min(args.n, a + 50_000))],
-                            [str(i) for i in range(a, min(args.n, a + 50_000))],
-                            x[a : a + 50_000], model=ModelInfo("bench", "1", args.d))
+            cat.add_vectors(
+                [f"L{i // 4}" for i in range(a, min(args.n, a + 50_000))],
+                [str(i) for i in range(a, min(args.n, a + 50_000))],
+                x[a : a + 50_000],
+                model=ModelInfo("bench", "1", args.d),
+            )
         exact = [set(r.image_ids) for r in cat.search(vector=queries, k=10, index="exact")]
 
         def run(index: str) -> dict:
@@ -63,9 +66,11 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             ms = np.array(times) * 1e3
             recall = float(np.mean([len(f & e) / 10 for f, e in zip(found, exact, strict=True)]))
-            return {"p50_ms": round(float(np.median(ms)), 3),
-                    "p99_ms": round(float(np.percentile(ms, 99)), 3),
-                    "recall_at_10": round(recall, 4)}
+            return {
+                "p50_ms": round(float(np.median(ms)), 3),
+                "p99_ms": round(float(np.percentile(ms, 99)), 3),
+                "recall_at_10": round(recall, 4),
+            }
 
         rows.append({"name": "exact int8 scan", "build_s": 0.0, **run("exact")})
         print(f"exact: {rows[-1]}", file=sys.stderr)
@@ -73,17 +78,26 @@ def main() -> None:
             t0 = time.perf_counter()
             ann = cat.build_index(kind)
             build = time.perf_counter() - t0
-            knob = (f"efSearch={ann.params.ef_search}" if kind == "hnsw"
-                    else f"nprobe={ann.params.nprobe}")
-            rows.append({"name": f"ann {kind} ({ann.params.factory(args.d)}, {knob})",
-                         "build_s": round(build, 1), **run(kind)})
+            knob = (
+                f"efSearch={ann.params.ef_search}"
+                if kind == "hnsw"
+                else f"nprobe={ann.params.nprobe}"
+            )
+            rows.append(
+                {
+                    "name": f"ann {kind} ({ann.params.factory(args.d)}, {knob})",
+                    "build_s": round(build, 1),
+                    **run(kind),
+                }
+            )
             print(f"{kind}: {rows[-1]}", file=sys.stderr)
         cat.close()
     exact_ms = rows[0]["p50_ms"]
     per_byte_ms = exact_ms / (args.n * args.d)
     threshold_rows = ANN_AUTO_BYTES / args.d
     summary = {
-        "n": args.n, "d": args.d,
+        "n": args.n,
+        "d": args.d,
         "exact_ms_per_million_rows": round(per_byte_ms * 1e6 * args.d, 2),
         "auto_threshold_bytes": ANN_AUTO_BYTES,
         "auto_threshold_rows_at_this_d": int(threshold_rows),
@@ -97,12 +111,16 @@ def main() -> None:
     print(f"N={args.n}, d={args.d}, {args.queries} queries, k=10")
     print(f"{'engine':<62} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>9}")
     for r in rows:
-        print(f"{r['name']:<62} {r['build_s']:>8.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-              f"{r['recall_at_10']:>9.4f}")
-    print(f"exact scan: {summary['exact_ms_per_million_rows']} ms per million rows at d={args.d}"
-          f"; index=auto switches to ANN above {ANN_AUTO_BYTES / 1e9:.1f} GB of codes "
-          f"({summary['auto_threshold_rows_at_this_d']:,} rows at this d, about "
-          f"{summary['exact_ms_at_threshold']} ms per exact query)")
+        print(
+            f"{r['name']:<62} {r['build_s']:>8.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['recall_at_10']:>9.4f}"
+        )
+    print(
+        f"exact scan: {summary['exact_ms_per_million_rows']} ms per million rows at d={args.d}"
+        f"; index=auto switches to ANN above {ANN_AUTO_BYTES / 1e9:.1f} GB of codes "
+        f"({summary['auto_threshold_rows_at_this_d']:,} rows at this d, about "
+        f"{summary['exact_ms_at_threshold']} ms per exact query)"
+    )
 
 
 if __name__ == "__main__":

@@ -236,8 +236,9 @@ def run_size(d: int, n: int, nq_single: int, bw: Bandwidth) -> list[dict]:
         best1, best64 = None, None
         for threads in sorted({1, CORES}):  # one faiss query is slower on 2 threads than on 1
             faiss.omp_set_num_threads(threads)
-            t, _, _ = timed(cycling(lambda q, ix=index: ix.search(q[None], K)), 0, bw,
-                            min_time=0.5, max_reps=20)
+            t, _, _ = timed(
+                cycling(lambda q, ix=index: ix.search(q[None], K)), 0, bw, min_time=0.5, max_reps=20
+            )
             if best1 is None or t < best1[0]:
                 best1 = (t, threads)
         faiss.omp_set_num_threads(CORES)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import lookalike
 from lookalike import spark as lsp
 from lookalike.demo import write_demo
-from lookalike.engine import ExactEngine, VectorCache
+from lookalike.engine import NumpyEngine, VectorCache
 from lookalike.extract import l2_normalize
 from lookalike.images import iter_folder
 from lookalike.lake import (
@@ -82,7 +82,7 @@ def local_cold(folder: Path, q: np.ndarray, k: int) -> float:
     order = sorted(range(len(keys)), key=keys.__getitem__)
     cache = VectorCache(d)
     cache.apply(Changes(seq=1, upserted=[keys[i] for i in order], vectors=x[order], deleted=[]))
-    ExactEngine(cache).search(q, SearchSpec(k=k))
+    NumpyEngine(cache).search(q, SearchSpec(k=k))
     return time.perf_counter() - t0
 
 
@@ -93,7 +93,7 @@ def local_warm(folder: Path, q: np.ndarray, k: int) -> float:
     cache = VectorCache(d)
     cache.apply(Changes(seq=1, upserted=[("L", f"{i:09d}") for i in range(table.num_rows)],
                         vectors=column_vectors(table.column("vector"), d), deleted=[]))
-    engine = ExactEngine(cache)
+    engine = NumpyEngine(cache)
     return timed(lambda: engine.search(q, SearchSpec(k=k)), 3)
 
 

@@ -124,3 +124,26 @@ def test_too_few_vectors_to_train(tmp_path):
         )
         with pytest.raises(lookalike.LookalikeError, match="too few"):
             cat.build_index("ivf", nlist=64)
+
+
+def test_ann_engine_is_a_search_engine_but_not_exact():
+    from lookalike.engine import NumpyEngine, SearchEngine, VectorCache
+    from lookalike.engine.ann import AnnEngine, AnnIndex, AnnParams
+    from lookalike.types import Changes, SearchSpec
+
+    rng = np.random.default_rng(3)
+    x = clustered(rng, 2000)
+    cache = VectorCache(D)
+    keys = [(f"L{i // 4:04d}", f"{i:05d}") for i in range(len(x))]
+    cache.apply(Changes(seq=1, upserted=keys, vectors=x, deleted=[]))
+    engine = AnnEngine(cache, AnnIndex.build(cache, AnnParams(kind="hnsw")))
+    assert isinstance(engine, SearchEngine) and not isinstance(engine, NumpyEngine)
+    assert engine.name == "ann" and engine.exact is False and engine.code_kind == "float32"
+    assert engine.nbytes() > len(x) * D * 4  # a flat copy of the vectors plus the graph
+    q = x[:3]
+    spec = SearchSpec(k=5, group_by="listing")
+    for got, want in zip(engine.search(q, spec), NumpyEngine(cache).search(q, spec), strict=True):
+        assert got.rows[0] == want.rows[0]  # the query's own listing, found by the graph
+        assert got.scores[0] == pytest.approx(want.scores[0], abs=1e-5)  # exact re-score
+    with pytest.raises(QueryError, match="listing_mask"):
+        engine.search(q, SearchSpec(k=5, listing_mask=np.ones(3, bool)))

@@ -1,4 +1,5 @@
-"""The exact engine against the brute-force oracle: top-k, threshold, grouping, filters, deletes."""
+"""Every exact engine against the brute-force oracle: top-k, threshold, grouping, filters,
+deletes; the compiled and GPU engines against the numpy reference."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
-from lookalike.engine import ExactEngine, VectorCache, check_spec
+from lookalike.engine import NumpyEngine, SearchEngine, VectorCache, check_spec
 from lookalike.engine import _kernels as kernels
 from lookalike.engine.fast import FastEngine
 from lookalike.engine.gpu import TorchEngine
+from lookalike.engine.refine import RowFilter
 from lookalike.errors import QueryError
 from lookalike.types import Changes, SearchSpec
 
@@ -26,9 +28,9 @@ def engine_kind(request):
     kernels.set_isa("auto")
 
 
-def make_engine(cache, kind):
+def make_engine(cache, kind) -> SearchEngine:
     if kind == "numpy":
-        return ExactEngine(cache)
+        return NumpyEngine(cache)
     if kind == "torch":  # the GPU engine, run on the CPU device so every machine tests it
         return TorchEngine(cache, device="cpu", rerank=1)
     return FastEngine(cache, codes=kind, rerank=1)
@@ -201,11 +203,14 @@ def test_batch_of_queries_equals_single_queries(engine_kind):
     rng = np.random.default_rng(14)
     keys, vectors = random_collection(rng)
     cache = make_cache(keys, vectors)
-    queries = oracle.quantized(rng, 19, 8)  # 2 full groups of 8 queries and a partial one
+    queries = oracle.quantized(rng, 19, 8)  # a full group of 16 queries and a partial one
     engine = make_engine(cache, engine_kind)
-    reference = ExactEngine(cache)
-    for spec in (SearchSpec(k=7), SearchSpec(k=3, listing_mask=np.arange(7) % 2 == 0),
-                 SearchSpec(k=5, threshold=0.25)):
+    reference = NumpyEngine(cache)
+    for spec in (
+        SearchSpec(k=7),
+        SearchSpec(k=3, listing_mask=np.arange(7) % 2 == 0),
+        SearchSpec(k=5, threshold=0.25),
+    ):
         batch = engine.search(queries, spec)
         for q, hits in zip(queries, batch, strict=True):
             single = reference.search(q, spec)[0]
@@ -217,13 +222,13 @@ def test_batch_of_queries_equals_single_queries(engine_kind):
 def test_nan_or_inf_query_is_a_clear_error(bad):
     cache = make_cache([("a", "a/1")], np.ones((1, 8), np.float32))
     with pytest.raises(QueryError, match="NaN or infinity"):
-        ExactEngine(cache).search(bad, SearchSpec())
+        NumpyEngine(cache).search(bad, SearchSpec())
 
 
 def test_wrong_dimension_query_is_a_clear_error():
     cache = make_cache([("a", "a/1")], np.ones((1, 8), np.float32))
     with pytest.raises(QueryError, match="d=5"):
-        ExactEngine(cache).search(np.ones(5, np.float32), SearchSpec())
+        NumpyEngine(cache).search(np.ones(5, np.float32), SearchSpec())
 
 
 @pytest.mark.parametrize(
@@ -281,7 +286,7 @@ def test_fast_engine_equals_exact_engine_at_scale(codes, n):
     prototypes = oracle.quantized(rng, 8, 32, levels=1)
     vectors[::2] = prototypes[rng.integers(0, 8, n // 2)]  # hundreds of exact duplicates: ties
     cache = make_cache(keys, vectors)
-    fast, exact = make_engine(cache, codes), ExactEngine(cache)
+    fast, exact = make_engine(cache, codes), NumpyEngine(cache)
     mask = rng.random(n_listings) < 0.7
     specs = [
         SearchSpec(k=10),
@@ -316,7 +321,7 @@ def test_proof_widens_when_ties_straddle_the_candidates(codes, grouped):
     fast = make_engine(cache, codes)
     spec = SearchSpec(k=10, group_by="listing" if grouped else None)
     got = fast.search(v, spec)[0]
-    want = ExactEngine(cache).search(v, spec)[0]
+    want = NumpyEngine(cache).search(v, spec)[0]
     assert got.rows.tolist() == want.rows.tolist()
     assert len(set(got.scores.tolist())) == 1  # all tied
     assert fast.widened == 1
@@ -330,7 +335,7 @@ def test_real_valued_vectors_give_the_exact_top_k(codes):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     keys = [(f"L{i // 4}", f"{i}") for i in range(n)]
     cache = make_cache(keys, x)
-    fast, exact = FastEngine(cache, codes=codes), ExactEngine(cache)
+    fast, exact = FastEngine(cache, codes=codes), NumpyEngine(cache)
     queries = rng.standard_normal((12, d)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     got = fast.search(queries, SearchSpec(k=10))
@@ -348,13 +353,13 @@ def test_codes_follow_appends_deletes_and_compaction():
     q = oracle.quantized(rng, 1, 8)[0]
     spec = SearchSpec(k=15)
     assert (
-        fast.search(q, spec)[0].rows.tolist() == ExactEngine(cache).search(q, spec)[0].rows.tolist()
+        fast.search(q, spec)[0].rows.tolist() == NumpyEngine(cache).search(q, spec)[0].rows.tolist()
     )
     cache.apply(Changes(seq=2, upserted=keys[100:], vectors=vectors[100:], deleted=keys[:10]))
     for _ in range(2):
         assert (
             fast.search(q, spec)[0].rows.tolist()
-            == ExactEngine(cache).search(q, spec)[0].rows.tolist()
+            == NumpyEngine(cache).search(q, spec)[0].rows.tolist()
         )
         cache.apply(
             Changes(seq=3, upserted=[], vectors=np.zeros((0, 8), np.float32), deleted=keys[10:120])
@@ -372,8 +377,29 @@ def test_margin_bounds_the_int8_error():
     for _ in range(20):
         q = rng.standard_normal(48).astype(np.float32)
         q /= np.linalg.norm(q)
-        pq = fast.table.prepare(q)
-        approx = fast._dense(pq, None, None)
+        prepared = fast.scanner.prepare(q)
+        approx = fast.scanner.dense(prepared, RowFilter())
         err = np.abs(approx - x @ q).max()
-        assert err <= pq.margin
-        assert pq.margin < 0.05  # and the bound is tight enough to be useful
+        assert err <= prepared.margin
+        assert prepared.margin < 0.05  # and the bound is tight enough to be useful
+
+
+@pytest.mark.parametrize("kind", ["numpy", "int8", "float16", "float32", "torch"])
+def test_engines_implement_the_protocol(kind):
+    cache = make_cache([("a", "a/1")], np.ones((1, 8), np.float32))
+    engine = make_engine(cache, kind)
+    assert isinstance(engine, SearchEngine)
+    assert engine.exact and engine.cache is cache
+    assert engine.search(np.ones(8, np.float32), SearchSpec(k=1))[0].rows.tolist() == [0]
+    assert engine.code_kind == ("float32" if kind in ("numpy", "torch") else kind)
+    assert engine.nbytes() >= 0
+    assert (engine.nbytes() == 0) == (kind in ("numpy", "float32"))
+
+
+def test_kernel_constants_are_read_from_the_extension():
+    from lookalike.engine import codes, refine
+
+    assert codes.BLOCK == kernels.BLOCK == 16
+    assert codes.KINDS == {"float32": 0, "float16": 1, "int8": 2}
+    assert set(refine.KERNEL_AGG) == {"max", "mean", "sum-top-n"}
+    assert kernels.QUERY_BLOCK == 16

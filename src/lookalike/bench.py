@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from .catalog import Catalog
-from .engine import CODES, ExactEngine, kernels_available, make_engine
+from .engine import CODES, NumpyEngine, kernels_available, make_engine
 from .engine.ann import ANN_KINDS
 from .types import SearchSpec
 
 
-def _run(engine: ExactEngine, queries: np.ndarray, spec: SearchSpec) -> tuple[list, list]:
+def _run(engine: NumpyEngine, queries: np.ndarray, spec: SearchSpec) -> tuple[list, list]:
     engine.search(queries[0], spec)  # warm up (codes, indexes)
     times, rows = [], []
     for q in queries:
@@ -40,7 +40,7 @@ def bench_catalog(cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0
     pick = rng.choice(live, size=min(n_queries, len(live)), replace=False)
     queries = np.ascontiguousarray(cache.vectors[pick])
     spec = SearchSpec(k=k)
-    engines: list[tuple[str, ExactEngine]] = [("exact numpy", ExactEngine(cache))]
+    engines: list[tuple[str, NumpyEngine]] = [("exact numpy", NumpyEngine(cache))]
     if kernels_available()[0]:
         engines += [(f"exact fast {c}", make_engine(cache, "fast", codes=c)) for c in CODES]
     for kind in ANN_KINDS:

@@ -297,12 +297,12 @@ class Catalog(CatalogWrites, CatalogRows):
         cache = engine.cache
         out.update(
             model={"name": model.name, "version": model.version, "dim": model.dim},
-            listings=int(np.unique(cache.codes[cache.alive]).size),  # MERGE-ENGINE
+            listings=int(np.unique(cache.row_listing[cache.alive]).size),
             engine=engine.name,
-            codes=str(getattr(engine, "codes", "float32")),  # MERGE-ENGINE
+            codes=str(engine.code_kind),
             cache_rows=cache.n_rows,
             cache_bytes=cache.nbytes(),
-            codes_bytes=int(getattr(engine, "nbytes", lambda: 0)()),  # MERGE-ENGINE
+            codes_bytes=engine.nbytes(),
         )
         return out
 

@@ -134,9 +134,7 @@ class EngineSet:
                 )
             return eng
         cache = exact.cache
-        scan_bytes = (
-            cache.n_alive * cache.dim * CodeKind(getattr(exact, "codes", "float32")).itemsize
-        )  # MERGE-ENGINE
+        scan_bytes = cache.n_alive * cache.dim * CodeKind(exact.code_kind).itemsize
         if scan_bytes >= ANN_AUTO_BYTES:
             for kind in IndexKind.ann():
                 eng = self.ann(kind)

@@ -1,14 +1,22 @@
-"""The search engine: an in-RAM vector cache synced from the store, and the scan over it.
+"""The search engine: an in-RAM vector cache synced from the store, and the search over it.
 
 The engine knows nothing of files, models or HTTP: it sees ``(n, d) float32`` vectors, keys,
-listing codes and listing attributes.
+listing numbers and listing attributes. Its modules:
 
-* :class:`~lookalike.engine.exact.ExactEngine` (numpy) is the reference implementation of the
-  search semantics;
-* :class:`~lookalike.engine.fast.FastEngine` scans int8 / float16 / float32 codes with the
-  compiled kernels and returns the same answers (exact re-scoring with a proof);
-* :func:`make_engine` picks one: the fast engine when its C extension is built, numpy (with a
-  warning) when it is not.
+* ``protocol.py``: :class:`SearchEngine`, what every engine offers (``make_engine`` returns one);
+* ``cache.py``: :class:`VectorCache` and :class:`ListingTable`;
+* ``checks.py``: validation of specs, queries and listing masks (:func:`check_spec`, ...);
+* ``ranking.py``: the search semantics (thresholds, aggregation, tie order), shared by all;
+* ``filters.py``: ``where`` expressions over listing attributes (:func:`parse_where`);
+* ``numpy_engine.py``: :class:`NumpyEngine`, the reference (oracle) implementation;
+* ``codes.py``, ``refine.py``, ``fast.py``: the compiled engine :class:`FastEngine` (int8 /
+  float16 / float32 codes scanned by ``_kernels.c``, exact re-scoring with a proof);
+* ``gpu.py``: :class:`TorchEngine`, the same loop with the scan on a torch device;
+* ``ann.py``: faiss indexes and :class:`AnnEngine` (approximate).
+
+:func:`make_engine` picks one: torch on a CUDA GPU, else the fast engine when its C extension
+is built, else numpy (with a warning). Only this module, ``numpy_engine``, ``ann`` and the
+modules they import work without the compiled extension.
 """
 
 from __future__ import annotations
@@ -17,24 +25,26 @@ import logging
 import warnings
 
 from ..errors import LookalikeError
-from ..types import RawHits, SearchSpec
+from ..types import Aggregation, CodeKind, EngineKind, RawHits, SearchSpec, choices
 from .cache import ListingTable, VectorCache
-from .exact import AGGREGATIONS, ExactEngine, check_queries, check_spec
+from .checks import check_listing_mask, check_queries, check_spec
 from .filters import Expr, parse_where
+from .numpy_engine import NumpyEngine
+from .protocol import SearchEngine
 
 log = logging.getLogger(__name__)
 
-SearchEngine = ExactEngine  # MERGE-ENGINE: replaced by the protocol
+#: Engines :func:`make_engine` knows (``EngineKind`` values as plain strings).
+ENGINES: tuple[str, ...] = choices(EngineKind)
+#: Code kinds of the fast engine (``CodeKind`` values as plain strings).
+CODES: tuple[str, ...] = choices(CodeKind)
+#: Per-listing aggregations (``Aggregation`` values as plain strings).
+AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 
-
-#: Engines :func:`make_engine` knows.
-ENGINES: tuple[str, ...] = ("auto", "fast", "numpy", "torch")
-#: Code kinds of the fast engine.
-CODES: tuple[str, ...] = ("int8", "float16", "float32")
 
 
 def kernels_available() -> tuple[bool, str]:
-    """Whether the compiled scan kernels import, and why not."""
+    """Whether the compiled scan kernels import, and why not (the ImportError's message)."""
     try:
         from . import _kernels  # noqa: F401
     except ImportError as exc:
@@ -48,13 +58,16 @@ def make_engine(
     codes: str = "int8",
     rerank: int = 4,
     device: str | None = None,
-) -> ExactEngine:
-    """Build the search engine for ``cache``.
+) -> SearchEngine:
+    """Build the exact search engine for ``cache``.
 
     Args:
+        cache: the vector cache.
         engine: ``auto`` (torch on a CUDA GPU when one is present, else the compiled CPU
-            kernels, else numpy with a warning), ``fast``, ``numpy``, or ``torch``.
-        codes: code kind of the fast engine (``int8``, ``float16``, ``float32``).
+            kernels, else numpy with a warning), ``fast``, ``numpy``, or ``torch``
+            (:class:`~lookalike.types.EngineKind`).
+        codes: code kind of the fast engine (``int8``, ``float16``, ``float32``;
+            :class:`~lookalike.types.CodeKind`).
         rerank: candidates per requested hit before the exactness check.
         device: torch device for ``engine="torch"`` (default ``cuda``).
 
@@ -65,17 +78,17 @@ def make_engine(
         raise LookalikeError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if codes not in CODES:
         raise LookalikeError(f"unknown codes {codes!r}; use one of {', '.join(CODES)}")
-    if engine == "numpy":
-        return ExactEngine(cache)
+    if engine == EngineKind.NUMPY:
+        return NumpyEngine(cache)
     ok, why = kernels_available()
-    if engine == "torch" or (engine == "auto" and ok and _cuda()):
+    if engine == EngineKind.TORCH or (engine == EngineKind.AUTO and ok and _cuda()):
         if not ok:
             raise LookalikeError(f"the torch engine needs the compiled kernels too: {why}")
         from .gpu import TorchEngine
 
         return TorchEngine(cache, device=device or "cuda", rerank=rerank)
     if not ok:
-        if engine == "fast":
+        if engine == EngineKind.FAST:
             raise LookalikeError(f"compiled scan kernels unavailable: {why}")
         msg = (
             f"lookalike: compiled scan kernels unavailable ({why}); searching with numpy "
@@ -83,7 +96,7 @@ def make_engine(
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
-        return ExactEngine(cache)
+        return NumpyEngine(cache)
     from .fast import FastEngine
 
     return FastEngine(cache, codes=codes, rerank=rerank)
@@ -99,13 +112,14 @@ __all__ = [
     "AGGREGATIONS",
     "CODES",
     "ENGINES",
-    "ExactEngine",
     "Expr",
     "ListingTable",
+    "NumpyEngine",
     "RawHits",
     "SearchEngine",
     "SearchSpec",
     "VectorCache",
+    "check_listing_mask",
     "check_queries",
     "check_spec",
     "kernels_available",

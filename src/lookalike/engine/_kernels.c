@@ -1,13 +1,13 @@
 /*
  * lookalike scan kernels: inner products of one or many queries with every row of a table of
- * codes, multi-threaded over rows (OpenMP), with top-k selection by per-thread min-heaps and a
+ * codes, multi-threaded over rows (OpenMP), with top-k selection by per-thread reservoirs and a
  * per-listing aggregation pass. Built by the package's own setuptools build; Python falls back
  * to numpy (with a warning) when this module is missing.
  *
  * Code layouts (n rows, d dims; rows are grouped in blocks of BLOCK = 16):
- *   KIND_F32  row-major float32, n x d (the engine's float32 copy, no extra memory)
- *   KIND_F16  packed float16: block b, dim j, slot s at ((b * d) + j) * 16 + s
- *   KIND_I8   packed uint8 = int8 code + 128, d padded to dp = 4 * ceil(d / 4):
+ *   KIND_FLOAT32  row-major float32, n x d (the engine's float32 copy, no extra memory)
+ *   KIND_FLOAT16  packed float16: block b, dim j, slot s at ((b * d) + j) * 16 + s
+ *   KIND_INT8     packed uint8 = int8 code + 128, d padded to dp = 4 * ceil(d / 4):
  *             block b, dim group g = j / 4, slot s, byte j % 4 at
  *             ((b * dp / 4 + g) * 16 + s) * 4 + j % 4
  * The packed layouts put 16 rows side by side, so one AVX-512 instruction works on 16 rows:
@@ -18,12 +18,17 @@
  * offset; the addition is done in int32, so it is exact.
  *
  * Excluded rows (deleted, or their listing filtered out) get the score -INFINITY in dense
- * output and never enter a top-k heap. The filter is checked only for rows whose score would
- * enter a heap, so an unselective scan pays nothing for it.
+ * output and never enter a top-k reservoir. The filter is checked only for rows whose score
+ * would enter a reservoir, so an unselective scan pays nothing for it.
  *
  * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) paths are compiled with target attributes and
  * chosen at run time with __builtin_cpu_supports; every kernel has a portable C fallback.
  * LOOKALIKE_KERNEL_ISA=generic forces the fallback (used by the tests).
+ *
+ * The module exports its constants (BLOCK, QUERY_BLOCK, MAX_TOP_N, KIND_*, AGG_*) as ints, so
+ * Python reads them from here instead of keeping copies; _kernels.pyi types every function.
+ * Naming: "codes" are only the compressed vectors of a table; the listing number of each row
+ * (a position in the engine's listing table) is `row_listing`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,20 +54,20 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
 #endif
-enum { KIND_F32 = 0, KIND_F16 = 1, KIND_I8 = 2 };
+enum { KIND_FLOAT32 = 0, KIND_FLOAT16 = 1, KIND_INT8 = 2 };
 enum { AGG_MAX = 0, AGG_MEAN = 1, AGG_SUM_TOP_N = 2 };
 
 static int use_avx512 = 0;
 
 /* ------------------------------------------------------------------------------------------ */
-/* tables, filters, heaps                                                                      */
+/* tables, filters, reservoirs                                                                 */
 
 typedef struct {
     int kind;
     const void *data;
     int64_t n, d, dp;       /* dp: padded dimension of int8 tables */
-    const int32_t *codes;   /* listing code per row, or NULL */
-    const uint8_t *lmask;   /* keep-listing flag per code, or NULL */
+    const int32_t *row_listing; /* listing number of each row, or NULL */
+    const uint8_t *lmask;   /* keep flag per listing number, or NULL */
     const uint8_t *alive;   /* live flag per row, or NULL */
 } Table;
 
@@ -75,7 +80,7 @@ typedef struct {
 
 static inline int row_ok(const Table *t, int64_t i) {
     if (t->alive && !t->alive[i]) return 0;
-    if (t->lmask && !t->lmask[t->codes[i]]) return 0;
+    if (t->lmask && !t->lmask[t->row_listing[i]]) return 0;
     return 1;
 }
 
@@ -83,13 +88,13 @@ static inline int row_ok(const Table *t, int64_t i) {
  * current floor are appended to a buffer of 2 * cap; when it is full, a quickselect keeps the
  * best cap and raises the floor to the weakest kept. Amortised O(1) per candidate, against
  * O(log cap) for a binary heap, which matters when many candidates arrive (large cap, short
- * scans). The buffers s and r hold 2 * cap entries; call heap_finish before reading them. */
+ * scans). The buffers s and r hold 2 * cap entries; call reservoir_finish before reading them. */
 typedef struct {
-    float *s;
-    int64_t *r;
-    int64_t size, cap;
-    float floor;
-} Heap;
+    float *s;               /* scores, 2 * cap slots */
+    int64_t *r;             /* row (or index) of each score */
+    int64_t size, cap;      /* entries held; entries kept at a trim */
+    float floor;            /* only scores above it are taken: the weakest kept at the last trim */
+} Reservoir;
 
 /* Reorder s[0..n) (with r) so that s[0..k) are the k largest values. */
 static void select_top(float *s, int64_t *r, int64_t n, int64_t k) {
@@ -123,7 +128,7 @@ static void select_top(float *s, int64_t *r, int64_t n, int64_t k) {
     }
 }
 
-static void heap_trim(Heap *h) {
+static void reservoir_trim(Reservoir *h) {
     if (h->size <= h->cap) return;
     select_top(h->s, h->r, h->size, h->cap);
     h->size = h->cap;
@@ -133,17 +138,17 @@ static void heap_trim(Heap *h) {
     h->floor = f;
 }
 
-static inline void heap_push(Heap *h, float s, int64_t r) {
+static inline void reservoir_push(Reservoir *h, float s, int64_t r) {
     if (!(s > h->floor)) return;
     h->s[h->size] = s;
     h->r[h->size] = r;
-    if (++h->size == 2 * h->cap) heap_trim(h);
+    if (++h->size == 2 * h->cap) reservoir_trim(h);
 }
 
-static inline float heap_floor(const Heap *h) { return h->floor; }
+static inline float reservoir_floor(const Reservoir *h) { return h->floor; }
 
 /* Keep the best cap entries; afterwards s[0..size) are the result (unordered). */
-static inline void heap_finish(Heap *h) { heap_trim(h); }
+static inline void reservoir_finish(Reservoir *h) { reservoir_trim(h); }
 
 #if LK_X86
 /* Bit s set when sc[s] > floor: one vector compare instead of 16 scalar ones. */
@@ -152,19 +157,20 @@ __attribute__((target("avx512f"))) static unsigned above_floor(const float *sc, 
 }
 #endif
 
-/* Offer 16 scores of block b (rows b*16 ..) to a heap; only scores above the heap floor are
+/* Offer 16 scores of block b (rows b*16 ..) to a reservoir; only scores above its floor are
  * checked against the filter. */
-static inline void offer_block(Heap *h, const Table *t, int64_t b, const float *sc) {
+static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const float *sc) {
     unsigned m = 0xFFFFu;
 #if LK_X86
-    if (use_avx512) m = above_floor(sc, heap_floor(h)); /* usually 0 once the heap is full */
+    /* usually 0 once the reservoir has filled */
+    if (use_avx512) m = above_floor(sc, reservoir_floor(h));
 #endif
     while (m) {
         const int s = __builtin_ctz(m);
         m &= m - 1;
         const int64_t i = b * BLOCK + s;
         if (i >= t->n) break;
-        if (sc[s] > heap_floor(h) && row_ok(t, i)) heap_push(h, sc[s], i);
+        if (sc[s] > reservoir_floor(h) && row_ok(t, i)) reservoir_push(h, sc[s], i);
     }
 }
 
@@ -173,7 +179,7 @@ static inline void offer_block(Heap *h, const Table *t, int64_t b, const float *
 
 static void block_scores_generic(const Table *t, const Query *q, int64_t b, float *sc) {
     const int64_t d = t->d;
-    if (t->kind == KIND_F32) {
+    if (t->kind == KIND_FLOAT32) {
         const float *x = (const float *)t->data;
         for (int s = 0; s < BLOCK; s++) {
             int64_t i = b * BLOCK + s;
@@ -184,7 +190,7 @@ static void block_scores_generic(const Table *t, const Query *q, int64_t b, floa
             }
             sc[s] = acc;
         }
-    } else if (t->kind == KIND_F16) {
+    } else if (t->kind == KIND_FLOAT16) {
         /* portable half -> float through the compiler's _Float16 when present */
         const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
         float acc[BLOCK] = {0};
@@ -232,13 +238,13 @@ LK_AVX512 static inline float dot_f32_avx512(const float *x, const float *q, int
 
 LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
     const int64_t d = t->d;
-    if (t->kind == KIND_F32) {
+    if (t->kind == KIND_FLOAT32) {
         const float *x = (const float *)t->data;
         for (int s = 0; s < BLOCK; s++) {
             int64_t i = b * BLOCK + s;
             sc[s] = i < t->n ? dot_f32_avx512(x + i * d, q->f, d) : 0.0f;
         }
-    } else if (t->kind == KIND_F16) {
+    } else if (t->kind == KIND_FLOAT16) {
         const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         int64_t j = 0;
@@ -310,7 +316,7 @@ static void block_scores_batch_generic(const Table *t, const Query *qs, const vo
 LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
                                                 const void *inter, int nqb, int64_t b,
                                                 float sc[QB][BLOCK]) {
-    if (t->kind == KIND_I8 && nqb == QB) {
+    if (t->kind == KIND_INT8 && nqb == QB) {
         /* QB accumulators stay in registers: each 64-byte load of 16 rows x 4 dims feeds QB
          * VPDPBUSD, one per query, with the query's 4 bytes broadcast from memory */
         const int64_t groups = t->dp / 4;
@@ -333,7 +339,7 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
         }
         return;
     }
-    if (t->kind == KIND_F16 && nqb == QB) {
+    if (t->kind == KIND_FLOAT16 && nqb == QB) {
         const int64_t d = t->d;
         const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
         const float *iq = (const float *)inter;
@@ -366,7 +372,7 @@ static inline void block_scores_batch(const Table *t, const Query *qs, const voi
  * QB queries, float -> float [d][QB]; a last partial group is zero-padded. */
 static void *interleave_queries(const Table *t, const Query *qs, int64_t nq, int64_t *stride) {
     const int64_t ngroups = (nq + QB - 1) / QB;
-    if (t->kind == KIND_I8) {
+    if (t->kind == KIND_INT8) {
         const int64_t steps = t->dp / 4;
         int32_t *out = (int32_t *)calloc((size_t)(ngroups * steps * QB), sizeof(int32_t));
         if (!out) return NULL;
@@ -379,7 +385,7 @@ static void *interleave_queries(const Table *t, const Query *qs, int64_t nq, int
     const int64_t d = t->d;
     float *out = (float *)calloc((size_t)(ngroups * d * QB), sizeof(float));
     if (!out) return NULL;
-    if (t->kind != KIND_F32)
+    if (t->kind != KIND_FLOAT32)
         for (int64_t k = 0; k < nq; k++)
             for (int64_t j = 0; j < d; j++) out[((k / QB) * d + j) * QB + k % QB] = qs[k].f[j];
     *stride = d * QB * 4;
@@ -406,9 +412,9 @@ LK_AVX512 static void exclude_rows_avx512(const Table *t, int64_t i0, int64_t m,
         keep &= _mm_cmpneq_epi8_mask(a, _mm_setzero_si128());
     }
     if (t->lmask) {
-        __m512i codes = _mm512_loadu_si512(t->codes + i0);
+        __m512i lnum = _mm512_loadu_si512(t->row_listing + i0);
         /* 4-byte gathers at byte offsets; only the low byte is ours (lmask is padded by 3) */
-        __m512i flags = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, codes,
+        __m512i flags = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, lnum,
                                                     (const void *)t->lmask, 1);
         keep &= _mm512_test_epi32_mask(flags, _mm512_set1_epi32(0xFF));
     }
@@ -431,14 +437,14 @@ static inline void exclude_rows(const Table *t, int64_t i0, int64_t m, float *o)
 /* argument parsing helpers                                                                    */
 
 typedef struct {
-    Py_buffer data, query, codes, lmask, alive;
-    int has_codes, has_lmask, has_alive;
+    Py_buffer data, query, row_listing, lmask, alive;
+    int has_row_listing, has_lmask, has_alive;
 } Bufs;
 
 static void release(Bufs *b) {
     PyBuffer_Release(&b->data);
     PyBuffer_Release(&b->query);
-    if (b->has_codes) PyBuffer_Release(&b->codes);
+    if (b->has_row_listing) PyBuffer_Release(&b->row_listing);
     if (b->has_lmask) PyBuffer_Release(&b->lmask);
     if (b->has_alive) PyBuffer_Release(&b->alive);
 }
@@ -459,16 +465,17 @@ static int optional_buffer(PyObject *obj, Py_buffer *view, int *has, Py_ssize_t 
 
 static int64_t table_bytes(int kind, int64_t n, int64_t d, int64_t dp) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    if (kind == KIND_F32) return n * d * 4;
-    if (kind == KIND_F16) return blocks * BLOCK * d * 2;
+    if (kind == KIND_FLOAT32) return n * d * 4;
+    if (kind == KIND_FLOAT16) return blocks * BLOCK * d * 2;
     return blocks * BLOCK * dp;
 }
 
-/* Parse (kind, data, n, d, codes, lmask, alive) into a Table. */
+/* Parse (kind, data, n, d, row_listing, lmask, alive) into a Table. */
 static int parse_table(Table *t, Bufs *b, int kind, PyObject *data, long long n, long long d,
-                       PyObject *codes, PyObject *lmask, PyObject *alive, Py_ssize_t n_listings) {
+                       PyObject *row_listing, PyObject *lmask, PyObject *alive,
+                       Py_ssize_t n_listings) {
     memset(b, 0, sizeof(*b));
-    if (kind < 0 || kind > 2) {
+    if (kind < KIND_FLOAT32 || kind > KIND_INT8) {
         PyErr_SetString(PyExc_ValueError, "kind must be 0 (f32), 1 (f16) or 2 (i8)");
         return -1;
     }
@@ -487,15 +494,17 @@ static int parse_table(Table *t, Bufs *b, int kind, PyObject *data, long long n,
         return -1;
     }
     t->data = b->data.buf;
-    if (optional_buffer(codes, &b->codes, &b->has_codes, n * 4, "codes") < 0) return -1;
+    if (optional_buffer(row_listing, &b->row_listing, &b->has_row_listing, n * 4,
+                        "row_listing") < 0)
+        return -1;
     /* +3: the AVX-512 path gathers 4 bytes at each listing's offset */
     if (optional_buffer(lmask, &b->lmask, &b->has_lmask, n_listings + 3, "lmask") < 0) return -1;
     if (optional_buffer(alive, &b->alive, &b->has_alive, n, "alive") < 0) return -1;
-    if (b->has_lmask && !b->has_codes) {
-        PyErr_SetString(PyExc_ValueError, "lmask needs codes");
+    if (b->has_lmask && !b->has_row_listing) {
+        PyErr_SetString(PyExc_ValueError, "lmask needs row_listing");
         return -1;
     }
-    t->codes = b->has_codes ? (const int32_t *)b->codes.buf : NULL;
+    t->row_listing = b->has_row_listing ? (const int32_t *)b->row_listing.buf : NULL;
     t->lmask = b->has_lmask ? (const uint8_t *)b->lmask.buf : NULL;
     t->alive = b->has_alive ? (const uint8_t *)b->alive.buf : NULL;
     return 0;
@@ -506,7 +515,7 @@ static int query_from_buffer(const Table *t, Py_buffer *qb, int64_t index, doubl
     memset(q, 0, sizeof(*q));
     q->scale = (float)scale;
     q->offset = (int32_t)llround(offset);
-    if (t->kind == KIND_I8) {
+    if (t->kind == KIND_INT8) {
         if (qb->len < (index + 1) * t->dp) {
             PyErr_SetString(PyExc_ValueError, "query: too short for an int8 table (dp bytes)");
             return -1;
@@ -528,10 +537,10 @@ static int threads_for(int64_t n, int requested) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* scores(kind, data, n, d, query, qscale, qoffset, codes, lmask, alive, n_listings, out, threads,
- *        kk, out_rows, out_scores) -> count
+/* scores(kind, data, n, d, query, qscale, qoffset, row_listing, lmask, alive, n_listings, out,
+ *        threads, kk, out_rows, out_scores) -> count
  * out[i] = score of row i, or -inf where excluded. With kk > 0 the scan also keeps, per thread,
- * a min-heap of its kk best rows and returns the merged kk best (unordered) in out_rows (int64)
+ * a reservoir of its kk best rows and returns the merged kk best (unordered) in out_rows (int64)
  * and out_scores (f32), and their count; with kk = 0 those may be None and it returns 0. */
 
 static PyObject *py_scores(PyObject *self, PyObject *args) {
@@ -539,22 +548,22 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
     long long n, d, kk;
     double qscale, qoffset;
     Py_ssize_t n_listings;
-    PyObject *data, *query, *codes, *lmask, *alive, *rows_o, *scores_o;
+    PyObject *data, *query, *row_listing, *lmask, *alive, *rows_o, *scores_o;
     Py_buffer out, orow, osc;
     if (!PyArg_ParseTuple(args, "iOLLOddOOOnw*iLOO", &kind, &data, &n, &d, &query, &qscale,
-                          &qoffset, &codes, &lmask, &alive, &n_listings, &out, &threads, &kk,
+                          &qoffset, &row_listing, &lmask, &alive, &n_listings, &out, &threads, &kk,
                           &rows_o, &scores_o))
         return NULL;
     Table t;
     Bufs b;
     Query q;
-    Heap *heaps = NULL;
-    float *hs = NULL;
-    int64_t *hr = NULL;
+    Reservoir *reservoirs = NULL;
+    float *rs_buf = NULL;
+    int64_t *rr_buf = NULL;
     PyObject *result = NULL;
     memset(&orow, 0, sizeof(orow));
     memset(&osc, 0, sizeof(osc));
-    if (parse_table(&t, &b, kind, data, n, d, codes, lmask, alive, n_listings) < 0) goto done;
+    if (parse_table(&t, &b, kind, data, n, d, row_listing, lmask, alive, n_listings) < 0) goto done;
     if (PyObject_GetBuffer(query, &b.query, PyBUF_SIMPLE) < 0) goto done;
     if (query_from_buffer(&t, &b.query, 0, qscale, qoffset, &q) < 0) goto done;
     if (out.len < n * 4 || kk < 0) {
@@ -570,18 +579,18 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "scores: top-k outputs too small");
             goto done;
         }
-        heaps = (Heap *)calloc((size_t)nt, sizeof(Heap));
-        hs = (float *)malloc((size_t)(nt * 2 * kk) * sizeof(float));
-        hr = (int64_t *)malloc((size_t)(nt * 2 * kk) * sizeof(int64_t));
-        if (!heaps || !hs || !hr) {
+        reservoirs = (Reservoir *)calloc((size_t)nt, sizeof(Reservoir));
+        rs_buf = (float *)malloc((size_t)(nt * 2 * kk) * sizeof(float));
+        rr_buf = (int64_t *)malloc((size_t)(nt * 2 * kk) * sizeof(int64_t));
+        if (!reservoirs || !rs_buf || !rr_buf) {
             PyErr_NoMemory();
             goto done;
         }
         for (int th = 0; th < nt; th++) {
-            heaps[th].s = hs + th * 2 * kk;
-            heaps[th].r = hr + th * 2 * kk;
-            heaps[th].cap = kk;
-            heaps[th].floor = -INFINITY;
+            reservoirs[th].s = rs_buf + th * 2 * kk;
+            reservoirs[th].r = rr_buf + th * 2 * kk;
+            reservoirs[th].cap = kk;
+            reservoirs[th].floor = -INFINITY;
         }
     }
     float *o = (float *)out.buf;
@@ -595,7 +604,7 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        Heap *h = heaps ? &heaps[tid] : NULL;
+        Reservoir *h = reservoirs ? &reservoirs[tid] : NULL;
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < blocks; bi++) {
             float sc[BLOCK];
@@ -607,25 +616,25 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
             if (filtered) exclude_rows(&t, i0, m, ob);
             if (h)
                 for (int64_t s = 0; s < m; s++)
-                    if (ob[s] > heap_floor(h)) heap_push(h, ob[s], i0 + s);
+                    if (ob[s] > reservoir_floor(h)) reservoir_push(h, ob[s], i0 + s);
         }
     }
-    if (heaps) {
-        for (int th = 0; th < nt; th++) heap_finish(&heaps[th]);
+    if (reservoirs) {
+        for (int th = 0; th < nt; th++) reservoir_finish(&reservoirs[th]);
         for (int th = 1; th < nt; th++)
-            for (int64_t e = 0; e < heaps[th].size; e++)
-                heap_push(&heaps[0], heaps[th].s[e], heaps[th].r[e]);
-        heap_finish(&heaps[0]);
-        count = heaps[0].size;
-        memcpy(orow.buf, heaps[0].r, (size_t)count * sizeof(int64_t));
-        memcpy(osc.buf, heaps[0].s, (size_t)count * sizeof(float));
+            for (int64_t e = 0; e < reservoirs[th].size; e++)
+                reservoir_push(&reservoirs[0], reservoirs[th].s[e], reservoirs[th].r[e]);
+        reservoir_finish(&reservoirs[0]);
+        count = reservoirs[0].size;
+        memcpy(orow.buf, reservoirs[0].r, (size_t)count * sizeof(int64_t));
+        memcpy(osc.buf, reservoirs[0].s, (size_t)count * sizeof(float));
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromLongLong(count);
 done:
-    free(heaps);
-    free(hs);
-    free(hr);
+    free(reservoirs);
+    free(rs_buf);
+    free(rr_buf);
     PyBuffer_Release(&out);
     PyBuffer_Release(&orow);
     PyBuffer_Release(&osc);
@@ -634,14 +643,15 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* segments_agg(scores f32 (n), starts int64 (S+1), seg_codes int32 (S), n_listings, agg, top_n,
+/* segments_agg(scores f32 (n), starts int64 (S+1), seg_listing int32 (S), n_listings, agg, top_n,
  *              unique, out_agg f32 (L), out_count int32 (L), out_best int64 (L), threads)
  * Per-listing aggregation of dense scores over segments: runs of consecutive rows of one
  * listing (the cache keeps rows clustered by listing, so a listing is usually one segment).
  * Rows with score -inf are skipped. Per listing: max (0), mean (1) or sum of the top_n best (2),
  * the number of scored rows, and the first row with the best score; listings without scored
  * rows get -inf and count 0. unique = 1 promises that no listing has two segments: segments
- * are then reduced in parallel, each writing its listing's slot. Codes must be < n_listings. */
+ * are then reduced in parallel, each writing its listing's slot. seg_listing values (listing
+ * numbers) must be < n_listings. */
 
 #define MAX_TOP_N 64
 
@@ -670,8 +680,8 @@ static inline int32_t reduce_segment(const float *s, int64_t a, int64_t b, int a
             bv = v;
             br = i;
         }
-        if (agg == 1) sm += v;
-        else if (agg == 2) insert_top(tops, top_n, v);
+        if (agg == AGG_MEAN) sm += v;
+        else if (agg == AGG_SUM_TOP_N) insert_top(tops, top_n, v);
     }
     *best = bv;
     *best_row = br;
@@ -680,33 +690,34 @@ static inline int32_t reduce_segment(const float *s, int64_t a, int64_t b, int a
 }
 
 static PyObject *py_segments_agg(PyObject *self, PyObject *args) {
-    Py_buffer scores, starts, seg_codes, out_agg, out_count, out_best;
+    Py_buffer scores, starts, seg_listing, out_agg, out_count, out_best;
     Py_ssize_t L;
     int agg, top_n, unique, threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*niiiw*w*w*i", &scores, &starts, &seg_codes, &L, &agg,
+    if (!PyArg_ParseTuple(args, "y*y*y*niiiw*w*w*i", &scores, &starts, &seg_listing, &L, &agg,
                           &top_n, &unique, &out_agg, &out_count, &out_best, &threads))
         return NULL;
     PyObject *result = NULL;
     float *bests = NULL, *ltops = NULL;
     double *sums = NULL;
-    const int64_t S = seg_codes.len / 4;
+    const int64_t S = seg_listing.len / 4;
     const int64_t *st = (const int64_t *)starts.buf;
     if (starts.len < (S + 1) * 8 || out_agg.len < L * 4 || out_count.len < L * 4 ||
-        out_best.len < L * 8 || agg < 0 || agg > 2 || top_n < 1 || top_n > MAX_TOP_N ||
+        out_best.len < L * 8 || agg < AGG_MAX || agg > AGG_SUM_TOP_N || top_n < 1 ||
+        top_n > MAX_TOP_N ||
         (S > 0 && (st[0] < 0 || st[S] > scores.len / 4))) {
         PyErr_SetString(PyExc_ValueError, "segments_agg: bad arguments or output sizes");
         goto done;
     }
     const float *s = (const float *)scores.buf;
-    const int32_t *sc = (const int32_t *)seg_codes.buf;
+    const int32_t *sc = (const int32_t *)seg_listing.buf;
     float *oa = (float *)out_agg.buf;
     int32_t *oc = (int32_t *)out_count.buf;
     int64_t *ob = (int64_t *)out_best.buf;
     if (!unique) {
         bests = (float *)malloc((size_t)L * sizeof(float));
         sums = (double *)calloc((size_t)L, sizeof(double));
-        ltops = agg == 2 ? (float *)malloc((size_t)L * top_n * sizeof(float)) : NULL;
-        if (!bests || !sums || (agg == 2 && !ltops)) {
+        ltops = agg == AGG_SUM_TOP_N ? (float *)malloc((size_t)L * top_n * sizeof(float)) : NULL;
+        if (!bests || !sums || (agg == AGG_SUM_TOP_N && !ltops)) {
             PyErr_NoMemory();
             goto done;
         }
@@ -731,9 +742,9 @@ static PyObject *py_segments_agg(PyObject *self, PyObject *args) {
             const int32_t l = sc[g];
             oc[l] = cnt;
             ob[l] = br;
-            if (agg == 0) {
+            if (agg == AGG_MAX) {
                 oa[l] = best;
-            } else if (agg == 1) {
+            } else if (agg == AGG_MEAN) {
                 oa[l] = (float)(sm / cnt);
             } else {
                 double t = 0.0;
@@ -762,9 +773,9 @@ static PyObject *py_segments_agg(PyObject *self, PyObject *args) {
         }
         for (int64_t l = 0; l < L; l++) {
             if (oc[l] == 0) continue;
-            if (agg == 0) {
+            if (agg == AGG_MAX) {
                 oa[l] = bests[l];
-            } else if (agg == 1) {
+            } else if (agg == AGG_MEAN) {
                 oa[l] = (float)(sums[l] / oc[l]);
             } else {
                 double t = 0.0;
@@ -782,7 +793,7 @@ done:
     free(ltops);
     PyBuffer_Release(&scores);
     PyBuffer_Release(&starts);
-    PyBuffer_Release(&seg_codes);
+    PyBuffer_Release(&seg_listing);
     PyBuffer_Release(&out_agg);
     PyBuffer_Release(&out_count);
     PyBuffer_Release(&out_best);
@@ -790,9 +801,9 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* topk_batch(kind, data, n, d, queries, qscales, qoffsets, nq, codes, lmask, alive, n_listings,
- *            kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk), out_counts int64 (nq), threads,
- *            floors float64 (nq) or None)
+/* topk_batch(kind, data, n, d, queries, qscales, qoffsets, nq, row_listing, lmask, alive,
+ *            n_listings, kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk),
+ *            out_counts int64 (nq), threads, floors float64 (nq) or None)
  * For each query, the kk best rows (unordered) by score, among rows scoring above its floor
  * (-inf without floors). qscales/qoffsets: float64 (nq). */
 
@@ -800,11 +811,11 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     int kind, threads;
     long long n, d, nq, kk;
     Py_ssize_t n_listings;
-    PyObject *data, *queries, *codes, *lmask, *alive;
+    PyObject *data, *queries, *row_listing, *lmask, *alive;
     Py_buffer qscales, qoffsets, out_rows, out_scores, out_counts;
     PyObject *floors_o = Py_None;
     if (!PyArg_ParseTuple(args, "iOLLOy*y*LOOOnLw*w*w*i|O", &kind, &data, &n, &d, &queries,
-                          &qscales, &qoffsets, &nq, &codes, &lmask, &alive, &n_listings, &kk,
+                          &qscales, &qoffsets, &nq, &row_listing, &lmask, &alive, &n_listings, &kk,
                           &out_rows, &out_scores, &out_counts, &threads, &floors_o))
         return NULL;
     Py_buffer floors;
@@ -813,14 +824,14 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     Table t;
     Bufs b;
     Query *qs = NULL;
-    Heap *heaps = NULL;
-    float *hs = NULL;
-    int64_t *hr = NULL;
+    Reservoir *reservoirs = NULL;
+    float *rs_buf = NULL;
+    int64_t *rr_buf = NULL;
     void *inter = NULL;
     int64_t inter_stride = 0;
     PyObject *result = NULL;
     int nt = 1;
-    if (parse_table(&t, &b, kind, data, n, d, codes, lmask, alive, n_listings) < 0) goto done;
+    if (parse_table(&t, &b, kind, data, n, d, row_listing, lmask, alive, n_listings) < 0) goto done;
     if (PyObject_GetBuffer(queries, &b.query, PyBUF_SIMPLE) < 0) goto done;
     if (nq < 1 || kk < 1 || qscales.len < nq * 8 || qoffsets.len < nq * 8 ||
         out_rows.len < nq * kk * 8 || out_scores.len < nq * kk * 4 || out_counts.len < nq * 8) {
@@ -838,10 +849,10 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
             goto done;
     nt = threads_for(n, threads);
     inter = interleave_queries(&t, qs, nq, &inter_stride);
-    heaps = (Heap *)calloc((size_t)(nt * nq), sizeof(Heap));
-    hs = (float *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(float));
-    hr = (int64_t *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(int64_t));
-    if (!heaps || !hs || !hr || !inter) {
+    reservoirs = (Reservoir *)calloc((size_t)(nt * nq), sizeof(Reservoir));
+    rs_buf = (float *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(float));
+    rr_buf = (int64_t *)malloc((size_t)(nt * nq * 2 * kk) * sizeof(int64_t));
+    if (!reservoirs || !rs_buf || !rr_buf || !inter) {
         PyErr_NoMemory();
         goto done;
     }
@@ -854,10 +865,10 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
         }
     }
     for (int64_t h = 0; h < nt * nq; h++) {
-        heaps[h].s = hs + h * 2 * kk;
-        heaps[h].r = hr + h * 2 * kk;
-        heaps[h].cap = kk;
-        heaps[h].floor = has_floors ? (float)((double *)floors.buf)[h % nq] : -INFINITY;
+        reservoirs[h].s = rs_buf + h * 2 * kk;
+        reservoirs[h].r = rr_buf + h * 2 * kk;
+        reservoirs[h].cap = kk;
+        reservoirs[h].floor = has_floors ? (float)((double *)floors.buf)[h % nq] : -INFINITY;
     }
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
     Py_BEGIN_ALLOW_THREADS
@@ -867,7 +878,7 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        Heap *mine = heaps + (int64_t)tid * nq;
+        Reservoir *mine = reservoirs + (int64_t)tid * nq;
         float sc[QB][BLOCK];
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < blocks; bi++) {
@@ -879,16 +890,17 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
             }
         }
     }
-    /* merge the per-thread heaps of each query */
+    /* merge the per-thread reservoirs of each query */
     for (int64_t k = 0; k < nq; k++) {
-        Heap *first = &heaps[k];
-        heap_finish(first);
+        Reservoir *first = &reservoirs[k];
+        reservoir_finish(first);
         for (int th = 1; th < nt; th++) {
-            Heap *other = &heaps[(int64_t)th * nq + k];
-            heap_finish(other);
-            for (int64_t e = 0; e < other->size; e++) heap_push(first, other->s[e], other->r[e]);
+            Reservoir *other = &reservoirs[(int64_t)th * nq + k];
+            reservoir_finish(other);
+            for (int64_t e = 0; e < other->size; e++)
+                reservoir_push(first, other->s[e], other->r[e]);
         }
-        heap_finish(first);
+        reservoir_finish(first);
         int64_t *orow = (int64_t *)out_rows.buf + k * kk;
         float *osc = (float *)out_scores.buf + k * kk;
         memcpy(orow, first->r, (size_t)first->size * sizeof(int64_t));
@@ -901,10 +913,10 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
 done:
     free(qs);
     free(inter);
-    free(heaps);
+    free(reservoirs);
     if (has_floors) PyBuffer_Release(&floors);
-    free(hs);
-    free(hr);
+    free(rs_buf);
+    free(rr_buf);
     PyBuffer_Release(&qscales);
     PyBuffer_Release(&qoffsets);
     PyBuffer_Release(&out_rows);
@@ -936,12 +948,12 @@ static PyObject *py_topk_values(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    Heap h = {bs, br, 0, kk, -INFINITY};
+    Reservoir h = {bs, br, 0, kk, -INFINITY};
     const float *v = (const float *)values.buf;
     Py_BEGIN_ALLOW_THREADS
     for (int64_t i = 0; i < n; i++)
-        if (v[i] > heap_floor(&h)) heap_push(&h, v[i], i);
-    heap_finish(&h);
+        if (v[i] > reservoir_floor(&h)) reservoir_push(&h, v[i], i);
+    reservoir_finish(&h);
     memcpy(out_scores.buf, bs, (size_t)h.size * sizeof(float));
     memcpy(out_rows.buf, br, (size_t)h.size * sizeof(int64_t));
     Py_END_ALLOW_THREADS
@@ -1059,7 +1071,7 @@ static PyObject *py_encode(PyObject *args, int kind) {
     Py_buffer x, scale, packed, norms;
     long long m, d, start;
     memset(&scale, 0, sizeof(scale));
-    if (kind == KIND_I8) {
+    if (kind == KIND_INT8) {
         if (!PyArg_ParseTuple(args, "y*LLy*w*Lw*", &x, &m, &d, &scale, &packed, &start, &norms))
             return NULL;
     } else {
@@ -1069,14 +1081,14 @@ static PyObject *py_encode(PyObject *args, int kind) {
     PyObject *result = NULL;
     const int64_t dp = (d + 3) / 4 * 4;
     const int64_t end_blocks = (start + m + BLOCK - 1) / BLOCK;
-    const int64_t need = kind == KIND_I8 ? end_blocks * BLOCK * dp : end_blocks * BLOCK * d * 2;
+    const int64_t need = kind == KIND_INT8 ? end_blocks * BLOCK * dp : end_blocks * BLOCK * d * 2;
     if (m < 0 || d <= 0 || start < 0 || x.len < m * d * 4 || packed.len < need ||
-        norms.len < 24 || (kind == KIND_I8 && scale.len < d * 4)) {
+        norms.len < 24 || (kind == KIND_INT8 && scale.len < d * 4)) {
         PyErr_SetString(PyExc_ValueError, "encode: bad sizes");
         goto done;
     }
     const float *xf = (const float *)x.buf;
-    const float *sc = kind == KIND_I8 ? (const float *)scale.buf : NULL;
+    const float *sc = kind == KIND_INT8 ? (const float *)scale.buf : NULL;
     double *nm = (double *)norms.buf;
     double max_code = nm[0], max_err = nm[1], max_norm = nm[2];
     Py_BEGIN_ALLOW_THREADS
@@ -1085,7 +1097,7 @@ static PyObject *py_encode(PyObject *args, int kind) {
         const int64_t r = start + i, b = r / BLOCK, s = r % BLOCK;
         const float *row = xf + i * d;
         double c2 = 0.0, e2 = 0.0;
-        if (kind == KIND_I8) {
+        if (kind == KIND_INT8) {
             uint8_t *base = (uint8_t *)packed.buf + b * BLOCK * dp + s * 4;
             for (int64_t j = 0; j < dp; j++) {
                 double c = 0.0;
@@ -1117,14 +1129,16 @@ static PyObject *py_encode(PyObject *args, int kind) {
     Py_INCREF(result);
 done:
     PyBuffer_Release(&x);
-    if (kind == KIND_I8) PyBuffer_Release(&scale);
+    if (kind == KIND_INT8) PyBuffer_Release(&scale);
     PyBuffer_Release(&packed);
     PyBuffer_Release(&norms);
     return result;
 }
 
-static PyObject *py_encode_i8(PyObject *self, PyObject *args) { return py_encode(args, KIND_I8); }
-static PyObject *py_encode_f16(PyObject *self, PyObject *args) { return py_encode(args, KIND_F16); }
+static PyObject *py_encode_i8(PyObject *self, PyObject *args) { return py_encode(args, KIND_INT8); }
+static PyObject *py_encode_f16(PyObject *self, PyObject *args) {
+    return py_encode(args, KIND_FLOAT16);
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* dot_rows(x f32 row-major (n*d), n, d, rows int64 (m), q f32 (d), out f32 (m))
@@ -1226,5 +1240,20 @@ PyMODINIT_FUNC PyInit__kernels(void) {
 #endif
     const char *isa = getenv("LOOKALIKE_KERNEL_ISA");
     if (isa && strcmp(isa, "generic") == 0) use_avx512 = 0;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    /* the one definition of the numbers Python passes in (see _kernels.pyi) */
+    if (PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 ||
+        PyModule_AddIntConstant(m, "QUERY_BLOCK", QB) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_TOP_N", MAX_TOP_N) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_FLOAT32", KIND_FLOAT32) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_FLOAT16", KIND_FLOAT16) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_INT8", KIND_INT8) < 0 ||
+        PyModule_AddIntConstant(m, "AGG_MAX", AGG_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "AGG_MEAN", AGG_MEAN) < 0 ||
+        PyModule_AddIntConstant(m, "AGG_SUM_TOP_N", AGG_SUM_TOP_N) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

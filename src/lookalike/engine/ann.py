@@ -1,5 +1,10 @@
 """Approximate nearest-neighbour search with faiss, behind the same ``search`` call.
 
+This module owns :class:`AnnParams` (index parameters and their defaults), :class:`AnnIndex`
+(a faiss index over the cache's live rows: build, persist, follow the cache) and
+:class:`AnnEngine` (a :class:`~lookalike.engine.protocol.SearchEngine` whose candidates come
+from an index; ``exact`` is False).
+
 Index kinds (inner product, on the L2-normalized vectors):
 
 ========= ============================ =========================================================
@@ -23,9 +28,12 @@ incrementally (appended rows added, dead rows removed: ``remove_ids`` for IVF; a
 list applied during the graph search for HNSW, which cannot remove).
 
 Candidates from the index (``k * overfetch`` of them) are re-scored exactly in float32 and
-then filtered, thresholded and grouped with the exact engine's semantics, so scores are exact
-and only *which* rows are found is approximate. ``recall_at_k`` measures that against exact
-search.
+then filtered, thresholded and grouped with the shared semantics (``ranking.py``), so scores are
+exact and only *which* rows are found is approximate. ``recall_at_k`` measures that against
+exact search.
+
+faiss is imported lazily (only ANN needs it) and handled as ``Any``: its generated SWIG stubs
+do not describe downcast index types or the search-parameter classes.
 """
 
 from __future__ import annotations
@@ -40,17 +48,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import LookalikeError
-from ..types import RawHits, SearchSpec
+from ..types import CodeKind, IndexKind, RawHits, SearchSpec
 from .cache import VectorCache
-from .exact import ExactEngine, check_queries, check_spec
+from .checks import check_listing_mask, check_queries, check_spec
+from .ranking import rank
 
-ANN_KINDS: tuple[str, ...] = ("ivf", "ivfpq", "hnsw")
+#: The approximate index kinds (``IndexKind.ann()`` as plain strings): ivf, ivfpq, hnsw.
+ANN_KINDS: tuple[str, ...] = tuple(k.value for k in IndexKind.ann())
 #: Rows sampled to train IVF / PQ: at least this many, and at least ``TRAIN_PER_CELL`` per
 #: IVF cell (faiss warns below 39 points per centroid: ``faiss/Clustering.cpp``).
 TRAIN_SAMPLE = 100_000
 TRAIN_PER_CELL = 40
+
+
+def _faiss() -> Any:
+    """The faiss module, untyped (see the module docstring)."""
+    import faiss
+
+    return faiss
 
 
 @dataclass
@@ -67,7 +85,12 @@ class AnnParams:
     overfetch: int = 0
 
     def resolved(self, n: int, d: int) -> AnnParams:
-        """Parameters with the data-dependent defaults filled in."""
+        """Parameters with the data-dependent defaults filled in, for ``n`` vectors of
+        dimension ``d``.
+
+        Raises:
+            LookalikeError: unknown index kind.
+        """
         p = AnnParams(**asdict(self))
         if p.kind not in ANN_KINDS:
             raise LookalikeError(f"unknown index {p.kind!r}; use one of {', '.join(ANN_KINDS)}")
@@ -84,7 +107,7 @@ class AnnParams:
         return p
 
     def factory(self, d: int) -> str:
-        """The faiss ``index_factory`` string."""
+        """The faiss ``index_factory`` string (resolved parameters; ``d`` unused)."""
         if self.kind == "ivf":
             return f"IVF{self.nlist},Flat"
         if self.kind == "ivfpq":
@@ -118,8 +141,7 @@ class AnnIndex:
         Raises:
             LookalikeError: too few rows to train the requested index.
         """
-        import faiss
-
+        faiss = _faiss()
         t0 = time.perf_counter()
         live = np.flatnonzero(cache.alive)
         p = params.resolved(len(live), cache.dim)
@@ -158,8 +180,7 @@ class AnnIndex:
         self.alive_synced = cache.alive.copy()
 
     def _present_ids(self) -> np.ndarray:
-        import faiss
-
+        faiss = _faiss()
         ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
         if self.excluded:
             ids = ids[~np.isin(ids, np.fromiter(self.excluded, np.int64))]
@@ -197,8 +218,7 @@ class AnnIndex:
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``<kind>.faiss`` and ``<kind>.json`` into ``folder`` (atomically)."""
-        import faiss
-
+        faiss = _faiss()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{self.params.kind}.faiss"
@@ -226,8 +246,7 @@ class AnnIndex:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], kind: str) -> AnnIndex | None:
         """Read a saved index, or None if there is none of that kind."""
-        import faiss
-
+        faiss = _faiss()
         folder = Path(folder)
         path, meta_path = folder / f"{kind}.faiss", folder / f"{kind}.json"
         if not path.exists() or not meta_path.exists():
@@ -246,8 +265,7 @@ class AnnIndex:
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Ids ``(nq, k) int64`` of approximate neighbours (-1 where fewer were found)."""
-        import faiss
-
+        faiss = _faiss()
         p = self.params
         sel = None
         if self.excluded:
@@ -268,26 +286,59 @@ class AnnIndex:
         """Vectors held (HNSW: including excluded ones)."""
         return int(self.index.ntotal)
 
+    def nbytes(self) -> int:
+        """Approximate bytes held by the index: stored vectors or PQ codes, ids (id map and
+        its reverse hash map, about 24 bytes an id), IVF centroids and PQ codebooks, HNSW
+        level-0 links (``2 M`` int32 per vector; upper levels add about ``1/M`` of that)."""
+        faiss = _faiss()
+        base = faiss.downcast_index(self.index.index)
+        n, d, p = self.ntotal, self.dim, self.params
+        total = n * 24
+        if p.kind == "hnsw":
+            total += n * (d * 4 + 2 * p.hnsw_m * 4)
+        else:
+            total += n * int(base.code_size) + p.nlist * d * 4
+            if p.kind == "ivfpq":
+                total += 256 * d * 4  # m sub-quantizers x 256 centroids x d / m floats
+        return int(total)
 
-class AnnEngine(ExactEngine):
-    """Search through an :class:`AnnIndex`: candidates from the index, scored exactly.
+
+class AnnEngine:
+    """Search through an :class:`AnnIndex`: candidates from the index, scored exactly;
+    implements :class:`~lookalike.engine.protocol.SearchEngine` with ``exact`` False.
 
     Filters, thresholds and grouping apply to the candidates; when a filter leaves fewer than
     ``k`` hits, the candidate count is raised (up to 64x) before giving up, unless a
     threshold already cut the candidates (the lowest scores at or below it: more candidates,
     which come further away, cannot pass it).
+
+    Args:
+        cache: the vector cache.
+        ann: the index (followed with :meth:`AnnIndex.sync` on each search).
+
+    Attributes:
+        ann: the :class:`AnnIndex`.
+        code_kind: ``float32``: candidates are re-scored from the cache's float32 vectors
+            (the index's own storage is described by ``ann.params.kind``).
     """
 
     name = "ann"
+    exact = False
+    code_kind = CodeKind.FLOAT32
 
     def __init__(self, cache: VectorCache, ann: AnnIndex) -> None:
-        super().__init__(cache)
+        self.cache = cache
         self.ann = ann
         self._id_version = -1
         self._sorted_ids: np.ndarray | None = None
         self._sorted_rows: np.ndarray | None = None
 
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+    def nbytes(self) -> int:
+        """Approximate bytes held by the index (see :meth:`AnnIndex.nbytes`)."""
+        return self.ann.nbytes()
+
+    def _rows_of(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Live cache rows of index ids (ids of rows gone since, and -1, are dropped)."""
         cache = self.cache
         if self._id_version != cache.version:
             live = np.flatnonzero(cache.alive)
@@ -302,17 +353,19 @@ class AnnEngine(ExactEngine):
         found = self._sorted_ids[pos] == ids
         return self._sorted_rows[pos[found]]
 
-    def search(self, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
-        """Approximate search: ``(nq, d)`` queries -> one :class:`RawHits` each (exact scores)."""
+    def search(self, queries: npt.ArrayLike, spec: SearchSpec) -> list[RawHits]:
+        """Approximate search: ``(nq, d)`` queries -> one :class:`RawHits` each (exact scores).
+
+        Raises:
+            QueryError: bad query, spec or listing mask.
+        """
         cache = self.cache
         check_spec(spec)
         q = check_queries(queries, cache.dim)
+        mask = check_listing_mask(spec.listing_mask, len(cache.listings))
         self.ann.sync(cache)
         if cache.n_alive == 0:
-            return [
-                RawHits(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
-                for _ in q
-            ]
+            return [RawHits.empty() for _ in q]
         want = spec.k if spec.k is not None else 100
         fetch = max(want * self.ann.params.overfetch, 16)
         out: list[RawHits | None] = [None] * len(q)
@@ -322,14 +375,10 @@ class AnnEngine(ExactEngine):
             still = []
             for j, qi in enumerate(todo):
                 rows = np.unique(self._rows_of(ids[j]))
-                if spec.listing_mask is not None:
-                    rows = rows[spec.listing_mask[cache.codes[rows]]]
+                if mask is not None:
+                    rows = rows[mask[cache.row_listing[rows]]]
                 scores = cache.vectors[rows] @ q[qi]
-                res = (
-                    self._grouped(rows, scores, spec)
-                    if spec.group_by == "listing"
-                    else self._images(rows, scores, spec)
-                )
+                res = rank(cache, rows, scores, spec)
                 short = spec.k is not None and len(res.rows) < spec.k
                 # Candidates come nearest first: once one scores at or below the threshold,
                 # fetching more cannot add a hit above it.

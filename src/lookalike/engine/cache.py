@@ -1,9 +1,15 @@
-"""The engine's in-RAM copy of a collection: vectors, keys, listing codes and listing attributes.
+"""The engine's in-RAM copy of a collection: vectors, keys, listing numbers, listing attributes.
+
+This module owns :class:`VectorCache` (rows, synced from a store's change sequence) and
+:class:`ListingTable` (listing ids, their dense numbers and live attributes), and the stable
+row id :func:`key_hash`.
 
 Rows are kept clustered by ``listing_id`` (the seed's "partition on the group key"): the first
 load comes from the store ordered by ``(listing_id, image_id)``; later writes are appended and
-the cache is re-clustered when it compacts. Listings are numbered with dense integer *listing
-codes* so that grouping and filtering work on integer arrays.
+the cache is re-clustered when it compacts. Listings are numbered with dense integers (a
+*listing number* is a position in :class:`ListingTable`), so that grouping and filtering work on
+integer arrays: :attr:`VectorCache.row_listing` holds the listing number of each row. (The
+word *codes* is kept for the quantized vectors of ``codes.py``.)
 """
 
 from __future__ import annotations
@@ -31,45 +37,46 @@ def key_hash(key: tuple[str, str]) -> int:
 
 
 class ListingTable:
-    """Listing ids <-> dense integer codes, and each listing's live attributes.
+    """Listing ids <-> dense listing numbers, and each listing's live attributes.
 
-    Codes are assigned on first sight (from a feature row or a listing record) and never reused.
+    Numbers are assigned on first sight (from a feature row or a listing record) and never
+    reused: ``ids[number]`` is the listing id, ``attrs[number]`` its attributes.
     """
 
     def __init__(self) -> None:
         self.ids: list[str] = []
-        self.code_of: dict[str, int] = {}
+        self.number_of: dict[str, int] = {}
         self.attrs: list[dict[str, Any]] = []
         self._columns: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def code(self, listing_id: str) -> int:
-        """The code of ``listing_id``, assigning the next one if it is new."""
-        c = self.code_of.get(listing_id)
+    def number(self, listing_id: str) -> int:
+        """The listing number of ``listing_id``, assigning the next one if it is new."""
+        c = self.number_of.get(listing_id)
         if c is None:
             c = len(self.ids)
-            self.code_of[listing_id] = c
+            self.number_of[listing_id] = c
             self.ids.append(listing_id)
             self.attrs.append({})
             self._columns.clear()
         return c
 
-    def codes(self, listing_ids: Sequence[str]) -> np.ndarray:
-        """``(n,) int32`` codes for ``listing_ids`` (new ones assigned)."""
+    def numbers(self, listing_ids: Sequence[str]) -> np.ndarray:
+        """``(n,) int32`` listing numbers of ``listing_ids`` (new ones assigned)."""
         n = len(listing_ids)
-        return np.fromiter((self.code(x) for x in listing_ids), dtype=np.int32, count=n)
+        return np.fromiter((self.number(x) for x in listing_ids), dtype=np.int32, count=n)
 
     def update(self, records: Sequence[ListingRecord]) -> None:
         """Replace the attributes of the listings in ``records``."""
         for rec in records:
-            self.attrs[self.code(rec.listing_id)] = dict(rec.attrs)
+            self.attrs[self.number(rec.listing_id)] = dict(rec.attrs)
         if records:
             self._columns.clear()
 
     def column(self, name: str) -> np.ndarray:
-        """``(len(self),) object`` array of attribute ``name`` per listing code (None if unset).
+        """``(len(self),) object`` array of attribute ``name`` per listing number (None if unset).
 
         ``listing_id`` is a column too. Cached until the next change.
         """
@@ -89,8 +96,11 @@ class VectorCache:
 
     Attributes:
         dim: vector dimension ``d``.
-        seq: last store sequence number applied.
+        seq: last store sequence number applied (features).
+        listing_seq: last store sequence number applied (listing attributes).
         listings: the :class:`ListingTable`.
+        keys: ``keys[row]`` is the ``(listing_id, image_id)`` of a row (dead rows included).
+        row_of: key -> row of each live key.
         version: bumped on every change (derived structures compare it).
         layout: bumped when rows are renumbered by :meth:`compact`; row numbers are stable
             between two layout changes, new rows are appended.
@@ -102,7 +112,7 @@ class VectorCache:
         self.listing_seq = 0
         self.listings = ListingTable()
         self._vectors = np.zeros((0, dim), dtype=np.float32)
-        self._codes = np.zeros(0, dtype=np.int32)
+        self._row_listing = np.zeros(0, dtype=np.int32)
         self._alive = np.zeros(0, dtype=bool)
         self._hashes = np.zeros(0, dtype=np.int64)
         self._n = 0
@@ -129,9 +139,10 @@ class VectorCache:
         return self._vectors[: self._n]
 
     @property
-    def codes(self) -> np.ndarray:
-        """``(n_rows,) int32`` listing code of each row."""
-        return self._codes[: self._n]
+    def row_listing(self) -> np.ndarray:
+        """``(n_rows,) int32``: the listing number of each row (a position in
+        :attr:`listings`)."""
+        return self._row_listing[: self._n]
 
     @property
     def alive(self) -> np.ndarray:
@@ -146,7 +157,10 @@ class VectorCache:
     def nbytes(self) -> int:
         """Approximate RAM held by the cache, in bytes (arrays plus key bookkeeping)."""
         arrays = (
-            self._vectors.nbytes + self._codes.nbytes + self._alive.nbytes + self._hashes.nbytes
+            self._vectors.nbytes
+            + self._row_listing.nbytes
+            + self._alive.nbytes
+            + self._hashes.nbytes
         )
         per_key = 200  # tuple of two short str + dict slot, measured with sys.getsizeof
         return int(arrays + per_key * len(self.keys))
@@ -154,7 +168,12 @@ class VectorCache:
     # ------------------------------------------------------------------ changes
 
     def apply(self, changes: Changes) -> None:
-        """Apply a store's :class:`~lookalike.store.Changes` (deletes first, then upserts)."""
+        """Apply a store's :class:`~lookalike.types.Changes` (deletes first, then upserts);
+        compacts when more than :data:`COMPACT_DEAD_FRACTION` of the rows are dead.
+
+        Raises:
+            ValueError: the vectors' dimension is not :attr:`dim`.
+        """
         if changes.vectors.shape[0] and changes.vectors.shape[1] != self.dim:
             raise ValueError(
                 f"store vectors have d={changes.vectors.shape[1]}, cache expects {self.dim}"
@@ -181,12 +200,12 @@ class VectorCache:
         if need > self._vectors.shape[0]:
             cap = max(need, int(self._vectors.shape[0] * 1.5) + 1024) if self._n else need
             self._vectors = _grow(self._vectors, cap, self._n)
-            self._codes = _grow(self._codes, cap, self._n)
+            self._row_listing = _grow(self._row_listing, cap, self._n)
             self._alive = _grow(self._alive, cap, self._n)
             self._hashes = _grow(self._hashes, cap, self._n)
         start = self._n
         self._vectors[start:need] = vectors
-        self._codes[start:need] = self.listings.codes([k[0] for k in keys])
+        self._row_listing[start:need] = self.listings.numbers([k[0] for k in keys])
         self._alive[start:need] = True
         self._hashes[start:need] = np.fromiter((key_hash(k) for k in keys), np.int64, count=m)
         for i, key in enumerate(keys):
@@ -199,7 +218,7 @@ class VectorCache:
         live = sorted(self.row_of.items())
         rows = np.fromiter((r for _, r in live), dtype=np.int64, count=len(live))
         self._vectors = np.ascontiguousarray(self._vectors[rows])
-        self._codes = self._codes[rows].copy()
+        self._row_listing = self._row_listing[rows].copy()
         self._alive = np.ones(len(rows), dtype=bool)
         self._hashes = self._hashes[rows].copy()
         self.keys = [k for k, _ in live]

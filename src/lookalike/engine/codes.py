@@ -1,6 +1,10 @@
 """Codes: the compact copies of the vectors that the scan reads, and their error bounds.
 
-Three kinds, chosen per catalog:
+This module owns :class:`CodeTable` (codes of every cache row, kept in sync incrementally) and
+:class:`PreparedQuery` (a query in the form a table's scan kernel wants, with its error margin).
+It needs the compiled kernels (``_kernels``), so only the compiled engines import it.
+
+Three kinds (:class:`~lookalike.types.CodeKind`), chosen per catalog:
 
 * ``float32``: the cache's own row-major float32 array (no copy). Exact up to float rounding.
 * ``float16``: IEEE half precision, packed 16 rows side by side (see ``_kernels.c``). Half the
@@ -32,11 +36,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LookalikeError
-from . import _kernels  # type: ignore[attr-defined]
+from ..types import CodeKind, choices
+from . import _kernels
 from .cache import VectorCache
 
-BLOCK = 16
-KINDS: dict[str, int] = {"float32": 0, "float16": 1, "int8": 2}
+#: Rows per packed block (defined by the kernels).
+BLOCK: int = _kernels.BLOCK
+#: Kernel number of each code kind (defined by the kernels).
+KINDS: dict[CodeKind, int] = {
+    CodeKind.FLOAT32: _kernels.KIND_FLOAT32,
+    CodeKind.FLOAT16: _kernels.KIND_FLOAT16,
+    CodeKind.INT8: _kernels.KIND_INT8,
+}
 #: float32 unit roundoff (2^-24)
 U32 = 2.0**-24
 FLOAT16_MAX = 65504.0
@@ -56,7 +67,8 @@ class PreparedQuery:
     Attributes:
         buf: ``(d,) float32`` (float32/float16 tables) or ``(dp,) int8`` (int8 tables).
         scale, offset: int8 score = ``(sum + offset) * scale``; 1 and 0 otherwise.
-        margin: bound on ``|scan score - exact float32 score|`` for every row.
+        margin: bound on ``|scan score - exact float32 score|`` for every row (score units;
+            a scanner may add its own error, e.g. TF32 on a GPU).
     """
 
     buf: np.ndarray
@@ -69,18 +81,26 @@ class CodeTable:
     """Codes for every row of a :class:`VectorCache`, kept in sync incrementally.
 
     Args:
-        kind: ``"float32"``, ``"float16"`` or ``"int8"``.
+        kind: ``"float32"``, ``"float16"`` or ``"int8"`` (a :class:`CodeKind`).
         dim: vector dimension.
+
+    Attributes:
+        code_kind: the :class:`CodeKind`.
+        kind: its kernel number (``_kernels.KIND_*``).
+        max_norm: ``max_i ||x_i||`` over the encoded rows.
 
     Raises:
         LookalikeError: unknown kind.
     """
 
     def __init__(self, kind: str, dim: int) -> None:
-        if kind not in KINDS:
-            raise LookalikeError(f"unknown codes {kind!r}; use one of {', '.join(KINDS)}")
-        self.kind_name = kind
-        self.kind = KINDS[kind]
+        try:
+            self.code_kind = CodeKind(kind)
+        except ValueError:
+            raise LookalikeError(
+                f"unknown codes {kind!r}; use one of {', '.join(choices(CodeKind))}"
+            ) from None
+        self.kind = KINDS[self.code_kind]
         self.dim = dim
         self.dp = (dim + 3) // 4 * 4
         self._layout = -1
@@ -103,7 +123,7 @@ class CodeTable:
         if (
             self._layout != cache.layout
             or n < self.n_encoded
-            or (self.kind_name == "int8" and n > 2 * max(self._n_at_fit, 512))
+            or (self.code_kind == CodeKind.INT8 and n > 2 * max(self._n_at_fit, 512))
         ):
             self._rebuild(cache)
         elif n > self.n_encoded:
@@ -114,7 +134,7 @@ class CodeTable:
         self.n_encoded = 0
         self.max_norm = self.max_code_norm = self.max_err_norm = 0.0
         x = cache.vectors
-        if self.kind_name == "int8":
+        if self.code_kind == CodeKind.INT8:
             maxabs = np.zeros(self.dim, dtype=np.float32)
             for a in range(0, len(x), ENCODE_CHUNK):
                 np.maximum(maxabs, np.abs(x[a : a + ENCODE_CHUNK]).max(axis=0), out=maxabs)
@@ -127,7 +147,7 @@ class CodeTable:
 
     def _ensure_capacity(self, n: int) -> None:
         blocks = (n + BLOCK - 1) // BLOCK
-        per_block = BLOCK * self.dim * 2 if self.kind == 1 else BLOCK * self.dp
+        per_block = BLOCK * self.dim * 2 if self.kind == _kernels.KIND_FLOAT16 else BLOCK * self.dp
         need = blocks * per_block
         if self._packed.size < need:
             cap_blocks = max(blocks, int(self._packed.size / per_block * 1.5) + 64)
@@ -139,7 +159,7 @@ class CodeTable:
         """Encode rows ``start .. stop - 1`` of ``x`` (C kernels, all cores)."""
         if stop <= start:
             return
-        if self.kind == 0:
+        if self.kind == _kernels.KIND_FLOAT32:
             for a in range(start, stop, ENCODE_CHUNK):  # bounded temporaries
                 norms = np.linalg.norm(x[a : min(stop, a + ENCODE_CHUNK)], axis=1)
                 self.max_norm = max(self.max_norm, float(norms.max()))
@@ -147,7 +167,7 @@ class CodeTable:
             self._ensure_capacity(stop)
             rows = np.ascontiguousarray(x[start:stop], dtype=np.float32)
             out = np.array([self.max_code_norm, self.max_err_norm, self.max_norm], np.float64)
-            if self.kind == 2:
+            if self.kind == _kernels.KIND_INT8:
                 _kernels.encode_i8(
                     rows, stop - start, self.dim, self._scale, self._packed, start, out
                 )
@@ -165,18 +185,19 @@ class CodeTable:
     @property
     def data(self) -> np.ndarray:
         """The buffer the kernels scan (the cache's float32 array for ``float32``)."""
-        if self.kind == 0:
+        if self.kind == _kernels.KIND_FLOAT32:
             assert self._cache_vectors is not None
             return self._cache_vectors
         return self._packed
 
     def prepare(self, q: np.ndarray) -> PreparedQuery:
-        """Turn a ``(d,) float32`` query into the kernel's form, with its error margin."""
+        """Turn a ``(d,) float32`` query into the kernel's form, with its error margin (call
+        :meth:`sync` first: the margin covers the rows encoded so far)."""
         qn = float(np.linalg.norm(q))
         rounding = 2 * gamma(self.dim) * self.max_norm * qn + 1e-7
-        if self.kind == 0:
+        if self.kind == _kernels.KIND_FLOAT32:
             return PreparedQuery(np.ascontiguousarray(q, dtype=np.float32), 1.0, 0.0, rounding)
-        if self.kind == 1:
+        if self.kind == _kernels.KIND_FLOAT16:
             margin = self.max_err_norm * qn + rounding
             return PreparedQuery(np.ascontiguousarray(q, dtype=np.float32), 1.0, 0.0, margin)
         w = q.astype(np.float64) / self._scale.astype(np.float64)
@@ -191,4 +212,4 @@ class CodeTable:
 
     def nbytes(self) -> int:
         """Bytes held by the codes (0 for float32, which reads the cache's own array)."""
-        return 0 if self.kind == 0 else int(self._packed.nbytes)
+        return 0 if self.kind == _kernels.KIND_FLOAT32 else int(self._packed.nbytes)

@@ -103,6 +103,7 @@ class Compare(Expr):
     value: Any
 
     def mask(self, table: Columns) -> np.ndarray:
+        """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
         col = table.column(self.name)
         fn = _OPS[self.op]
         if isinstance(self.value, (bool, str)):
@@ -123,6 +124,7 @@ class Compare(Expr):
             return known & fn(nums, float(self.value))
 
     def names(self) -> set[str]:
+        """Attribute names read (see :meth:`Expr.names`)."""
         return {self.name}
 
 
@@ -134,12 +136,14 @@ class In(Expr):
     values: tuple[Any, ...]
 
     def mask(self, table: Columns) -> np.ndarray:
+        """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
         out = np.zeros(len(table), dtype=bool)
         for v in self.values:
             out |= Compare(self.name, "=", v).mask(table)
         return out
 
     def names(self) -> set[str]:
+        """Attribute names read (see :meth:`Expr.names`)."""
         return {self.name}
 
 
@@ -150,10 +154,12 @@ class IsNull(Expr):
     name: str
 
     def mask(self, table: Columns) -> np.ndarray:
+        """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
         col = table.column(self.name)
         return np.fromiter((v is None for v in col), dtype=bool, count=len(col))
 
     def names(self) -> set[str]:
+        """Attribute names read (see :meth:`Expr.names`)."""
         return {self.name}
 
 
@@ -164,9 +170,11 @@ class Not(Expr):
     inner: Expr
 
     def mask(self, table: Columns) -> np.ndarray:
+        """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
         return ~self.inner.mask(table)
 
     def names(self) -> set[str]:
+        """Attribute names read (see :meth:`Expr.names`)."""
         return self.inner.names()
 
 
@@ -178,11 +186,13 @@ class BoolOp(Expr):
     parts: tuple[Expr, ...]
 
     def mask(self, table: Columns) -> np.ndarray:
+        """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
         masks = [p.mask(table) for p in self.parts]
         combine = np.logical_and if self.op == "and" else np.logical_or
         return combine.reduce(masks)
 
     def names(self) -> set[str]:
+        """Attribute names read (see :meth:`Expr.names`)."""
         return set().union(*(p.names() for p in self.parts))
 
 

@@ -11,7 +11,7 @@ made by :func:`extract`.
   is loaded once per executor process: ONNX Runtime on CPU, torch on a GPU executor); a bad
   image gets its reason in an ``error`` column and never fails the job.
 * :func:`search`: queries broadcast to every task, each task scores its rows with the local
-  engine (:class:`~lookalike.engine.exact.ExactEngine`: the same semantics, tie order
+  engine (:class:`~lookalike.engine.NumpyEngine`: the same semantics, tie order
   included) and keeps its own top-k (or every hit above the threshold). Features are stored one
   file per ``part`` (a hash of ``listing_id``) and Spark never splits such a file across tasks
   (``spark.sql.files.maxPartitionBytes`` is raised above the largest file), so every listing is
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..catalog import DEFAULT_K
-from ..engine import ExactEngine, VectorCache, check_queries, check_spec, parse_where
+from ..engine import NumpyEngine, VectorCache, check_queries, check_spec, parse_where
 from ..errors import LookalikeError, QueryError
 from ..extract import l2_normalize
 from ..lake import read_model
@@ -219,7 +219,7 @@ def _search_partition(batches: Iterator[Any], queries: np.ndarray, spec_args: di
         mask = parse_where(where).mask(cache.listings)
     spec = SearchSpec(listing_mask=mask, **spec_args)
     out = []
-    for qi, raw in enumerate(ExactEngine(cache).search(queries, spec)):
+    for qi, raw in enumerate(NumpyEngine(cache).search(queries, spec)):
         for row, score, count in zip(raw.rows, raw.scores, raw.counts, strict=True):
             lid, iid = cache.keys[row]
             out.append((qi, lid, iid, float(score), int(count)))
