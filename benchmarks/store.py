@@ -32,9 +32,14 @@ def run(location: str, x: np.ndarray, batch: int) -> dict[str, float]:
     t0 = time.perf_counter()
     for a in range(0, n, batch):
         m = min(batch, n - a)
-        store.upsert(FeatureBatch([f"L{i // 4:08d}" for i in range(a, a + m)],
-                                  [f"{i:09d}" for i in range(a, a + m)], x[a : a + m],
-                                  [f"{i:064x}" for i in range(a, a + m)]))
+        store.upsert(
+            FeatureBatch(
+                [f"L{i // 4:08d}" for i in range(a, a + m)],
+                [f"{i:09d}" for i in range(a, a + m)],
+                x[a : a + m],
+                [f"{i:064x}" for i in range(a, a + m)],
+            )
+        )
     ingest = time.perf_counter() - t0
     store.close()
     store = open_store(location)  # a fresh process would do the same: read everything
@@ -44,8 +49,11 @@ def run(location: str, x: np.ndarray, batch: int) -> dict[str, float]:
     load = time.perf_counter() - t0
     assert cache.n_alive == n
     store.close()
-    return {"ingest_rows_per_s": round(n / ingest), "ingest_s": round(ingest, 1),
-            "cold_load_s": round(load, 1)}
+    return {
+        "ingest_rows_per_s": round(n / ingest),
+        "ingest_s": round(ingest, 1),
+        "cold_load_s": round(load, 1),
+    }
 
 
 def main() -> None:
@@ -73,8 +81,10 @@ def main() -> None:
     print(f"N = {args.n:,}, d = {args.d}, {args.batch:,} rows per transaction")
     print(f"{'store':<12} {'ingest rows/s':>14} {'ingest s':>9} {'cold load s':>12}")
     for r in rows:
-        print(f"{r['store']:<12} {r['ingest_rows_per_s']:>14,} {r['ingest_s']:>9} "
-              f"{r['cold_load_s']:>12}")
+        print(
+            f"{r['store']:<12} {r['ingest_rows_per_s']:>14,} {r['ingest_s']:>9} "
+            f"{r['cold_load_s']:>12}"
+        )
 
 
 if __name__ == "__main__":

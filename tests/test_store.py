@@ -202,8 +202,10 @@ s.close()
 
 
 def test_two_concurrent_writer_processes_end_with_the_exact_union(store_location):
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, store_location, who])
-             for who in ("left", "right")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, store_location, who])
+        for who in ("left", "right")
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0
     s = open_store(store_location)

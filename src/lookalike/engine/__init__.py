@@ -42,7 +42,6 @@ CODES: tuple[str, ...] = choices(CodeKind)
 AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 
 
-
 def kernels_available() -> tuple[bool, str]:
     """Whether the compiled scan kernels import, and why not (the ImportError's message)."""
     try:

@@ -70,12 +70,35 @@ class LocalPostgres:
             pw = pwd.getpwnam(self.as_user)
             os.chown(self.folder, pw.pw_uid, pw.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            self._run(_binary("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                      "-E", "UTF8", "--no-sync")
-        opts = (f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
-        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "pg.log"),
-                  "-o", opts, "-w", "-t", "60", "start")
+            self._run(
+                _binary("initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
+        opts = (
+            f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            _binary("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "pg.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

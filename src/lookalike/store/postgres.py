@@ -45,10 +45,18 @@ _RECORD_COLUMNS = (
 def _record(r: Sequence[Any]) -> ImageRecord:
     """An :class:`ImageRecord` from a row of :data:`_RECORD_COLUMNS` (labels are JSONB)."""
     return ImageRecord(
-        listing_id=r[0], image_id=r[1], vector=np.frombuffer(bytes(r[2]), dtype="<f4").copy(),
-        model=r[3], source=r[4], sha256=r[5], width=r[6], height=r[7], ingested_at=r[8],
+        listing_id=r[0],
+        image_id=r[1],
+        vector=np.frombuffer(bytes(r[2]), dtype="<f4").copy(),
+        model=r[3],
+        source=r[4],
+        sha256=r[5],
+        width=r[6],
+        height=r[7],
+        ingested_at=r[8],
         labels=r[9],
     )
+
 
 _LOCK_ID = 0x6C6F6F6B  # advisory lock key for migrations ("look")
 
@@ -59,7 +67,9 @@ def state_folder(url: str) -> Path:
     digest = hashlib.sha256(safe.encode()).hexdigest()[:16]
     base = os.environ.get("LOOKALIKE_STATE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "lookalike", "catalogs")
+        "lookalike",
+        "catalogs",
+    )
     return Path(base) / digest
 
 
@@ -91,8 +101,14 @@ class PostgresStore:
         self.folder = state_folder(url)
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            self.pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True,
-                                       timeout=30, kwargs={"connect_timeout": 10})
+            self.pool = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=pool_size,
+                open=True,
+                timeout=30,
+                kwargs={"connect_timeout": 10},
+            )
             self.pool.wait(timeout=30)
         except Exception as exc:
             raise LookalikeError(f"cannot connect to {self.uri}: {exc}") from None
@@ -112,19 +128,24 @@ class PostgresStore:
     def _migrate(self) -> None:
         with self._tx() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
-            cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                        "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
             cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             current = cur.fetchone()[0]
             known = _migrations()
             if known and current > known[-1][0]:
-                raise LookalikeError(f"{self.uri}: schema version {current} is newer than this "
-                                     "lookalike; upgrade lookalike")
+                raise LookalikeError(
+                    f"{self.uri}: schema version {current} is newer than this "
+                    "lookalike; upgrade lookalike"
+                )
             for version, sql in known:
                 if version > current:
                     cur.execute(sql)
-                    cur.execute("INSERT INTO schema_migrations VALUES (%s, %s)",
-                                (version, time.time()))
+                    cur.execute(
+                        "INSERT INTO schema_migrations VALUES (%s, %s)", (version, time.time())
+                    )
 
     @staticmethod
     def _next_seq(cur: Any) -> int:
@@ -174,8 +195,11 @@ class PostgresStore:
             if value is None:
                 cur.execute("DELETE FROM meta WHERE key = %s", (f"setting:{key}",))
             else:
-                cur.execute("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
-                            "SET value = excluded.value", (f"setting:{key}", value))
+                cur.execute(
+                    "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE "
+                    "SET value = excluded.value",
+                    (f"setting:{key}", value),
+                )
 
     # ------------------------------------------------------------------ features
 
@@ -188,7 +212,9 @@ class PostgresStore:
             cur.execute(
                 "SELECT f.listing_id, f.image_id, f.sha256 FROM features f JOIN "
                 "unnest(%s::text[], %s::text[]) AS k(l, i) ON f.listing_id = k.l "
-                "AND f.image_id = k.i", (lids, iids))
+                "AND f.image_id = k.i",
+                (lids, iids),
+            )
             return {(r[0], r[1]): r[2] for r in cur.fetchall()}
 
     def upsert(self, batch: FeatureBatch) -> int:
@@ -213,24 +239,50 @@ class PostgresStore:
                 "COPY staging (listing_id, image_id, vector, model, source, sha256, width, "
                 "height, ingested_at, labels, seq) FROM STDIN (FORMAT BINARY)"
             ) as copy:
-                copy.set_types(["text", "text", "bytea", "text", "text", "text", "int4", "int4",
-                                "float8", "jsonb", "int8"])
+                copy.set_types(
+                    [
+                        "text",
+                        "text",
+                        "bytea",
+                        "text",
+                        "text",
+                        "text",
+                        "int4",
+                        "int4",
+                        "float8",
+                        "jsonb",
+                        "int8",
+                    ]
+                )
                 for i in sorted(last.values()):
                     lab = batch.labels[i]
-                    copy.write_row((
-                        batch.listing_ids[i], batch.image_ids[i], vectors[i].tobytes(), tag,
-                        batch.sources[i], batch.sha256s[i], batch.widths[i], batch.heights[i],
-                        now, Jsonb(lab) if lab is not None else None, seq,
-                    ))
+                    copy.write_row(
+                        (
+                            batch.listing_ids[i],
+                            batch.image_ids[i],
+                            vectors[i].tobytes(),
+                            tag,
+                            batch.sources[i],
+                            batch.sha256s[i],
+                            batch.widths[i],
+                            batch.heights[i],
+                            now,
+                            Jsonb(lab) if lab is not None else None,
+                            seq,
+                        )
+                    )
             cur.execute(
                 "INSERT INTO features SELECT * FROM staging ON CONFLICT (listing_id, image_id) "
                 "DO UPDATE SET vector = excluded.vector, model = excluded.model, "
                 "source = excluded.source, sha256 = excluded.sha256, width = excluded.width, "
                 "height = excluded.height, ingested_at = excluded.ingested_at, "
-                "labels = excluded.labels, seq = excluded.seq")
-            cur.execute("INSERT INTO listings (listing_id, updated_at) SELECT DISTINCT "
-                        "listing_id, %s FROM staging ON CONFLICT (listing_id) DO NOTHING",
-                        (now,))
+                "labels = excluded.labels, seq = excluded.seq"
+            )
+            cur.execute(
+                "INSERT INTO listings (listing_id, updated_at) SELECT DISTINCT "
+                "listing_id, %s FROM staging ON CONFLICT (listing_id) DO NOTHING",
+                (now,),
+            )
         return n
 
     def delete(self, keys: Sequence[Key]) -> int:
@@ -245,7 +297,8 @@ class PostgresStore:
                 "AS k(l, i) WHERE f.listing_id = k.l AND f.image_id = k.i "
                 "RETURNING f.listing_id, f.image_id) "
                 "INSERT INTO deletions SELECT %s, listing_id, image_id FROM gone",
-                (lids, iids, seq))
+                (lids, iids, seq),
+            )
             return int(cur.rowcount)
 
     def changes_since(self, seq: int) -> Changes:
@@ -254,33 +307,47 @@ class PostgresStore:
             cur.execute("SELECT value FROM counters WHERE name = 'seq'")
             high = int(cur.fetchone()[0])
             if seq == 0:
-                cur.execute("SELECT listing_id, image_id, vector FROM features "
-                            "ORDER BY listing_id, image_id", binary=True)
+                cur.execute(
+                    "SELECT listing_id, image_id, vector FROM features "
+                    "ORDER BY listing_id, image_id",
+                    binary=True,
+                )
                 rows = cur.fetchall()
                 deleted: list[Key] = []
             else:
-                cur.execute("SELECT listing_id, image_id, vector FROM features WHERE seq > %s "
-                            "ORDER BY listing_id, image_id", (seq,), binary=True)
+                cur.execute(
+                    "SELECT listing_id, image_id, vector FROM features WHERE seq > %s "
+                    "ORDER BY listing_id, image_id",
+                    (seq,),
+                    binary=True,
+                )
                 rows = cur.fetchall()
-                cur.execute("SELECT listing_id, image_id FROM deletions WHERE seq > %s "
-                            "ORDER BY seq", (seq,))
+                cur.execute(
+                    "SELECT listing_id, image_id FROM deletions WHERE seq > %s ORDER BY seq", (seq,)
+                )
                 deleted = [(r[0], r[1]) for r in cur.fetchall()]
         model = self.model()
         dim = model.dim if model else 0
         if rows:
             vectors = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype="<f4").reshape(
-                len(rows), -1)
+                len(rows), -1
+            )
         else:
             vectors = np.zeros((0, dim), dtype=np.float32)
-        return Changes(seq=high, upserted=[(r[0], r[1]) for r in rows],
-                       vectors=vectors.astype(np.float32, copy=False), deleted=deleted)
+        return Changes(
+            seq=high,
+            upserted=[(r[0], r[1]) for r in rows],
+            vectors=vectors.astype(np.float32, copy=False),
+            deleted=deleted,
+        )
 
     def get(self, key: Key) -> ImageRecord | None:
         """One stored image, or None."""
         with self._tx(read_only=True) as cur:
             cur.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM features WHERE listing_id = %s AND image_id = %s",
-                key)
+                key,
+            )
             r = cur.fetchone()
         return None if r is None else _record(r)
 
@@ -291,12 +358,18 @@ class PostgresStore:
         while True:
             with self._tx(read_only=True) as cur:
                 if last is None:
-                    cur.execute(f"SELECT {_RECORD_COLUMNS} FROM features "
-                                "ORDER BY listing_id, image_id LIMIT %s", (batch_size,))
+                    cur.execute(
+                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        "ORDER BY listing_id, image_id LIMIT %s",
+                        (batch_size,),
+                    )
                 else:
-                    cur.execute(f"SELECT {_RECORD_COLUMNS} FROM features "
-                                "WHERE (listing_id, image_id) > (%s, %s) "
-                                "ORDER BY listing_id, image_id LIMIT %s", (*last, batch_size))
+                    cur.execute(
+                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        "WHERE (listing_id, image_id) > (%s, %s) "
+                        "ORDER BY listing_id, image_id LIMIT %s",
+                        (*last, batch_size),
+                    )
                 rows = cur.fetchall()
             if not rows:
                 return
@@ -306,8 +379,10 @@ class PostgresStore:
     def find_image(self, image_id: str) -> list[Key]:
         """Keys of every row whose ``image_id`` equals ``image_id``."""
         with self._tx(read_only=True) as cur:
-            cur.execute("SELECT listing_id, image_id FROM features WHERE image_id = %s "
-                        "ORDER BY listing_id", (image_id,))
+            cur.execute(
+                "SELECT listing_id, image_id FROM features WHERE image_id = %s ORDER BY listing_id",
+                (image_id,),
+            )
             return [(r[0], r[1]) for r in cur.fetchall()]
 
     def count(self) -> int:
@@ -336,8 +411,10 @@ class PostgresStore:
 
         with self._tx() as cur:
             seq = self._next_seq(cur)
-            cur.execute("SELECT stock_level, etag, attrs FROM listings WHERE listing_id = %s "
-                        "FOR UPDATE", (listing_id,))
+            cur.execute(
+                "SELECT stock_level, etag, attrs FROM listings WHERE listing_id = %s FOR UPDATE",
+                (listing_id,),
+            )
             row = cur.fetchone()
             current = self._listing_attrs(row) if row else {}
             for name, value in attrs.items():
@@ -351,8 +428,15 @@ class PostgresStore:
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (listing_id) DO UPDATE SET "
                 "stock_level = excluded.stock_level, etag = excluded.etag, "
                 "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
-                (listing_id, current.get("stock_level"), current.get("etag"),
-                 Jsonb(extra) if extra else None, time.time(), seq))
+                (
+                    listing_id,
+                    current.get("stock_level"),
+                    current.get("etag"),
+                    Jsonb(extra) if extra else None,
+                    time.time(),
+                    seq,
+                ),
+            )
 
     @staticmethod
     def _listing_attrs(row: Sequence[Any]) -> dict[str, Any]:
@@ -368,16 +452,19 @@ class PostgresStore:
         with self._tx(read_only=True) as cur:
             cur.execute("SELECT value FROM counters WHERE name = 'seq'")
             high = int(cur.fetchone()[0])
-            cur.execute("SELECT listing_id, stock_level, etag, attrs FROM listings "
-                        "WHERE seq > %s", (seq,))
+            cur.execute(
+                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE seq > %s", (seq,)
+            )
             rows = cur.fetchall()
         return high, [ListingRecord(r[0], self._listing_attrs(r[1:])) for r in rows]
 
     def get_listing(self, listing_id: str) -> ListingRecord | None:
         """One listing, or None."""
         with self._tx(read_only=True) as cur:
-            cur.execute("SELECT listing_id, stock_level, etag, attrs FROM listings "
-                        "WHERE listing_id = %s", (listing_id,))
+            cur.execute(
+                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE listing_id = %s",
+                (listing_id,),
+            )
             r = cur.fetchone()
         return ListingRecord(r[0], self._listing_attrs(r[1:])) if r else None
 
@@ -399,8 +486,11 @@ class PostgresStore:
                 f"updated_at) VALUES (%s, %s, {', '.join(['%s'] * len(names))}, %s) "
                 f"ON CONFLICT (listing_id, image_id) DO UPDATE SET {sets}, "
                 "updated_at = excluded.updated_at",
-                [(k[0], k[1], *(_plain(columns[c][i]) for c in names), now)
-                 for i, k in enumerate(keys)])
+                [
+                    (k[0], k[1], *(_plain(columns[c][i]) for c in names), now)
+                    for i, k in enumerate(keys)
+                ],
+            )
 
     def analysis(self) -> dict[Key, dict[str, Any]]:
         """Stored analysis of every image that still exists."""
@@ -408,7 +498,8 @@ class PostgresStore:
             cur.execute(
                 "SELECT a.listing_id, a.image_id, a.cluster, a.cluster_distance, "
                 "a.outlier_score, a.x, a.y FROM image_analysis a JOIN features f "
-                "ON f.listing_id = a.listing_id AND f.image_id = a.image_id")
+                "ON f.listing_id = a.listing_id AND f.image_id = a.image_id"
+            )
             rows = cur.fetchall()
         names = ("cluster", "cluster_distance", "outlier_score", "x", "y")
         return {(r[0], r[1]): dict(zip(names, r[2:], strict=True)) for r in rows}
@@ -417,22 +508,31 @@ class PostgresStore:
         """Write hits, best first, under ``query_id`` (rank 1 = best); one transaction."""
         now = time.time()
         with self._tx() as cur:
-            cur.executemany("INSERT INTO query_results VALUES (%s, %s, %s, %s, %s, %s)",
-                            [(query_id, rank, lid, iid, float(score), now)
-                             for rank, (lid, iid, score) in enumerate(hits, start=1)])
+            cur.executemany(
+                "INSERT INTO query_results VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (query_id, rank, lid, iid, float(score), now)
+                    for rank, (lid, iid, score) in enumerate(hits, start=1)
+                ],
+            )
 
     def get_results(self, query_id: str) -> list[SavedHit]:
         """Hits saved under ``query_id``, best first."""
         with self._tx(read_only=True) as cur:
-            cur.execute("SELECT query_id, rank, listing_id, image_id, score, created_at "
-                        "FROM query_results WHERE query_id = %s ORDER BY rank", (query_id,))
+            cur.execute(
+                "SELECT query_id, rank, listing_id, image_id, score, created_at "
+                "FROM query_results WHERE query_id = %s ORDER BY rank",
+                (query_id,),
+            )
             return [SavedHit(*r) for r in cur.fetchall()]
 
     def all_results(self) -> list[SavedHit]:
         """Every saved query result, by query and rank."""
         with self._tx(read_only=True) as cur:
-            cur.execute("SELECT query_id, rank, listing_id, image_id, score, created_at "
-                        "FROM query_results ORDER BY query_id, rank")
+            cur.execute(
+                "SELECT query_id, rank, listing_id, image_id, score, created_at "
+                "FROM query_results ORDER BY query_id, rank"
+            )
             return [SavedHit(*r) for r in cur.fetchall()]
 
     def close(self) -> None:
