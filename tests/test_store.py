@@ -62,6 +62,21 @@ def test_upsert_is_idempotent_by_key_and_vectors_round_trip(store):
     assert rec.model == "test@1"
 
 
+def test_iter_records_pages_every_row_in_key_order(store):
+    keys = [(f"L{i % 7}", f"L{i % 7}/{i:03d}") for i in range(23)]
+    b = batch(keys)
+    store.upsert(b)
+    store.delete([keys[5]])
+    batches = list(store.iter_records(4))
+    assert [len(x) for x in batches] == [4, 4, 4, 4, 4, 2]  # 22 rows, 4 a page
+    got = [r for page in batches for r in page]
+    want = sorted(k for k in keys if k != keys[5])
+    assert [r.key for r in got] == want
+    by_key = {k: b.vectors[i] for i, k in enumerate(keys)}
+    assert all(r.vector.tobytes() == by_key[r.key].tobytes() for r in got)
+    assert list(store.iter_records(100))[0][0].model == "test@1"
+
+
 def test_changes_since_reports_upserts_then_deletes(store):
     store.upsert(batch([("b", "b/1"), ("a", "a/1")]))
     full = store.changes_since(0)
