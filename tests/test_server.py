@@ -34,8 +34,9 @@ def upload_search(client, path, **options):
 
 def test_upload_search_finds_the_right_listing_first(client, demo_dir):
     for listing in ("chelsea", "rocket", "motorcycle"):
-        r = upload_search(client, demo_dir / "queries" / listing / "q-01.jpg", k=3,
-                          group_by="listing")
+        r = upload_search(
+            client, demo_dir / "queries" / listing / "q-01.jpg", k=3, group_by="listing"
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body) == {"query_id", "hits"}
@@ -50,8 +51,15 @@ def test_json_search_by_id_and_by_vector(client):
     r = client.post("/search", json={"image_id": "flower/flower-02.jpg", "k": 3})
     assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == "flower/flower-02.jpg"
     rng = np.random.default_rng(0)
-    r = client.post("/search", json={"vector": rng.standard_normal(1280).tolist(), "k": 2,
-                                     "group_by": "listing", "where": "stock_level > 0"})
+    r = client.post(
+        "/search",
+        json={
+            "vector": rng.standard_normal(1280).tolist(),
+            "k": 2,
+            "group_by": "listing",
+            "where": "stock_level > 0",
+        },
+    )
     assert r.status_code == 200 and len(r.json()["hits"]) == 2
     r = client.post("/search", json={"vector": [0.1] * 7})
     assert r.status_code == 400 and "d=7" in r.json()["error"]["message"]
@@ -60,9 +68,12 @@ def test_json_search_by_id_and_by_vector(client):
 def test_add_delete_and_update_are_reflected_in_the_next_search(client, demo_dir):
     q = demo_dir / "queries" / "hubble" / "q-02.jpg"
     with open(q, "rb") as fh:
-        r = client.post("/images", files={"image": ("new.jpg", fh, "image/jpeg")},
-                        data={"listing_id": "new-hubble", "image_id": "new-hubble/1.jpg"},
-                        headers=AUTH)
+        r = client.post(
+            "/images",
+            files={"image": ("new.jpg", fh, "image/jpeg")},
+            data={"listing_id": "new-hubble", "image_id": "new-hubble/1.jpg"},
+            headers=AUTH,
+        )
     assert r.status_code == 200 and r.json()["status"] == "added"
     hits = upload_search(client, q, k=1).json()["hits"]
     assert hits[0]["image_id"] == "new-hubble/1.jpg" and hits[0]["score"] > 0.999
@@ -100,9 +111,14 @@ def test_facts_endpoints(client):
 
 @pytest.mark.parametrize(
     "path",
-    ["/images/../../etc/passwd/thumbnail", "/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
-     "/images/%2Fetc%2Fpasswd", "/images/coins/../../../catalog.db/thumbnail",
-     "/static/../catalog.py", "/static/%2e%2e/app.py"],
+    [
+        "/images/../../etc/passwd/thumbnail",
+        "/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
+        "/images/%2Fetc%2Fpasswd",
+        "/images/coins/../../../catalog.db/thumbnail",
+        "/static/../catalog.py",
+        "/static/%2e%2e/app.py",
+    ],
 )
 def test_path_traversal_reads_nothing_outside(client, path):
     r = client.get(path)
@@ -112,12 +128,19 @@ def test_path_traversal_reads_nothing_outside(client, path):
 
 def test_write_endpoints_need_the_token(client, demo_dir):
     assert client.put("/listings/coins", json={"stock_level": 0}).status_code == 401
-    assert client.put("/listings/coins", json={"stock_level": 0},
-                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        client.put(
+            "/listings/coins", json={"stock_level": 0}, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     assert client.delete("/images/coins/coins-01.jpg").status_code == 401
     with open(demo_dir / "queries" / "coins" / "q-01.jpg", "rb") as fh:
-        r = client.post("/images", files={"image": ("x.jpg", fh, "image/jpeg")},
-                        data={"listing_id": "x", "image_id": "x/1.jpg"})
+        r = client.post(
+            "/images",
+            files={"image": ("x.jpg", fh, "image/jpeg")},
+            data={"listing_id": "x", "image_id": "x/1.jpg"},
+        )
     assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
     assert client.get("/stats").json()["images"] == 84  # nothing was written
 
@@ -128,13 +151,18 @@ def test_oversized_and_non_image_uploads_are_refused(client):
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = client.post("/search", files={"image": ("a.txt", b"hello world", "text/plain")})
     assert r.status_code == 415 and "not an image" in r.json()["error"]["message"]
-    r = client.post("/images", files={"image": ("a.txt", b"hello", "text/plain")},
-                    data={"listing_id": "x", "image_id": "x/1"}, headers=AUTH)
+    r = client.post(
+        "/images",
+        files={"image": ("a.txt", b"hello", "text/plain")},
+        data={"listing_id": "x", "image_id": "x/1"},
+        headers=AUTH,
+    )
     assert r.status_code == 415
     r = client.post("/search", content=b"k=3", headers={"content-type": "text/plain"})
     assert r.status_code == 415
-    r = client.post("/search", content=json.dumps({"k": 0}),
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/search", content=json.dumps({"k": 0}), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
 
 
@@ -171,14 +199,21 @@ def test_openapi_contract_no_server_errors(api_schema):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=20,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             response = case.call(headers=AUTH)
             calls.append(response.status_code)
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path}: {response.status_code} "
-                                f"{response.text[:200]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path}: {response.status_code} "
+                    f"{response.text[:200]}"
+                )
 
         check()
     assert failures == []
