@@ -173,6 +173,108 @@ def test_errors_are_json_with_the_right_code(client):
     assert client.get("/listings/no-such").status_code == 404
 
 
+def test_a_backend_error_answers_its_mapped_status_as_one_json_line(client, monkeypatch):
+    """A backend exception goes through lookalike.errors.translate, then the one table."""
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    cat = client.app.state.catalog
+    monkeypatch.setattr(cat, "stats", locked)
+    monkeypatch.setattr(cat, "search", locked)
+    for r in (client.get("/stats"), client.post("/search", json={"image_id": "x"})):
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert error["status"] == 503 and "database is locked" in error["message"]
+        assert "\n" not in error["message"] and "Traceback" not in r.text
+    monkeypatch.setattr(cat, "get_listing", _raise(sqlite3.DatabaseError("file is not a database")))
+    r = client.get("/listings/coins")
+    assert r.status_code == 503 and "damaged" in r.json()["error"]["message"]
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+def test_the_error_table_takes_the_most_specific_class():
+    from lookalike import errors
+    from lookalike.server.errors import STATUS, status_of
+
+    class OddQuery(errors.QueryError):
+        pass
+
+    assert status_of(errors.NotFoundError("x")) == 404
+    assert status_of(errors.StoreBusyError("x")) == 503
+    assert status_of(errors.StoreError("x")) == 503
+    assert status_of(errors.BrokerError("x")) == 502
+    assert status_of(OddQuery("x")) == 400
+    assert status_of(errors.ModelMismatchError("x")) == 409
+    assert status_of(errors.LookalikeError("x")) == 400
+    assert all(issubclass(cls, errors.LookalikeError) for cls in STATUS)
+
+
+def test_options_are_the_vocabularies_of_the_types(client):
+    from lookalike.types import Aggregation, CodeKind, EngineKind, GroupBy, IndexKind, choices
+
+    body = client.get("/options").json()
+    assert body == {
+        "aggregations": list(choices(Aggregation)),
+        "group_by": list(choices(GroupBy)),
+        "index_kinds": list(choices(IndexKind)),
+        "code_kinds": list(choices(CodeKind)),
+        "engine_kinds": list(choices(EngineKind)),
+        "max_upload": 2 * 2**20,
+    }
+
+
+def test_openapi_declares_both_search_bodies_and_hits_are_types_hit(client):
+    import dataclasses
+
+    from lookalike.types import Hit
+
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    body = schema["paths"]["/search"]["post"]["requestBody"]
+    assert set(body["content"]) == {"multipart/form-data", "application/json"}
+    upload = components[body["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
+    assert upload["required"] == ["image"]
+    assert {"image", "k", "group_by", "agg", "top_n", "threshold", "where"} <= set(
+        upload["properties"]
+    )
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/SearchRequest")
+    images = schema["paths"]["/images"]["post"]["requestBody"]["content"]
+    assert set(images) == {"multipart/form-data"}
+    hit = components["HitOut"]
+    assert list(hit["properties"]) == [f.name for f in dataclasses.fields(Hit)] + ["thumbnail_url"]
+    assert "Hit" not in components  # no second hit model
+
+
+def test_bodies_past_the_limit_are_refused_while_streaming(client):
+    huge = b"0" * (3 * 2**20 + 2**10)  # past max_upload + 1 MiB of slack
+    r = client.post("/search", files={"image": ("big.jpg", huge, "image/jpeg")})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: cut off once the streamed bytes pass the limit
+        for _ in range(64):
+            yield b"0" * 2**16
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_multipart_takes_one_file(client, demo_dir):
+    q = (demo_dir / "queries" / "coins" / "q-01.jpg").read_bytes()
+    files = [("image", ("a.jpg", q, "image/jpeg")), ("other", ("b.jpg", q, "image/jpeg"))]
+    r = client.post("/search", files=files)
+    assert r.status_code == 400 and "files" in r.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------ OpenAPI contract
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -66,8 +66,10 @@ def create_app(
     app.state.server = ServerState(catalog=cat, settings=settings, metrics=Metrics(cat))
     app.state.catalog = cat
     errors.install(app)
-    app.middleware("http")(count_requests)
+    # BodyLimit sits inside the metrics middleware (the last added is the outermost): its 413
+    # is raised from receive() straight into the handler, and still counted.
     app.add_middleware(routing.BodyLimit, limit=settings.max_body)
+    app.middleware("http")(count_requests)
     for router in ROUTERS:
         app.include_router(router)
 
