@@ -52,12 +52,17 @@ def main() -> None:
             cat.index([tmp / "demo" / "photos"])
             rng = np.random.default_rng(0)
             n = 10_000 - cat.stats()["images"]
-            cat.add_vectors([f"rand-{i // 4}" for i in range(n)], [f"r{i}" for i in range(n)],
-                            rng.standard_normal((n, 1280)).astype(np.float32))
+            cat.add_vectors(
+                [f"rand-{i // 4}" for i in range(n)],
+                [f"r{i}" for i in range(n)],
+                rng.standard_normal((n, 1280)).astype(np.float32),
+            )
         queries = [p.read_bytes() for p in sorted((tmp / "demo" / "queries").rglob("*.jpg"))]
         port = free_port()
-        server = subprocess.Popen([LOOKALIKE, "serve", "--catalog", str(tmp / "cat"),
-                                   "--port", str(port)], stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [LOOKALIKE, "serve", "--catalog", str(tmp / "cat"), "--port", str(port)],
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -82,8 +87,11 @@ def main() -> None:
                             q = queries[j % len(queries)]
                             j += clients
                             t0 = time.perf_counter()
-                            r = c.post(url + "/search", data={"k": "10", "group_by": "listing"},
-                                       files={"image": ("q.jpg", q, "image/jpeg")})
+                            r = c.post(
+                                url + "/search",
+                                data={"k": "10", "group_by": "listing"},
+                                files={"image": ("q.jpg", q, "image/jpeg")},
+                            )
                             r.raise_for_status()
                             latencies.append(time.perf_counter() - t0)
 
@@ -92,10 +100,15 @@ def main() -> None:
                     list(pool.map(worker, range(clients)))
                 wall = time.perf_counter() - t0
                 ms = np.array(latencies) * 1e3
-                rows.append({"clients": clients, "requests": len(latencies),
-                             "p50_ms": round(float(np.percentile(ms, 50)), 1),
-                             "p99_ms": round(float(np.percentile(ms, 99)), 1),
-                             "requests_per_s": round(len(latencies) / wall, 1)})
+                rows.append(
+                    {
+                        "clients": clients,
+                        "requests": len(latencies),
+                        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+                        "requests_per_s": round(len(latencies) / wall, 1),
+                    }
+                )
                 print(rows[-1], file=sys.stderr)
         finally:
             server.terminate()
@@ -107,8 +120,10 @@ def main() -> None:
     print("POST /search, image upload, 10,000-image catalog, k=10 grouped by listing")
     print(f"{'clients':>8} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7}")
     for r in rows:
-        print(f"{r['clients']:>8} {r['requests']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} "
-              f"{r['requests_per_s']:>7}")
+        print(
+            f"{r['clients']:>8} {r['requests']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+            f"{r['requests_per_s']:>7}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lookalike.server import create_app
+from lookalike.types import Aggregation, choices
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -21,9 +22,16 @@ pytestmark = pytest.mark.skipif(
     reason="chromium not installed (apt-get install chromium; CI installs it)",
 )
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--disable-quic"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @pytest.fixture
@@ -61,6 +69,11 @@ def test_upload_search_explore_in_a_real_browser(server_url, page, demo_dir):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(server_url + "/")
     page.wait_for_selector("#stats:has-text('84 images')")
+
+    # the page's choices come from GET /options: the vocabularies of lookalike.types
+    page.wait_for_function("document.querySelectorAll('#opt-agg option').length > 0")
+    offered = page.eval_on_selector_all("#opt-agg option", "els => els.map(e => e.value)")
+    assert tuple(offered) == choices(Aggregation)
 
     # search by uploading a held-out photo: the right listing comes first
     page.set_input_files("#file-input", str(demo_dir / "queries" / "motorcycle" / "q-01.jpg"))

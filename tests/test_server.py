@@ -34,8 +34,9 @@ def upload_search(client, path, **options):
 
 def test_upload_search_finds_the_right_listing_first(client, demo_dir):
     for listing in ("chelsea", "rocket", "motorcycle"):
-        r = upload_search(client, demo_dir / "queries" / listing / "q-01.jpg", k=3,
-                          group_by="listing")
+        r = upload_search(
+            client, demo_dir / "queries" / listing / "q-01.jpg", k=3, group_by="listing"
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body) == {"query_id", "hits"}
@@ -50,8 +51,15 @@ def test_json_search_by_id_and_by_vector(client):
     r = client.post("/search", json={"image_id": "flower/flower-02.jpg", "k": 3})
     assert r.status_code == 200 and r.json()["hits"][0]["image_id"] == "flower/flower-02.jpg"
     rng = np.random.default_rng(0)
-    r = client.post("/search", json={"vector": rng.standard_normal(1280).tolist(), "k": 2,
-                                     "group_by": "listing", "where": "stock_level > 0"})
+    r = client.post(
+        "/search",
+        json={
+            "vector": rng.standard_normal(1280).tolist(),
+            "k": 2,
+            "group_by": "listing",
+            "where": "stock_level > 0",
+        },
+    )
     assert r.status_code == 200 and len(r.json()["hits"]) == 2
     r = client.post("/search", json={"vector": [0.1] * 7})
     assert r.status_code == 400 and "d=7" in r.json()["error"]["message"]
@@ -60,9 +68,12 @@ def test_json_search_by_id_and_by_vector(client):
 def test_add_delete_and_update_are_reflected_in_the_next_search(client, demo_dir):
     q = demo_dir / "queries" / "hubble" / "q-02.jpg"
     with open(q, "rb") as fh:
-        r = client.post("/images", files={"image": ("new.jpg", fh, "image/jpeg")},
-                        data={"listing_id": "new-hubble", "image_id": "new-hubble/1.jpg"},
-                        headers=AUTH)
+        r = client.post(
+            "/images",
+            files={"image": ("new.jpg", fh, "image/jpeg")},
+            data={"listing_id": "new-hubble", "image_id": "new-hubble/1.jpg"},
+            headers=AUTH,
+        )
     assert r.status_code == 200 and r.json()["status"] == "added"
     hits = upload_search(client, q, k=1).json()["hits"]
     assert hits[0]["image_id"] == "new-hubble/1.jpg" and hits[0]["score"] > 0.999
@@ -100,9 +111,14 @@ def test_facts_endpoints(client):
 
 @pytest.mark.parametrize(
     "path",
-    ["/images/../../etc/passwd/thumbnail", "/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
-     "/images/%2Fetc%2Fpasswd", "/images/coins/../../../catalog.db/thumbnail",
-     "/static/../catalog.py", "/static/%2e%2e/app.py"],
+    [
+        "/images/../../etc/passwd/thumbnail",
+        "/images/..%2F..%2Fetc%2Fpasswd/thumbnail",
+        "/images/%2Fetc%2Fpasswd",
+        "/images/coins/../../../catalog.db/thumbnail",
+        "/static/../catalog.py",
+        "/static/%2e%2e/app.py",
+    ],
 )
 def test_path_traversal_reads_nothing_outside(client, path):
     r = client.get(path)
@@ -112,12 +128,19 @@ def test_path_traversal_reads_nothing_outside(client, path):
 
 def test_write_endpoints_need_the_token(client, demo_dir):
     assert client.put("/listings/coins", json={"stock_level": 0}).status_code == 401
-    assert client.put("/listings/coins", json={"stock_level": 0},
-                      headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        client.put(
+            "/listings/coins", json={"stock_level": 0}, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     assert client.delete("/images/coins/coins-01.jpg").status_code == 401
     with open(demo_dir / "queries" / "coins" / "q-01.jpg", "rb") as fh:
-        r = client.post("/images", files={"image": ("x.jpg", fh, "image/jpeg")},
-                        data={"listing_id": "x", "image_id": "x/1.jpg"})
+        r = client.post(
+            "/images",
+            files={"image": ("x.jpg", fh, "image/jpeg")},
+            data={"listing_id": "x", "image_id": "x/1.jpg"},
+        )
     assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
     assert client.get("/stats").json()["images"] == 84  # nothing was written
 
@@ -128,13 +151,18 @@ def test_oversized_and_non_image_uploads_are_refused(client):
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = client.post("/search", files={"image": ("a.txt", b"hello world", "text/plain")})
     assert r.status_code == 415 and "not an image" in r.json()["error"]["message"]
-    r = client.post("/images", files={"image": ("a.txt", b"hello", "text/plain")},
-                    data={"listing_id": "x", "image_id": "x/1"}, headers=AUTH)
+    r = client.post(
+        "/images",
+        files={"image": ("a.txt", b"hello", "text/plain")},
+        data={"listing_id": "x", "image_id": "x/1"},
+        headers=AUTH,
+    )
     assert r.status_code == 415
     r = client.post("/search", content=b"k=3", headers={"content-type": "text/plain"})
     assert r.status_code == 415
-    r = client.post("/search", content=json.dumps({"k": 0}),
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/search", content=json.dumps({"k": 0}), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
 
 
@@ -143,6 +171,108 @@ def test_errors_are_json_with_the_right_code(client):
     r = client.post("/search", json={"image_id": "coins/coins-01.jpg", "where": "stock >"})
     assert r.status_code == 400 and "where:" in r.json()["error"]["message"]
     assert client.get("/listings/no-such").status_code == 404
+
+
+def test_a_backend_error_answers_its_mapped_status_as_one_json_line(client, monkeypatch):
+    """A backend exception goes through lookalike.errors.translate, then the one table."""
+    import sqlite3
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    cat = client.app.state.catalog
+    monkeypatch.setattr(cat, "stats", locked)
+    monkeypatch.setattr(cat, "search", locked)
+    for r in (client.get("/stats"), client.post("/search", json={"image_id": "x"})):
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["retry-after"] == "1"
+        error = r.json()["error"]
+        assert error["status"] == 503 and "database is locked" in error["message"]
+        assert "\n" not in error["message"] and "Traceback" not in r.text
+    monkeypatch.setattr(cat, "get_listing", _raise(sqlite3.DatabaseError("file is not a database")))
+    r = client.get("/listings/coins")
+    assert r.status_code == 503 and "damaged" in r.json()["error"]["message"]
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+def test_the_error_table_takes_the_most_specific_class():
+    from lookalike import errors
+    from lookalike.server.errors import STATUS, status_of
+
+    class OddQuery(errors.QueryError):
+        pass
+
+    assert status_of(errors.NotFoundError("x")) == 404
+    assert status_of(errors.StoreBusyError("x")) == 503
+    assert status_of(errors.StoreError("x")) == 503
+    assert status_of(errors.BrokerError("x")) == 502
+    assert status_of(OddQuery("x")) == 400
+    assert status_of(errors.ModelMismatchError("x")) == 409
+    assert status_of(errors.LookalikeError("x")) == 400
+    assert all(issubclass(cls, errors.LookalikeError) for cls in STATUS)
+
+
+def test_options_are_the_vocabularies_of_the_types(client):
+    from lookalike.types import Aggregation, CodeKind, EngineKind, GroupBy, IndexKind, choices
+
+    body = client.get("/options").json()
+    assert body == {
+        "aggregations": list(choices(Aggregation)),
+        "group_by": list(choices(GroupBy)),
+        "index_kinds": list(choices(IndexKind)),
+        "code_kinds": list(choices(CodeKind)),
+        "engine_kinds": list(choices(EngineKind)),
+        "max_upload": 2 * 2**20,
+    }
+
+
+def test_openapi_declares_both_search_bodies_and_hits_are_types_hit(client):
+    import dataclasses
+
+    from lookalike.types import Hit
+
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    body = schema["paths"]["/search"]["post"]["requestBody"]
+    assert set(body["content"]) == {"multipart/form-data", "application/json"}
+    upload = components[body["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]]
+    assert upload["required"] == ["image"]
+    assert {"image", "k", "group_by", "agg", "top_n", "threshold", "where"} <= set(
+        upload["properties"]
+    )
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/SearchRequest")
+    images = schema["paths"]["/images"]["post"]["requestBody"]["content"]
+    assert set(images) == {"multipart/form-data"}
+    hit = components["HitOut"]
+    assert list(hit["properties"]) == [f.name for f in dataclasses.fields(Hit)] + ["thumbnail_url"]
+    assert "Hit" not in components  # no second hit model
+
+
+def test_bodies_past_the_limit_are_refused_while_streaming(client):
+    huge = b"0" * (3 * 2**20 + 2**10)  # past max_upload + 1 MiB of slack
+    r = client.post("/search", files={"image": ("big.jpg", huge, "image/jpeg")})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: cut off once the streamed bytes pass the limit
+        for _ in range(64):
+            yield b"0" * 2**16
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_multipart_takes_one_file(client, demo_dir):
+    q = (demo_dir / "queries" / "coins" / "q-01.jpg").read_bytes()
+    files = [("image", ("a.jpg", q, "image/jpeg")), ("other", ("b.jpg", q, "image/jpeg"))]
+    r = client.post("/search", files=files)
+    assert r.status_code == 400 and "files" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------ OpenAPI contract
@@ -171,14 +301,21 @@ def test_openapi_contract_no_server_errors(api_schema):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=20,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             response = case.call(headers=AUTH)
             calls.append(response.status_code)
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.formatted_path}: {response.status_code} "
-                                f"{response.text[:200]}")
+                failures.append(
+                    f"{case.method} {case.formatted_path}: {response.status_code} "
+                    f"{response.text[:200]}"
+                )
 
         check()
     assert failures == []

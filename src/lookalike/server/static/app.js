@@ -5,9 +5,29 @@ const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {kind: "file", file} or {kind: "id", image_id, listing_id}
 let searchSeq = 0; // the latest search; an answer to an older one arriving later is dropped
 
+// The choices come from GET /options (the vocabularies of lookalike.types), never from a copy
+// here; LABELS only gives some values a friendlier caption (a value without one shows as is).
+const LABELS = { "sum-top-n": "sum of top 3" };
+let vocab = { aggregations: [], group_by: [] };
+
+function fillSelect(select, values) {
+  const keep = select.value;
+  select.replaceChildren(...values.map((v) => new Option(LABELS[v] ?? v, v)));
+  if (values.includes(keep)) select.value = keep;
+}
+
+const ready = api("/options").then((o) => {
+  vocab = o;
+  fillSelect($("opt-agg"), o.aggregations);
+  $("opt-group").disabled = o.group_by.length === 0;
+}).catch((err) => { $("status").textContent = "error: " + err.message; });
+
 function options() {
   const o = { k: Number($("opt-k").value) || 12 };
-  if ($("opt-group").checked) { o.group_by = "listing"; o.agg = $("opt-agg").value; }
+  if ($("opt-group").checked && vocab.group_by.length) {
+    o.group_by = vocab.group_by[0];
+    if ($("opt-agg").value) o.agg = $("opt-agg").value;
+  }
   const t = $("opt-threshold").value;
   if (t !== "") o.threshold = Number(t);
   if ($("opt-stock").checked) o.where = "stock_level > 0";
@@ -24,6 +44,7 @@ async function api(path, init) {
 async function runSearch(query) {
   lastQuery = query;
   const seq = ++searchSeq;
+  await ready; // the choices are loaded (a no-op after the first time)
   const opts = options();
   $("status").textContent = "searching...";
   const t0 = performance.now();
