@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from .catalog import Catalog
 from .errors import ModelMismatchError, SourceError
+from .files import atomic_path, atomic_write
 from .types import FeatureBatch, ImageRecord, ModelInfo
 
 #: Default number of ``part`` partitions.
@@ -84,13 +85,11 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     schema = features_schema(model.dim, model)
     writers: dict[int, pq.ParquetWriter] = {}
     n_features = 0
-    listing_ids: set[str] = set()
     try:  # stream the rows: one store query and one row group per part per batch
         for recs in cat.iter_records(EXPORT_BATCH):
             by_part: dict[int, list[ImageRecord]] = {}
             for r in recs:
                 by_part.setdefault(part_of(r.listing_id, parts), []).append(r)
-                listing_ids.add(r.listing_id)
             for p, part_recs in sorted(by_part.items()):
                 if p not in writers:
                     out = root / "features" / f"part={p}"
@@ -101,17 +100,16 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     finally:
         for w in writers.values():
             w.close()
-    listings = {rec.listing_id: rec for rec in cat.listings()}
-    listing_ids |= set(listings)
-    listings = [listings[lid] for lid in sorted(listing_ids) if lid in listings]
+    by_id = {rec.listing_id: rec for rec in cat.listings()}
+    listings = [by_id[lid] for lid in sorted(by_id)]
     lt = pa.table({
         "listing_id": [rec.listing_id for rec in listings],
         "stock_level": pa.array([rec.attrs.get("stock_level") for rec in listings], pa.int64()),
         "etag": [rec.attrs.get("etag") for rec in listings],
         "attrs": [json.dumps(rec.attrs) for rec in listings],
     })
-    (root / "listings").mkdir(parents=True, exist_ok=True)
-    pq.write_table(lt, root / "listings" / "data.parquet")
+    with atomic_path(root / "listings" / "data.parquet") as tmp:
+        pq.write_table(lt, tmp)
     results = cat.all_saved_results()
     qt = pa.table({
         "query_id": [r.query_id for r in results], "rank": pa.array([r.rank for r in results],
@@ -121,8 +119,8 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
         "score": pa.array([r.score for r in results], pa.float64()),
         "created_at": [r.created_at for r in results],
     })
-    (root / "query_results").mkdir(parents=True, exist_ok=True)
-    pq.write_table(qt, root / "query_results" / "data.parquet")
+    with atomic_path(root / "query_results" / "data.parquet") as tmp:
+        pq.write_table(qt, tmp)
     write_model_sidecar(root, model)
     return {"features": n_features, "listings": lt.num_rows, "query_results": qt.num_rows}
 
@@ -149,9 +147,8 @@ SIDECAR = "_lookalike.json"
 def write_model_sidecar(folder: str | os.PathLike[str], model: ModelInfo) -> None:
     """Record the model in ``folder/_lookalike.json`` (for tables written by Spark, which does
     not keep Arrow schema metadata)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / SIDECAR).write_text(json.dumps(
-        {"model": {"name": model.name, "version": model.version, "dim": model.dim}}))
+    meta = {"model": {"name": model.name, "version": model.version, "dim": model.dim}}
+    atomic_write(Path(folder) / SIDECAR, json.dumps(meta))
 
 
 def read_model(folder: str | os.PathLike[str]) -> ModelInfo:
