@@ -39,11 +39,11 @@ import numpy as np
 import lookalike
 from lookalike.analytics import (
     OutlierReport,
-    _neighbours,
     default_k,
     kmeans,
     knn_outliers,
     near_duplicates,
+    neighbours,
 )
 from lookalike.types import ModelInfo
 
@@ -133,7 +133,7 @@ def main() -> None:
                 sample = np.random.default_rng(1).choice(n, n // 100, replace=False)
                 for name, k, threshold in (("knn", 11, None), ("dedup", 32, 0.95)):
                     t0 = time.perf_counter()
-                    for _ in _neighbours(cat, "exact", k, 512, threshold, positions=sample):
+                    for _ in neighbours(cat, "exact", k, 512, threshold, positions=sample):
                         pass
                     row[f"{name}_exact_est_s"] = round((time.perf_counter() - t0) * 100)
             t0 = time.perf_counter()

@@ -57,13 +57,21 @@ def write_lake(folder: Path, x: np.ndarray, parts: int) -> list[tuple[str, str]]
     schema = features_schema(d, model)
     for p, idx in sorted(by_part.items()):
         m = len(idx)
-        table = pa.table({
-            "listing_id": [listing[i] for i in idx], "image_id": [image[i] for i in idx],
-            "vector": vectors_column(x[idx]), "model": ["random:1"] * m,
-            "source": [None] * m, "sha256": [None] * m,
-            "width": pa.nulls(m, pa.int32()), "height": pa.nulls(m, pa.int32()),
-            "ingested_at": [0.0] * m, "labels": [None] * m,
-        }, schema=schema)
+        table = pa.table(
+            {
+                "listing_id": [listing[i] for i in idx],
+                "image_id": [image[i] for i in idx],
+                "vector": vectors_column(x[idx]),
+                "model": ["random:1"] * m,
+                "source": [None] * m,
+                "sha256": [None] * m,
+                "width": pa.nulls(m, pa.int32()),
+                "height": pa.nulls(m, pa.int32()),
+                "ingested_at": [0.0] * m,
+                "labels": [None] * m,
+            },
+            schema=schema,
+        )
         out = folder / "features" / f"part={p}"
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out / "data.parquet")
@@ -77,8 +85,13 @@ def local_cold(folder: Path, q: np.ndarray, k: int) -> float:
     table = pq.read_table(folder / "features", columns=["listing_id", "image_id", "vector"])
     d = q.shape[1]
     x = column_vectors(table.column("vector"), d)
-    keys = list(zip(table.column("listing_id").to_pylist(),
-                    table.column("image_id").to_pylist(), strict=True))
+    keys = list(
+        zip(
+            table.column("listing_id").to_pylist(),
+            table.column("image_id").to_pylist(),
+            strict=True,
+        )
+    )
     order = sorted(range(len(keys)), key=keys.__getitem__)
     cache = VectorCache(d)
     cache.apply(Changes(seq=1, upserted=[keys[i] for i in order], vectors=x[order], deleted=[]))
@@ -91,8 +104,14 @@ def local_warm(folder: Path, q: np.ndarray, k: int) -> float:
     d = q.shape[1]
     table = pq.read_table(folder / "features", columns=["vector"])
     cache = VectorCache(d)
-    cache.apply(Changes(seq=1, upserted=[("L", f"{i:09d}") for i in range(table.num_rows)],
-                        vectors=column_vectors(table.column("vector"), d), deleted=[]))
+    cache.apply(
+        Changes(
+            seq=1,
+            upserted=[("L", f"{i:09d}") for i in range(table.num_rows)],
+            vectors=column_vectors(table.column("vector"), d),
+            deleted=[],
+        )
+    )
     engine = NumpyEngine(cache)
     return timed(lambda: engine.search(q, SearchSpec(k=k)), 3)
 
@@ -122,8 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         # ---- extraction
-        write_demo(tmp / "demo", images_per_listing=args.per_listing, queries_per_listing=0,
-                   seed=1)
+        write_demo(tmp / "demo", images_per_listing=args.per_listing, queries_per_listing=0, seed=1)
         sources = list(iter_folder(tmp / "demo" / "photos"))
         with open(tmp / "manifest.csv", "w", newline="") as fh:
             w = csv.writer(fh)
@@ -136,21 +154,39 @@ def main() -> None:
                 t0 = time.perf_counter()
                 report = cat.index([tmp / "demo" / "photos"], workers=c)
                 s = time.perf_counter() - t0
-            rows.append({"job": "extract cnn", "runner": f"local index, {c} worker(s)",
-                         "items": report.added, "seconds": round(s, 2),
-                         "per_s": round(report.added / s, 1)})
+            rows.append(
+                {
+                    "job": "extract cnn",
+                    "runner": f"local index, {c} worker(s)",
+                    "items": report.added,
+                    "seconds": round(s, 2),
+                    "per_s": round(report.added / s, 1),
+                }
+            )
         for c in cores:
             spark = lsp.session(f"local[{c}]", conf={"spark.default.parallelism": str(c)})
-            lsp.extract(spark, str(tmp / "manifest.csv"), str(tmp / "warm"), parts=c,
-                        batch_rows=32)  # Python workers + model loaded once per worker
+            lsp.extract(
+                spark, str(tmp / "manifest.csv"), str(tmp / "warm"), parts=c, batch_rows=32
+            )  # Python workers + model loaded once per worker
             t0 = time.perf_counter()
-            counts = lsp.extract(spark, str(tmp / "manifest.csv"), str(tmp / f"lake{c}"),
-                                 parts=args.parts, batch_rows=32)
+            counts = lsp.extract(
+                spark,
+                str(tmp / "manifest.csv"),
+                str(tmp / f"lake{c}"),
+                parts=args.parts,
+                batch_rows=32,
+            )
             s = time.perf_counter() - t0
             spark.stop()
-            rows.append({"job": "extract cnn", "runner": f"spark local[{c}]",
-                         "items": counts["images"], "seconds": round(s, 2),
-                         "per_s": round(counts["images"] / s, 1)})
+            rows.append(
+                {
+                    "job": "extract cnn",
+                    "runner": f"spark local[{c}]",
+                    "items": counts["images"],
+                    "seconds": round(s, 2),
+                    "per_s": round(counts["images"] / s, 1),
+                }
+            )
 
         # ---- search
         rng = np.random.default_rng(0)
@@ -159,20 +195,38 @@ def main() -> None:
         write_lake(tmp / "vectors", x, args.parts)
         del x
         cold = local_cold(tmp / "vectors", l2_normalize(q), 10)
-        rows.append({"job": f"search {args.queries}q k=10", "runner": "local engine, cold",
-                     "items": args.n, "seconds": round(cold, 2),
-                     "per_s": round(args.n * args.queries / cold)})
+        rows.append(
+            {
+                "job": f"search {args.queries}q k=10",
+                "runner": "local engine, cold",
+                "items": args.n,
+                "seconds": round(cold, 2),
+                "per_s": round(args.n * args.queries / cold),
+            }
+        )
         warm = local_warm(tmp / "vectors", l2_normalize(q), 10)
-        rows.append({"job": f"search {args.queries}q k=10", "runner": "local engine, warm",
-                     "items": args.n, "seconds": round(warm, 3),
-                     "per_s": round(args.n * args.queries / warm)})
+        rows.append(
+            {
+                "job": f"search {args.queries}q k=10",
+                "runner": "local engine, warm",
+                "items": args.n,
+                "seconds": round(warm, 3),
+                "per_s": round(args.n * args.queries / warm),
+            }
+        )
         for c in cores:
             spark = lsp.session(f"local[{c}]")
             s = timed(lambda spark=spark: lsp.search(spark, str(tmp / "vectors"), q, k=10), 2)
             spark.stop()
-            rows.append({"job": f"search {args.queries}q k=10", "runner": f"spark local[{c}]",
-                         "items": args.n, "seconds": round(s, 2),
-                         "per_s": round(args.n * args.queries / s)})
+            rows.append(
+                {
+                    "job": f"search {args.queries}q k=10",
+                    "runner": f"spark local[{c}]",
+                    "items": args.n,
+                    "seconds": round(s, 2),
+                    "per_s": round(args.n * args.queries / s),
+                }
+            )
 
     if args.json:
         for row in rows:
@@ -180,8 +234,10 @@ def main() -> None:
         return
     print(f"{'job':<18} {'runner':<28} {'items':>9} {'seconds':>8} {'per s':>12}")
     for row in rows:
-        print(f"{row['job']:<18} {row['runner']:<28} {row['items']:>9} {row['seconds']:>8} "
-              f"{row['per_s']:>12}")
+        print(
+            f"{row['job']:<18} {row['runner']:<28} {row['items']:>9} {row['seconds']:>8} "
+            f"{row['per_s']:>12}"
+        )
 
 
 if __name__ == "__main__":

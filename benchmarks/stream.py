@@ -54,9 +54,27 @@ def rows(catalog: Path) -> list[tuple[str, str, float]]:
 def consumer(catalog: Path, url: str, stream: str, idle: float) -> subprocess.Popen:
     subject = f"{stream.lower()}.>"
     return subprocess.Popen(
-        [LOOKALIKE, "stream", "--catalog", str(catalog), "--nats", url, "--durable", stream,
-         "--stream", stream, "--subject", subject, "--idle-exit", str(idle), "--format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            LOOKALIKE,
+            "stream",
+            "--catalog",
+            str(catalog),
+            "--nats",
+            url,
+            "--durable",
+            stream,
+            "--stream",
+            stream,
+            "--subject",
+            subject,
+            "--idle-exit",
+            str(idle),
+            "--format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
 
 
@@ -86,8 +104,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        write_demo(tmp / "demo", images_per_listing=args.per_listing, queries_per_listing=0,
-                   seed=11)
+        write_demo(
+            tmp / "demo", images_per_listing=args.per_listing, queries_per_listing=0, seed=11
+        )
         photos = tmp / "demo" / "photos"
         events = list(image_events([photos]))
         n = len(events)
@@ -118,9 +137,12 @@ def main() -> None:
             got = wait_rows(cat, count, 60)
             proc.wait(timeout=120)
             lat = np.array([t - sent[iid] for _, iid, t in got if iid in sent])
-            result.update(p50_s=round(float(np.percentile(lat, 50)), 3),
-                          p99_s=round(float(np.percentile(lat, 99)), 3),
-                          latency_rate_per_s=args.rate, latency_images=count)
+            result.update(
+                p50_s=round(float(np.percentile(lat, 50)), 3),
+                p99_s=round(float(np.percentile(lat, 99)), 3),
+                latency_rate_per_s=args.rate,
+                latency_images=count,
+            )
             lost = count - len({iid for _, iid, _ in got})
             dup = len(got) - len({(lid, iid) for lid, iid, _ in got})
             # 2. throughput with 1 and 2 consumers (backlog published first)
@@ -138,8 +160,9 @@ def main() -> None:
                 times = np.sort([t for _, _, t in got])
                 first_batch = int(np.sum(times <= times[0] + 1e-6))
                 rate = (len(times) - first_batch) / max(times[-1] - times[0], 1e-9)
-                result[f"images_per_s_{consumers}_consumer{'s' if consumers > 1 else ''}"] = \
-                    round(float(rate), 1)
+                result[f"images_per_s_{consumers}_consumer{'s' if consumers > 1 else ''}"] = round(
+                    float(rate), 1
+                )
                 lost += n - len({iid for _, iid, _ in got})
                 dup += len(got) - len({(lid, iid) for lid, iid, _ in got})
             result.update(lost=lost, duplicated=dup)
@@ -149,7 +172,8 @@ def main() -> None:
             report = cat.index([photos])
         result["index_images_per_s"] = round(report.images_per_s, 1)
         result["stream_vs_index"] = round(
-            float(result["images_per_s_1_consumer"]) / report.images_per_s, 2)
+            float(result["images_per_s_1_consumer"]) / report.images_per_s, 2
+        )
     if args.json:
         print(json.dumps(result))
         return

@@ -45,10 +45,8 @@ def test_classifier_recognises_held_out_photos(demo_cat, demo_dir, model):
     assert report.n_test >= 14 and report.accuracy >= 0.9
     queries = query_set(demo_dir / "queries")
     preds = demo_cat.predict([q for q, _ in queries], k=3)
-    accuracy = np.mean([top[0][0] == truth for top, (_, truth) in zip(preds, queries,
-                                                                        strict=True)])
-    print(f"{model}: held-out report accuracy {report.accuracy:.3f}, "
-          f"query accuracy {accuracy:.3f}")
+    accuracy = np.mean([top[0][0] == truth for top, (_, truth) in zip(preds, queries, strict=True)])
+    print(f"{model}: held-out report accuracy {report.accuracy:.3f}, query accuracy {accuracy:.3f}")
     assert accuracy >= 0.9  # chance is 1/14
     assert all(len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] for top in preds)
     assert len(report.confusion) == 14
@@ -59,11 +57,15 @@ def test_labels_from_parent_and_csv(demo_cat, tmp_path):
     parent = labels_from(demo_cat, "parent")
     assert parent[("coins", "coins/coins-01.jpg")] == "coins"
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("image_id,label\ncoins/coins-01.jpg,round\nmoon/moon-01.jpg,round\n"
-                        "page/page-01.jpg,text\n")
+    csv_path.write_text(
+        "image_id,label\ncoins/coins-01.jpg,round\nmoon/moon-01.jpg,round\npage/page-01.jpg,text\n"
+    )
     lab = labels_from(demo_cat, str(csv_path))
-    assert lab == {("coins", "coins/coins-01.jpg"): "round", ("moon", "moon/moon-01.jpg"): "round",
-                   ("page", "page/page-01.jpg"): "text"}
+    assert lab == {
+        ("coins", "coins/coins-01.jpg"): "round",
+        ("moon", "moon/moon-01.jpg"): "round",
+        ("page", "page/page-01.jpg"): "text",
+    }
     bad = tmp_path / "bad.csv"
     bad.write_text("image_id,label\nnot/there.jpg,x\n")
     with pytest.raises(lookalike.SourceError, match=r"row 1: image 'not/there\.jpg'"):
@@ -79,23 +81,46 @@ def test_new_images_get_a_predicted_label_once_a_classifier_is_attached(demo_cat
 
 
 def test_train_and_predict_cli(cnn_catalog_copy, demo_dir):
-    out = subprocess.run([LOOKALIKE, "train", "-c", str(cnn_catalog_copy), "--label-from",
-                          "listing", "-f", "json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [LOOKALIKE, "train", "-c", str(cnn_catalog_copy), "--label-from", "listing", "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.stdout)
     assert report["accuracy"] >= 0.9 and len(report["labels"]) == 14
     q = str(demo_dir / "queries" / "flower" / "q-01.jpg")
-    out = subprocess.run([LOOKALIKE, "predict", q, "-c", str(cnn_catalog_copy), "-f", "json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [LOOKALIKE, "predict", q, "-c", str(cnn_catalog_copy), "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     body = json.loads(out.stdout)
     assert body["predictions"][0]["label"] == "flower"
     assert list(body["predictions"][0]) == ["label", "probability"]
 
 
-def test_eval_cli_reports_the_contract_and_beats_its_colorhist_baseline(cnn_catalog_copy,
-                                                                         demo_dir):
-    out = subprocess.run([LOOKALIKE, "eval", "-c", str(cnn_catalog_copy), "--queries",
-                          str(demo_dir / "queries"), "-k", "6", "--baseline", "colorhist",
-                          "-f", "json"], capture_output=True, text=True, check=True)
+def test_eval_cli_reports_the_contract_and_beats_its_colorhist_baseline(cnn_catalog_copy, demo_dir):
+    out = subprocess.run(
+        [
+            LOOKALIKE,
+            "eval",
+            "-c",
+            str(cnn_catalog_copy),
+            "--queries",
+            str(demo_dir / "queries"),
+            "-k",
+            "6",
+            "--baseline",
+            "colorhist",
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     body = json.loads(out.stdout)
     assert list(body)[:5] == ["top1", "precision_at_k", "recall_at_k", "mAP", "n_queries"]
     assert body["n_queries"] == 28 and body["k"] == 6
@@ -103,9 +128,12 @@ def test_eval_cli_reports_the_contract_and_beats_its_colorhist_baseline(cnn_cata
     base = body["baseline"]
     assert base["extractor"] == "colorhist" and base["n_queries"] == 28
     assert body["mAP"] > base["mAP"] + 0.1  # the same-run comparison the README quotes
-    table = subprocess.run([LOOKALIKE, "eval", "-c", str(cnn_catalog_copy), "--queries",
-                            str(demo_dir / "queries")], capture_output=True, text=True,
-                           check=True).stdout
+    table = subprocess.run(
+        [LOOKALIKE, "eval", "-c", str(cnn_catalog_copy), "--queries", str(demo_dir / "queries")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "mAP" in table and "28 queries" in table
 
 
@@ -129,15 +157,17 @@ def test_kmeans_recovers_the_photo_groups(demo_cat):
 def test_near_duplicate_groups_equal_the_listings(demo_cat):
     groups = near_duplicates(demo_cat, threshold=0.7)
     assert sorted({k[0] for k in g}.pop() for g in groups) == sorted(
-        {lid for lid, _ in demo_cat.vector_cache().keys})
+        {lid for lid, _ in demo_cat.vector_cache().keys}
+    )
     assert all(len({k[0] for k in g}) == 1 and len(g) == 6 for g in groups)
 
 
 def test_exact_duplicates_by_file_hash(demo_cat, demo_dir):
     copy = demo_dir / "photos" / "moon" / "moon-02.jpg"
     demo_cat.add(copy, "other", "other/same-bytes.jpg")
-    assert exact_duplicates(demo_cat) == [[("moon", "moon/moon-02.jpg"),
-                                           ("other", "other/same-bytes.jpg")]]
+    assert exact_duplicates(demo_cat) == [
+        [("moon", "moon/moon-02.jpg"), ("other", "other/same-bytes.jpg")]
+    ]
 
 
 def test_map_png_is_written_and_shows_clusters_and_outliers(demo_cat, tmp_path):
@@ -146,8 +176,12 @@ def test_map_png_is_written_and_shows_clusters_and_outliers(demo_cat, tmp_path):
     _, xy, method = project(demo_cat)
     assert method == "pca" and xy.shape == (84, 2) and np.ptp(xy[:, 0]) > 0.1
     drawn = render_map_png(str(tmp_path / "map.png"), demo_cat)
-    assert drawn == {"points": 84, "clusters": 14, "outliers_marked": 10,
-                     "png": str(tmp_path / "map.png")}
+    assert drawn == {
+        "points": 84,
+        "clusters": 14,
+        "outliers_marked": 10,
+        "png": str(tmp_path / "map.png"),
+    }
     img = Image.open(tmp_path / "map.png").convert("RGB")
     colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
     assert img.size[0] >= 800 and len(colours) > 50  # a real picture, not a blank canvas
@@ -157,8 +191,12 @@ def test_map_png_is_written_and_shows_clusters_and_outliers(demo_cat, tmp_path):
 
 def test_analyze_and_dedup_cli_outputs(cnn_catalog_copy, tmp_path):
     def run(*args):
-        return subprocess.run([LOOKALIKE, *args, "-c", str(cnn_catalog_copy)],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [LOOKALIKE, *args, "-c", str(cnn_catalog_copy)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     clusters = json.loads(run("analyze", "clusters", "-k", "14", "-f", "json"))
     assert clusters["k"] == 14 and {"id", "size", "representative"} <= set(clusters["clusters"][0])
@@ -172,11 +210,13 @@ def test_analyze_and_dedup_cli_outputs(cnn_catalog_copy, tmp_path):
     scores = [o["score"] for o in exact["outliers"]]
     assert exact["method"] == "knn-10" and len(scores) == 5 and scores == sorted(scores)[::-1]
     run("ann", "build", "--kind", "ivf")
-    via_ivf = json.loads(run("analyze", "outliers", "--top", "5", "--index", "ivf", "--nprobe",
-                             "1", "-f", "json"))
+    via_ivf = json.loads(
+        run("analyze", "outliers", "--top", "5", "--index", "ivf", "--nprobe", "1", "-f", "json")
+    )
     assert via_ivf["method"] == "knn-10-ivf"
     assert [o["image_id"] for o in via_ivf["outliers"]] == [
-        o["image_id"] for o in exact["outliers"]]  # the listed top is certified exact
+        o["image_id"] for o in exact["outliers"]
+    ]  # the listed top is certified exact
     ivf_groups = json.loads(run("dedup", "--threshold", "0.7", "--index", "ivf", "-f", "json"))
     assert ivf_groups["groups"] == groups
 
@@ -193,8 +233,12 @@ def vec_cat(tmp_path):
     x = np.concatenate([base, dups])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cat = lookalike.open_catalog(tmp_path / "vec")
-    cat.add_vectors([f"L{i}" for i in range(len(x))], [f"{i}" for i in range(len(x))], x,
-                    model=ModelInfo("test", "1", 24))
+    cat.add_vectors(
+        [f"L{i}" for i in range(len(x))],
+        [f"{i}" for i in range(len(x))],
+        x,
+        model=ModelInfo("test", "1", 24),
+    )
     yield cat, x
     cat.close()
 
@@ -223,8 +267,12 @@ def test_knn_outliers_through_an_ivf_index(tmp_path):
     np.fill_diagonal(sims, -np.inf)
     brute = 1.0 - (-np.sort(-sims, axis=1)[:, :10]).mean(axis=1)
     with lookalike.open_catalog(tmp_path / "ivf") as cat:
-        cat.add_vectors([f"L{i}" for i in range(len(x))], [str(i) for i in range(len(x))], x,
-                        model=ModelInfo("test", "1", 32))
+        cat.add_vectors(
+            [f"L{i}" for i in range(len(x))],
+            [str(i) for i in range(len(x))],
+            x,
+            model=ModelInfo("test", "1", 32),
+        )
         cat.build_index("ivf")
         every = knn_outliers(cat, k=10, index="ivf", nprobe=10**6, save=False)
         few = knn_outliers(cat, k=10, index="ivf", nprobe=2, top=50)
@@ -290,8 +338,9 @@ with lookalike.open_catalog({str(tmp_path / "big")!r}) as cat:
                       "before_kib": before,
                       "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
     assert result["groups"] >= 1  # random points on an 8-d sphere do have close pairs
@@ -308,17 +357,23 @@ def test_near_duplicates_through_an_ivf_index_find_the_exact_groups(tmp_path):
     x[-150:] = x[:150] + 0.05 * rng.standard_normal((150, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     with lookalike.open_catalog(tmp_path / "ivf") as cat:
-        cat.add_vectors([f"L{i}" for i in range(len(x))], [str(i) for i in range(len(x))], x,
-                        model=ModelInfo("test", "1", 32))
+        cat.add_vectors(
+            [f"L{i}" for i in range(len(x))],
+            [str(i) for i in range(len(x))],
+            x,
+            model=ModelInfo("test", "1", 32),
+        )
         cat.build_index("ivf")
         cat.delete("5", listing_id="L5")  # a dead row: in neither answer
         ann = cat.search_engine("ivf").ann
         before = ann.params.nprobe
         exact = {frozenset(g) for g in near_duplicates(cat, threshold=0.95)}
-        via_ivf = {frozenset(g) for g in near_duplicates(cat, threshold=0.95, index="ivf",
-                                                          nprobe=4)}
-        every_cell = {frozenset(g) for g in near_duplicates(cat, threshold=0.95, index="ivf",
-                                                             nprobe=10**6)}
+        via_ivf = {
+            frozenset(g) for g in near_duplicates(cat, threshold=0.95, index="ivf", nprobe=4)
+        }
+        every_cell = {
+            frozenset(g) for g in near_duplicates(cat, threshold=0.95, index="ivf", nprobe=10**6)
+        }
         assert ann.params.nprobe == before and before > 4
     assert every_cell == exact  # joining every cell with every cell is the exact join
     assert not any(("L5", "5") in g for g in exact | via_ivf)

@@ -55,7 +55,7 @@ def test_onnx_matches_torch_within_tolerance(cnn, photos, torch_model):
     ref = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     got = cnn.embed(batch)
     assert np.abs(got - ref).max() <= ONNX_TOLERANCE
-    raw = cnn._load()(scale_input(batch))
+    raw = cnn.pooled(scale_input(batch))
     assert np.abs(raw - pooled).max() <= ONNX_TOLERANCE
 
 
@@ -65,9 +65,11 @@ def test_preprocessing_is_the_trained_one(cnn, photos, torch_model):
     import torch
 
     batch = np.stack([cnn.preprocess(photos[n]) for n in ("chelsea", "coffee")])
-    pooled = cnn._load()(scale_input(batch))
+    pooled = cnn.pooled(scale_input(batch))
     with torch.no_grad():
-        logits = torch_model.backbone._fc(torch.from_numpy(pooled)).numpy()
+        # the ImageNet head, named ``_fc`` by efficientnet_lite_pytorch (torch's public lookup)
+        head = torch_model.backbone.get_submodule("_fc")
+        logits = head(torch.from_numpy(pooled)).numpy()
     top = logits.argmax(axis=1)
     assert 281 <= top[0] <= 285
     assert top[1] == 967

@@ -42,9 +42,9 @@ def assert_same(got, want):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert [(h.listing_id, h.image_id) for h in g.hits] == [
-            (h.listing_id, h.image_id) for h in w.hits]
-        np.testing.assert_allclose([h.score for h in g.hits], [h.score for h in w.hits],
-                                   atol=1e-5)
+            (h.listing_id, h.image_id) for h in w.hits
+        ]
+        np.testing.assert_allclose([h.score for h in g.hits], [h.score for h in w.hits], atol=1e-5)
         assert [h.n_images for h in g.hits] == [h.n_images for h in w.hits]
 
 
@@ -64,11 +64,13 @@ def test_spark_search_equals_local_on_the_demo(spark, demo_lake, cnn_catalog_dir
     from lookalike import spark as lsp
 
     with lookalike.open_catalog(cnn_catalog_dir) as cat:
-        q = cat.embed([demo_dir / "queries" / name / "q-01.jpg"
-                       for name in ("chelsea", "rocket", "hubble")])
+        q = cat.embed(
+            [demo_dir / "queries" / name / "q-01.jpg" for name in ("chelsea", "rocket", "hubble")]
+        )
         for options in OPTIONS:
-            assert_same(lsp.search(spark, str(demo_lake), q, **options),
-                        cat.search_batch(q, **options))
+            assert_same(
+                lsp.search(spark, str(demo_lake), q, **options), cat.search_batch(q, **options)
+            )
 
 
 def test_spark_search_equals_local_on_50k_random_vectors(spark, tmp_path):
@@ -78,16 +80,25 @@ def test_spark_search_equals_local_on_50k_random_vectors(spark, tmp_path):
     n, d = 50_000, 32
     x = rng.standard_normal((n, d)).astype(np.float32)
     with lookalike.open_catalog(tmp_path / "cat") as cat:
-        cat.add_vectors([f"L{i % 9000:05d}" for i in range(n)], [f"{i:06d}" for i in range(n)],
-                        x, model=ModelInfo("random", "1", d))
+        cat.add_vectors(
+            [f"L{i % 9000:05d}" for i in range(n)],
+            [f"{i:06d}" for i in range(n)],
+            x,
+            model=ModelInfo("random", "1", d),
+        )
         for i in range(0, 9000, 3):
             cat.update_listing(f"L{i:05d}", stock_level=i % 5)
         export_catalog(cat, tmp_path / "lake", parts=16)
         q = rng.standard_normal((4, d)).astype(np.float32)
-        for options in [*OPTIONS[:-2], dict(k=10, where="stock_level > 2"),
-                        dict(k=5, group_by="listing", where="stock_level = 1")]:
-            assert_same(lsp.search(spark, str(tmp_path / "lake"), q, **options),
-                        cat.search_batch(q, **options))
+        for options in [
+            *OPTIONS[:-2],
+            dict(k=10, where="stock_level > 2"),
+            dict(k=5, group_by="listing", where="stock_level = 1"),
+        ]:
+            assert_same(
+                lsp.search(spark, str(tmp_path / "lake"), q, **options),
+                cat.search_batch(q, **options),
+            )
 
 
 def test_spark_search_json_is_the_local_json(spark, demo_lake, cnn_catalog_dir):
@@ -100,7 +111,8 @@ def test_spark_search_json_is_the_local_json(spark, demo_lake, cnn_catalog_dir):
     assert list(got) == list(want) == ["query_id", "hits"]
     assert [list(h) for h in got["hits"]] == [list(h) for h in want["hits"]]
     assert [(h["listing_id"], h["image_id"], h["n_images"]) for h in got["hits"]] == [
-        (h["listing_id"], h["image_id"], h["n_images"]) for h in want["hits"]]
+        (h["listing_id"], h["image_id"], h["n_images"]) for h in want["hits"]
+    ]
 
 
 def test_export_import_round_trip_is_bit_for_bit(cnn_catalog_copy, tmp_path):
@@ -115,8 +127,10 @@ def test_export_import_round_trip_is_bit_for_bit(cnn_catalog_copy, tmp_path):
         assert counts == {"features": 84, "listings": 14, "query_results": 3}
         after = [r for batch in copy.iter_records() for r in batch]
         assert [r.key for r in after] == [r.key for r in before]
-        assert np.stack([r.vector for r in after]).tobytes() == np.stack(
-            [r.vector for r in before]).tobytes()
+        assert (
+            np.stack([r.vector for r in after]).tobytes()
+            == np.stack([r.vector for r in before]).tobytes()
+        )
         assert copy.sha256s() == sha
         assert copy.get_listing("coffee").attrs == {"stock_level": 0, "category": "food"}
         assert copy.saved_results(res.query_id).image_ids == res.image_ids
@@ -127,8 +141,9 @@ def test_export_import_round_trip_is_bit_for_bit(cnn_catalog_copy, tmp_path):
         assert t.schema.field("vector").type.list_size == 1280
 
 
-def test_spark_extraction_equals_local_and_records_bad_images(spark, demo_dir, tmp_path,
-                                                              cnn_catalog_dir):
+def test_spark_extraction_equals_local_and_records_bad_images(
+    spark, demo_dir, tmp_path, cnn_catalog_dir
+):
     import pyarrow as pa
 
     from lookalike import spark as lsp
@@ -136,8 +151,10 @@ def test_spark_extraction_equals_local_and_records_bad_images(spark, demo_dir, t
     photos = sorted((demo_dir / "photos").rglob("*.jpg"))[:20]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg at all")
-    rows = [{"listing_id": p.parent.name, "image_id": f"{p.parent.name}/{p.name}",
-             "path": str(p)} for p in photos]
+    rows = [
+        {"listing_id": p.parent.name, "image_id": f"{p.parent.name}/{p.name}", "path": str(p)}
+        for p in photos
+    ]
     rows.append({"listing_id": "broken", "image_id": "broken/1.jpg", "path": str(bad)})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
     counts = lsp.extract(spark, str(tmp_path / "manifest.parquet"), str(tmp_path / "lake"))
@@ -177,14 +194,16 @@ def test_cli_spark_search_prints_the_local_json(demo_lake, demo_dir, cnn_catalog
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    got = run("spark", "search", query, "--features", str(demo_lake), "--master", "local[1]",
-              *common)
+    got = run(
+        "spark", "search", query, "--features", str(demo_lake), "--master", "local[1]", *common
+    )
     want = run("search", query, "--catalog", str(cnn_catalog_dir), *common)
     assert got["hits"][0]["listing_id"] == "coins"
     strip = [{k: v for k, v in h.items() if k != "score"} for h in want["hits"]]
     assert [{k: v for k, v in h.items() if k != "score"} for h in got["hits"]] == strip
-    np.testing.assert_allclose([h["score"] for h in got["hits"]],
-                               [h["score"] for h in want["hits"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [h["score"] for h in got["hits"]], [h["score"] for h in want["hits"]], atol=1e-5
+    )
 
 
 def test_mllib_kmeans_and_classifier(spark, demo_lake):
@@ -200,8 +219,7 @@ def test_mllib_kmeans_and_classifier(spark, demo_lake):
     assert report["n_test"] > 0 and report["accuracy"] >= 0.8
 
 
-def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_catalog_dir,
-                                            tmp_path):
+def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_catalog_dir, tmp_path):
     """Many queries at once: a query table (image paths, or vectors) -> a results table that
     keeps the table's query ids; a bad row is named."""
     import pyarrow as pa
@@ -212,12 +230,15 @@ def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_cata
 
     names = ["chelsea", "rocket", "coins"]
     paths = [str(demo_dir / "queries" / n / "q-02.jpg") for n in names]
-    pq.write_table(pa.table({"query_id": [f"q-{n}" for n in names], "path": paths}),
-                   tmp_path / "queries.parquet")
+    pq.write_table(
+        pa.table({"query_id": [f"q-{n}" for n in names], "path": paths}),
+        tmp_path / "queries.parquet",
+    )
     ids, q = lsp.read_query_table(str(tmp_path / "queries.parquet"), get_extractor("cnn"))
     assert ids == ["q-chelsea", "q-rocket", "q-coins"] and q.shape == (3, 1280)
-    results = lsp.search(spark, str(demo_lake), q, k=2, group_by="listing",
-                         save=str(tmp_path / "out"), query_ids=ids)
+    results = lsp.search(
+        spark, str(demo_lake), q, k=2, group_by="listing", save=str(tmp_path / "out"), query_ids=ids
+    )
     assert [r.hits[0].listing_id for r in results] == names
     saved = pq.read_table(tmp_path / "out").to_pandas()
     assert sorted(set(saved["query_id"])) == sorted(ids) and len(saved) == 6
@@ -225,8 +246,10 @@ def test_batch_query_table_to_results_table(spark, demo_lake, demo_dir, cnn_cata
     assert top == {f"q-{n}": n for n in names}
     with lookalike.open_catalog(cnn_catalog_dir) as cat:  # vectors table: same hits as local
         v = np.stack([cat.get_image_vector(f"{n}/{n}-03.jpg") for n in names])
-    pq.write_table(pa.table({"vector": pa.array(list(v), pa.list_(pa.float32()))}),
-                   tmp_path / "vectors.parquet")
+    pq.write_table(
+        pa.table({"vector": pa.array(list(v), pa.list_(pa.float32()))}),
+        tmp_path / "vectors.parquet",
+    )
     ids, qv = lsp.read_query_table(str(tmp_path / "vectors.parquet"), None)
     assert ids == ["0", "1", "2"]
     with lookalike.open_catalog(cnn_catalog_dir) as cat:

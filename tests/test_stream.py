@@ -83,8 +83,22 @@ def test_500_published_images_are_all_searchable(nats_server, many_photos, tmp_p
 def test_a_killed_consumer_loses_and_duplicates_nothing(nats_server, demo_dir, tmp_path):
     publish_images(nats_server.url, "images.in", [demo_dir / "photos"])
     cat = tmp_path / "cat"
-    cmd = [LOOKALIKE, "stream", "--catalog", str(cat), "--nats", nats_server.url,
-           "--batch-size", "8", "--max-in-flight", "8", "--ack-wait", "2", "--idle-exit", "6"]
+    cmd = [
+        LOOKALIKE,
+        "stream",
+        "--catalog",
+        str(cat),
+        "--nats",
+        nats_server.url,
+        "--batch-size",
+        "8",
+        "--max-in-flight",
+        "8",
+        "--ack-wait",
+        "2",
+        "--idle-exit",
+        "6",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -99,8 +113,7 @@ def test_a_killed_consumer_loses_and_duplicates_nothing(nats_server, demo_dir, t
     proc.wait()
     before = count_rows(cat)[0]
     assert 0 < before < 84, f"the kill came too late or too early ({before} of 84)"
-    done = subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert count_rows(cat) == (84, 84)
 
@@ -113,8 +126,7 @@ def test_a_broker_restart_loses_nothing(nats_server, demo_dir, tmp_path):
 
     async def scenario() -> StreamIngest:
         with lookalike.open_catalog(cat, extractor="cnn") as c:
-            ingest = StreamIngest(c, url=nats_server.url, batch_size=8, max_in_flight=8,
-                                  ack_wait=2)
+            ingest = StreamIngest(c, url=nats_server.url, batch_size=8, max_in_flight=8, ack_wait=2)
             task = asyncio.create_task(ingest.run(stop))
             while ingest.counts.added < 8:
                 await asyncio.sleep(0.05)
@@ -166,9 +178,12 @@ def test_poison_messages_go_to_the_dead_letter_subject(nats_server, demo_dir, tm
 
 
 def test_updates_and_deletes_through_the_stream(nats_server, demo_dir, tmp_path):
-    publish_images(nats_server.url, "images.in", [demo_dir / "photos" / "chelsea",
-                                                  demo_dir / "photos" / "flower"],
-                   attrs={"stock_level": 2})
+    publish_images(
+        nats_server.url,
+        "images.in",
+        [demo_dir / "photos" / "chelsea", demo_dir / "photos" / "flower"],
+        attrs={"stock_level": 2},
+    )
     consume(tmp_path / "cat", nats_server.url)
     q = demo_dir / "queries" / "chelsea" / "q-01.jpg"
     with lookalike.open_catalog(tmp_path / "cat") as cat:
@@ -192,8 +207,9 @@ def test_two_consumers_with_one_durable_name_share_the_load(nats_server, demo_di
 
     async def both() -> list[StreamIngest]:
         cats = [lookalike.open_catalog(cat_path) for _ in range(2)]
-        ingests = [StreamIngest(c, url=nats_server.url, batch_size=4, max_in_flight=4)
-                   for c in cats]
+        ingests = [
+            StreamIngest(c, url=nats_server.url, batch_size=4, max_in_flight=4) for c in cats
+        ]
         await asyncio.gather(*(i.run(idle_exit=3) for i in ingests))
         for c in cats:
             c.close()
@@ -211,13 +227,20 @@ def test_two_streams_share_one_dead_letter_subject(nats_server, demo_dir, tmp_pa
     photo = demo_dir / "photos" / "coins" / "coins-01.jpg"
     for name in ("A", "B"):
         publish_images(nats_server.url, f"{name.lower()}.in", [photo], stream=name)
-        ingest = consume(tmp_path / name, nats_server.url, idle_exit=1.5, stream=name,
-                         subject=f"{name.lower()}.>", durable=name)
+        ingest = consume(
+            tmp_path / name,
+            nats_server.url,
+            idle_exit=1.5,
+            stream=name,
+            subject=f"{name.lower()}.>",
+            durable=name,
+        )
         assert ingest.counts.added == 1
 
 
-def test_the_stream_stores_predictions_once_a_classifier_is_attached(nats_server, demo_dir,
-                                                                      cnn_catalog_copy):
+def test_the_stream_stores_predictions_once_a_classifier_is_attached(
+    nats_server, demo_dir, cnn_catalog_copy
+):
     """Recognition in the write path: a catalog with a trained classifier labels every image
     that arrives through the broker (the held-out query photos, which it has never seen)."""
     from lookalike.recognize import labels_from, train

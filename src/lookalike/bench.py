@@ -13,14 +13,22 @@ from typing import Any
 import numpy as np
 
 from .catalog import Catalog
-from .engine import CODES, NumpyEngine, kernels_available, make_engine
+from .engine import CODES, NumpyEngine, SearchEngine, kernels_available, make_engine
 from .engine.ann import ANN_KINDS
 from .types import SearchSpec
 
 
-def _run(engine: NumpyEngine, queries: np.ndarray, spec: SearchSpec) -> tuple[list, list]:
+def _run(
+    engine: SearchEngine, queries: np.ndarray, spec: SearchSpec
+) -> tuple[list[float], list[np.ndarray]]:
+    """Search ``(nq, d)`` queries one at a time after one warm-up search.
+
+    Returns:
+        ``(seconds per query, result rows per query)``.
+    """
     engine.search(queries[0], spec)  # warm up (codes, indexes)
-    times, rows = [], []
+    times: list[float] = []
+    rows: list[np.ndarray] = []
     for q in queries:
         t0 = time.perf_counter()
         rows.append(engine.search(q, spec)[0].rows)
@@ -28,11 +36,23 @@ def _run(engine: NumpyEngine, queries: np.ndarray, spec: SearchSpec) -> tuple[li
     return times, rows
 
 
-def bench_catalog(cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0) -> list[dict]:
+def bench_catalog(
+    cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0
+) -> list[dict[str, Any]]:
     """Latency and recall@k of every available engine and built ANN index on ``cat``.
 
+    Args:
+        n_queries: stored vectors used as queries (seeded sample, at most the live count).
+        k: hits per query.
+        seed: seed of the query sample.
+
     Returns:
-        One dict per engine: ``name``, ``p50_ms``, ``p99_ms``, ``recall_at_k``, ``n``, ``d``.
+        One dict per engine: ``name``, ``p50_ms``, ``p99_ms`` (milliseconds), ``recall_at_k``
+        (against the first engine, exact numpy), ``k``, ``n`` (live vectors), ``d``,
+        ``queries``.
+
+    Raises:
+        QueryError: the catalog is empty.
     """
     cache = cat.vector_cache()
     live = np.flatnonzero(cache.alive)
@@ -40,14 +60,14 @@ def bench_catalog(cat: Catalog, n_queries: int = 100, k: int = 10, seed: int = 0
     pick = rng.choice(live, size=min(n_queries, len(live)), replace=False)
     queries = np.ascontiguousarray(cache.vectors[pick])
     spec = SearchSpec(k=k)
-    engines: list[tuple[str, NumpyEngine]] = [("exact numpy", NumpyEngine(cache))]
+    engines: list[tuple[str, SearchEngine]] = [("exact numpy", NumpyEngine(cache))]
     if kernels_available()[0]:
         engines += [(f"exact fast {c}", make_engine(cache, "fast", codes=c)) for c in CODES]
     for kind in ANN_KINDS:
         eng = cat.ann_engine(kind)
         if eng is not None:
             engines.append((f"ann {kind}", eng))
-    truth: list[Any] = []
+    truth: list[np.ndarray] = []
     out = []
     for name, engine in engines:
         times, rows = _run(engine, queries, spec)

@@ -82,6 +82,12 @@ def evaluate(
         catalog: the collection to evaluate.
         queries: ``(image, relevant listing_id)`` pairs.
         k: cut-off for precision@k and recall@k.
+
+    Returns:
+        The averages over ``queries``.
+
+    Raises:
+        ImageError: a query image cannot be read. QueryError: the catalog is empty.
     """
     n_images = catalog.count()
     vectors = catalog.embed([q for q, _ in queries])
@@ -106,7 +112,10 @@ def evaluate(
 
 
 def evaluate_baseline(
-    catalog: Catalog, queries: Sequence[tuple[ImageInput, str]], extractor: str, k: int = 10,
+    catalog: Catalog,
+    queries: Sequence[tuple[ImageInput, str]],
+    extractor: str,
+    k: int = 10,
     folder: str | os.PathLike[str] | None = None,
 ) -> EvalReport:
     """Evaluate another extractor on the same images: re-index the catalog's recorded source
@@ -121,16 +130,15 @@ def evaluate_baseline(
     from .errors import LookalikeError
     from .images import ImageSource
 
-    sources = [ImageSource(k_[0], k_[1], src) for k_, src in catalog.sources().items()
-               if src]
+    sources = [ImageSource(k_[0], k_[1], src) for k_, src in catalog.sources().items() if src]
     missing = [s for s in sources if not os.path.isfile(s.location)]
     if not sources or missing:
-        raise LookalikeError("the baseline needs the catalog's source files on disk "
-                             f"({len(missing)} missing)")
+        raise LookalikeError(
+            f"the baseline needs the catalog's source files on disk ({len(missing)} missing)"
+        )
     with (
         tempfile.TemporaryDirectory() as tmp,
         open_catalog(folder or Path(tmp) / "baseline", extractor=extractor) as base,
     ):
         base.index(sources)
         return evaluate(base, queries, k=k)
-

@@ -193,10 +193,10 @@ def decode_image(data: bytes, name: str = "<bytes>", draft_size: int | None = No
                     img.draft(img.mode, (int(width * scale) + 1, int(height * scale) + 1))
             img.load()
             orientation = img.getexif().get(0x0112, 1)
-            img = ImageOps.exif_transpose(img)
+            upright = ImageOps.exif_transpose(img)
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
-            rgb = _to_rgb8(img)
+            rgb = _to_rgb8(upright)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:

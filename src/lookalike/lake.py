@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from .catalog import Catalog
 from .errors import ModelMismatchError, SourceError
+from .files import atomic_path, atomic_write
 from .types import FeatureBatch, ImageRecord, ModelInfo
 
 #: Default number of ``part`` partitions.
@@ -45,12 +46,20 @@ def part_of(listing_id: str, parts: int) -> int:
 
 def features_schema(dim: int, model: ModelInfo | None = None) -> pa.Schema:
     """The Arrow schema of the ``features`` table for vectors of dimension ``dim``."""
-    schema = pa.schema([
-        ("listing_id", pa.string()), ("image_id", pa.string()),
-        ("vector", pa.list_(pa.float32(), dim)), ("model", pa.string()),
-        ("source", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-        ("height", pa.int32()), ("ingested_at", pa.float64()), ("labels", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("listing_id", pa.string()),
+            ("image_id", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+            ("model", pa.string()),
+            ("source", pa.string()),
+            ("sha256", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("ingested_at", pa.float64()),
+            ("labels", pa.string()),
+        ]
+    )
     if model is not None:
         meta = {"name": model.name, "version": model.version, "dim": model.dim}
         schema = schema.with_metadata({MODEL_KEY: json.dumps(meta).encode()})
@@ -70,12 +79,20 @@ def column_vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
-def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
-                   parts: int = DEFAULT_PARTS) -> dict[str, int]:
+def export_catalog(
+    cat: Catalog, folder: str | os.PathLike[str], parts: int = DEFAULT_PARTS
+) -> dict[str, int]:
     """Write the catalog's tables under ``folder`` (layout in the module docstring).
 
+    Args:
+        folder: the lake folder (created; existing tables are replaced).
+        parts: ``part`` partitions of the ``features`` table.
+
     Returns:
-        Rows written per table.
+        Rows written per table: ``{"features", "listings", "query_results"}``.
+
+    Raises:
+        SourceError: the catalog is empty. OSError: the folder cannot be written.
     """
     model = cat.model
     if model is None:
@@ -84,13 +101,11 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     schema = features_schema(model.dim, model)
     writers: dict[int, pq.ParquetWriter] = {}
     n_features = 0
-    listing_ids: set[str] = set()
     try:  # stream the rows: one store query and one row group per part per batch
         for recs in cat.iter_records(EXPORT_BATCH):
             by_part: dict[int, list[ImageRecord]] = {}
             for r in recs:
                 by_part.setdefault(part_of(r.listing_id, parts), []).append(r)
-                listing_ids.add(r.listing_id)
             for p, part_recs in sorted(by_part.items()):
                 if p not in writers:
                     out = root / "features" / f"part={p}"
@@ -101,46 +116,52 @@ def export_catalog(cat: Catalog, folder: str | os.PathLike[str],
     finally:
         for w in writers.values():
             w.close()
-    listings = {rec.listing_id: rec for rec in cat.listings()}
-    listing_ids |= set(listings)
-    listings = [listings[lid] for lid in sorted(listing_ids) if lid in listings]
-    lt = pa.table({
-        "listing_id": [rec.listing_id for rec in listings],
-        "stock_level": pa.array([rec.attrs.get("stock_level") for rec in listings], pa.int64()),
-        "etag": [rec.attrs.get("etag") for rec in listings],
-        "attrs": [json.dumps(rec.attrs) for rec in listings],
-    })
-    (root / "listings").mkdir(parents=True, exist_ok=True)
-    pq.write_table(lt, root / "listings" / "data.parquet")
+    by_id = {rec.listing_id: rec for rec in cat.listings()}
+    listings = [by_id[lid] for lid in sorted(by_id)]
+    lt = pa.table(
+        {
+            "listing_id": [rec.listing_id for rec in listings],
+            "stock_level": pa.array([rec.attrs.get("stock_level") for rec in listings], pa.int64()),
+            "etag": [rec.attrs.get("etag") for rec in listings],
+            "attrs": [json.dumps(rec.attrs) for rec in listings],
+        }
+    )
+    with atomic_path(root / "listings" / "data.parquet") as tmp:
+        pq.write_table(lt, tmp)
     results = cat.all_saved_results()
-    qt = pa.table({
-        "query_id": [r.query_id for r in results], "rank": pa.array([r.rank for r in results],
-                                                                    pa.int32()),
-        "listing_id": [r.listing_id for r in results],
-        "image_id": [r.image_id for r in results],
-        "score": pa.array([r.score for r in results], pa.float64()),
-        "created_at": [r.created_at for r in results],
-    })
-    (root / "query_results").mkdir(parents=True, exist_ok=True)
-    pq.write_table(qt, root / "query_results" / "data.parquet")
+    qt = pa.table(
+        {
+            "query_id": [r.query_id for r in results],
+            "rank": pa.array([r.rank for r in results], pa.int32()),
+            "listing_id": [r.listing_id for r in results],
+            "image_id": [r.image_id for r in results],
+            "score": pa.array([r.score for r in results], pa.float64()),
+            "created_at": [r.created_at for r in results],
+        }
+    )
+    with atomic_path(root / "query_results" / "data.parquet") as tmp:
+        pq.write_table(qt, tmp)
     write_model_sidecar(root, model)
     return {"features": n_features, "listings": lt.num_rows, "query_results": qt.num_rows}
 
 
 def _features_table(recs: list[ImageRecord], schema: pa.Schema) -> pa.Table:
     """A ``features`` table of stored rows (layout in the module docstring)."""
-    return pa.table({
-        "listing_id": [r.listing_id for r in recs],
-        "image_id": [r.image_id for r in recs],
-        "vector": vectors_column(np.stack([r.vector for r in recs])),
-        "model": [r.model for r in recs],
-        "source": [r.source for r in recs],
-        "sha256": [r.sha256 for r in recs],
-        "width": pa.array([r.width for r in recs], pa.int32()),
-        "height": pa.array([r.height for r in recs], pa.int32()),
-        "ingested_at": [r.ingested_at for r in recs],
-        "labels": [json.dumps(r.labels) if r.labels is not None else None for r in recs],
-    }, schema=schema)
+    return pa.table(
+        {
+            "listing_id": [r.listing_id for r in recs],
+            "image_id": [r.image_id for r in recs],
+            "vector": vectors_column(np.stack([r.vector for r in recs])),
+            "model": [r.model for r in recs],
+            "source": [r.source for r in recs],
+            "sha256": [r.sha256 for r in recs],
+            "width": pa.array([r.width for r in recs], pa.int32()),
+            "height": pa.array([r.height for r in recs], pa.int32()),
+            "ingested_at": [r.ingested_at for r in recs],
+            "labels": [json.dumps(r.labels) if r.labels is not None else None for r in recs],
+        },
+        schema=schema,
+    )
 
 
 SIDECAR = "_lookalike.json"
@@ -148,10 +169,13 @@ SIDECAR = "_lookalike.json"
 
 def write_model_sidecar(folder: str | os.PathLike[str], model: ModelInfo) -> None:
     """Record the model in ``folder/_lookalike.json`` (for tables written by Spark, which does
-    not keep Arrow schema metadata)."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / SIDECAR).write_text(json.dumps(
-        {"model": {"name": model.name, "version": model.version, "dim": model.dim}}))
+    not keep Arrow schema metadata); written atomically.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    meta = {"model": {"name": model.name, "version": model.version, "dim": model.dim}}
+    atomic_write(Path(folder) / SIDECAR, json.dumps(meta))
 
 
 def read_model(folder: str | os.PathLike[str]) -> ModelInfo:
@@ -194,13 +218,19 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
         if table.num_rows == 0:
             continue
         cols = table.to_pydict()
-        cat.import_batch(model, FeatureBatch(
-            listing_ids=cols["listing_id"], image_ids=cols["image_id"],
-            vectors=column_vectors(table["vector"], model.dim), sha256s=cols["sha256"],
-            sources=cols.get("source") or [], widths=cols.get("width") or [],
-            heights=cols.get("height") or [],
-            labels=[json.loads(x) if x else None for x in cols.get("labels") or []] or [],
-        ))
+        cat.import_batch(
+            model,
+            FeatureBatch(
+                listing_ids=cols["listing_id"],
+                image_ids=cols["image_id"],
+                vectors=column_vectors(table["vector"], model.dim),
+                sha256s=cols["sha256"],
+                sources=cols.get("source") or [],
+                widths=cols.get("width") or [],
+                heights=cols.get("height") or [],
+                labels=[json.loads(x) if x else None for x in cols.get("labels") or []] or [],
+            ),
+        )
         n += table.num_rows
     n_listings = 0
     listings_file = root / "listings"
@@ -216,7 +246,8 @@ def import_catalog(folder: str | os.PathLike[str], cat: Catalog) -> dict[str, in
         for path in sorted(results_dir.rglob("*.parquet")):
             for row in pq.read_table(path).to_pylist():
                 by_query.setdefault(row["query_id"], []).append(
-                    (row["rank"], row["listing_id"], row["image_id"], row["score"]))
+                    (row["rank"], row["listing_id"], row["image_id"], row["score"])
+                )
         for qid, hits in by_query.items():
             if not cat.has_saved_results(qid):
                 cat.save_results(qid, [(h[1], h[2], h[3]) for h in sorted(hits)])

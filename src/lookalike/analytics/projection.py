@@ -1,7 +1,9 @@
-"""2-D maps of a collection: PCA (numpy SVD) or UMAP, and the sampled map the web page shows.
+"""2-D maps of a collection: PCA (numpy SVD) or UMAP, the sampled map the web page shows,
+and the PNG scatter of ``lookalike analyze map --png``.
 
-One PCA for the whole project: :func:`pca_2d` is used by ``lookalike analyze map`` (through
-:func:`lookalike.analytics.project`) and by the HTTP ``GET /map`` (through :func:`map_points`).
+Owns :func:`pca_2d` (the one PCA of the project: used by ``lookalike analyze map`` through
+:func:`project` and by the HTTP ``GET /map`` through :func:`map_points`), :func:`project`
+(writes ``x``, ``y`` per image to the catalog's analysis columns) and :func:`render_map_png`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from ..catalog import Catalog
+from ..errors import LookalikeError
 from ..types import Key
+from .neighbours import live_vectors
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -80,3 +84,109 @@ def map_points(cat: Catalog, limit: int, seed: int = 0) -> dict[str, Any]:
         for (lid, iid), a, (px, py), rank in zip(keys, stored, xy, ranks, strict=True)
     ]
     return {"method": method, "total": total, "points": points}
+
+
+def project(
+    cat: Catalog, method: str = "pca", save: bool = True, seed: int = 0
+) -> tuple[list[Key], np.ndarray, str]:
+    """2-D coordinates of every live image: PCA (:func:`pca_2d`), or UMAP (McInnes et al.,
+    2018; cosine metric) when ``method="umap"`` and ``umap-learn`` is installed (else PCA,
+    reported in the result).
+
+    Args:
+        method: ``"pca"`` or ``"umap"``.
+        save: store ``x`` and ``y`` per image in the analysis columns.
+        seed: UMAP's random state.
+
+    Returns:
+        ``(keys, (n, 2) float32, method used)``, in the order of the live images.
+
+    Raises:
+        QueryError: the catalog is empty.
+    """
+    keys, x = live_vectors(cat)
+    used = "pca"
+    xy: np.ndarray
+    if method == "umap":
+        try:
+            import umap
+
+            xy = umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x)
+            used = "umap"
+        except ImportError:
+            method = "pca"
+    if used == "pca":
+        xy = pca_2d(x)
+    xy = np.asarray(xy, dtype=np.float32)
+    if save:
+        cat.save_analysis(keys, {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist()})
+    return keys, xy, used
+
+
+def render_map_png(path: str, cat: Catalog, outliers_top: int = 10) -> dict[str, Any]:
+    """Draw the stored map (computing PCA if none) as a PNG scatter coloured by cluster, the
+    ``outliers_top`` highest outlier scores circled in red (matplotlib, Agg backend).
+
+    Args:
+        path: the PNG file to write.
+        outliers_top: how many of the highest stored outlier scores to circle.
+
+    Returns:
+        What was drawn: ``{"points", "clusters", "outliers_marked", "png"}``.
+
+    Raises:
+        LookalikeError: the catalog is empty.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = cat.analysis()
+    keys, _ = live_vectors(cat)
+    if not keys:
+        raise LookalikeError("the catalog is empty")
+    if any(analysis.get(k, {}).get("x") is None for k in keys):
+        project(cat)
+        analysis = cat.analysis()
+    xy = np.array([[analysis[k]["x"], analysis[k]["y"]] for k in keys])
+    clusters = np.array(
+        [analysis[k].get("cluster") if analysis[k].get("cluster") is not None else -1 for k in keys]
+    )
+    scores = np.array(
+        [
+            analysis[k].get("outlier_score")
+            if analysis[k].get("outlier_score") is not None
+            else np.nan
+            for k in keys
+        ],
+        dtype=float,
+    )
+    fig, ax = plt.subplots(figsize=(9, 7), dpi=110)
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=18, alpha=0.85, linewidths=0)
+    marked = 0
+    if np.isfinite(scores).any():
+        top = np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:outliers_top]
+        ax.scatter(
+            xy[top, 0],
+            xy[top, 1],
+            s=110,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.6,
+            label=f"top {len(top)} outliers",
+        )
+        marked = len(top)
+        ax.legend(loc="best")
+    n_clusters = len(set(clusters.tolist()) - {-1})
+    ax.set_title(
+        f"{len(keys)} images, {n_clusters} clusters (colour), 2-D projection of the feature vectors"
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if n_clusters:
+        fig.colorbar(sc, ax=ax, label="cluster")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"points": len(keys), "clusters": n_clusters, "outliers_marked": marked, "png": path}

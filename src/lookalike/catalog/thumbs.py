@@ -13,12 +13,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import ImageError
+from ..files import atomic_write
 from ..images import decode_image, is_url, read_bytes
 
 #: Longer side of a thumbnail, pixels.
@@ -51,12 +51,7 @@ def save_thumbnail(folder: str | os.PathLike[str], sha256: str, image: Image.Ima
     path = thumbnail_path(folder, sha256)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(make_thumbnail(image))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, make_thumbnail(image))
 
 
 def ensure_thumbnail(folder: str | os.PathLike[str], sha256: str, source: str | None) -> Path:

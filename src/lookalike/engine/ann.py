@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import LookalikeError
+from ..files import atomic_path, atomic_write
 from ..types import CodeKind, IndexKind, RawHits, SearchSpec
 from .cache import VectorCache
 from .checks import check_listing_mask, check_queries, check_spec
@@ -222,14 +222,8 @@ class AnnIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{self.params.kind}.faiss"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(target) as tmp:
+            faiss.write_index(self.index, str(tmp))
         meta = {
             "params": asdict(self.params),
             "dim": self.dim,
@@ -237,9 +231,7 @@ class AnnIndex:
             "build_seconds": self.build_seconds,
             "saved_at": time.time(),
         }
-        tmp_json = folder / f".{self.params.kind}.json.tmp"
-        tmp_json.write_text(json.dumps(meta))
-        os.replace(tmp_json, folder / f"{self.params.kind}.json")
+        atomic_write(folder / f"{self.params.kind}.json", json.dumps(meta))
         self.dirty = False
         return target
 

@@ -79,9 +79,19 @@ class BaseExtractor:
         return ModelInfo(self.name, self.version, self.dim)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:  # pragma: no cover - abstract
+        """One 8-bit RGB image -> fixed-shape ``uint8`` array (each subclass's own shape).
+
+        Raises:
+            NotImplementedError: always; subclasses implement it.
+        """
         raise NotImplementedError
 
     def embed(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """``(n, *input_shape) uint8`` -> ``(n, d) float32``, rows L2-normalized.
+
+        Raises:
+            NotImplementedError: always; subclasses implement it.
+        """
         raise NotImplementedError
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:

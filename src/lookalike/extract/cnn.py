@@ -25,7 +25,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image
 
 from ..devices import cuda_available
 from ..errors import LookalikeError
+from ..files import atomic_path
 from . import BaseExtractor, center_crop_resize, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,13 @@ def export_onnx(path: Path | None = None, check_images: np.ndarray | None = None
     if check_images is not None:
         probe = np.concatenate([probe, check_images])
     x = scale_input(probe)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # renamed into place only once the check passed
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant-folding notes from the TorchScript exporter
             torch.onnx.export(
                 model,
                 (torch.from_numpy(x[:1]),),
-                tmp,
+                str(tmp),
                 input_names=["input"],
                 output_names=["features"],
                 dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
@@ -162,18 +160,14 @@ def export_onnx(path: Path | None = None, check_images: np.ndarray | None = None
                 dynamo=False,
             )
             expected = model(torch.from_numpy(x)).numpy()
-        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(None, {"input": x})[0]
         diff = float(np.abs(got - expected).max())
         if not diff <= ONNX_TOLERANCE:
             raise LookalikeError(
                 f"ONNX export differs from torch by {diff:.3g} (> {ONNX_TOLERANCE}); not cached"
             )
-        log.info("exported %s (max |onnx - torch| = %.2g)", path, diff)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    log.info("exported %s (max |onnx - torch| = %.2g)", path, diff)
     return path
 
 
@@ -251,6 +245,12 @@ class CnnExtractor(BaseExtractor):
                     self._backend = _TorchBackend("cpu" if dev == "torch-cpu" else dev)
             return self._backend
 
+    def pooled(self, x: np.ndarray) -> np.ndarray:
+        """The network's raw output (loads the model if needed): ``(n, 3, 224, 224) float32``
+        model input (:func:`scale_input`) -> ``(n, 1280) float32`` pooled features, not
+        normalized."""
+        return self._load()(x)
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB image -> ``(224, 224, 3) uint8``: centre crop 224/256 of the short side, bicubic."""
         return np.asarray(center_crop_resize(image, IMAGE_SIZE, CROP_FRACTION))
@@ -259,4 +259,4 @@ class CnnExtractor(BaseExtractor):
         """``(n, 224, 224, 3) uint8`` -> ``(n, 1280) float32``, rows L2-normalized."""
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return l2_normalize(self._load()(scale_input(batch)))
+        return l2_normalize(self.pooled(scale_input(batch)))

@@ -10,10 +10,15 @@ cells, 32x32-pixel blocks (2x2 cells) moved by 16 pixels, and 9 unsigned orienta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
 
 from . import BaseExtractor, l2_normalize
+
+if TYPE_CHECKING:
+    import cv2
 
 WINDOW = 128
 CELL = 16
@@ -31,7 +36,7 @@ class HogExtractor(BaseExtractor):
     draft_size = WINDOW
 
     def __init__(self) -> None:
-        self._hog = None
+        self._hog: cv2.HOGDescriptor | None = None  # made on first use (cv2 imports lazily)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB image -> ``(128, 128) uint8`` grey window (bilinear resize, ITU-R 601 luma)."""
@@ -41,11 +46,12 @@ class HogExtractor(BaseExtractor):
         """``(n, 128, 128) uint8`` -> ``(n, 1764) float32``, rows L2-normalized."""
         import cv2
 
-        if self._hog is None:
-            self._hog = cv2.HOGDescriptor(
+        hog = self._hog
+        if hog is None:
+            hog = self._hog = cv2.HOGDescriptor(
                 (WINDOW, WINDOW), (BLOCK, BLOCK), (BLOCK_STRIDE, BLOCK_STRIDE), (CELL, CELL), BINS
             )
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         for i, window in enumerate(batch):
-            out[i] = self._hog.compute(np.ascontiguousarray(window)).reshape(-1)
+            out[i] = np.asarray(hog.compute(np.ascontiguousarray(window))).reshape(-1)
         return l2_normalize(out)

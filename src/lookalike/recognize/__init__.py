@@ -52,8 +52,10 @@ class TrainReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = asdict(self)
-        d["params"] = {k.removeprefix("clf__"): (list(v) if isinstance(v, tuple) else v)
-                       for k, v in self.params.items()}
+        d["params"] = {
+            k.removeprefix("clf__"): (list(v) if isinstance(v, tuple) else v)
+            for k, v in self.params.items()
+        }
         return d
 
 
@@ -106,6 +108,17 @@ def train(
 ) -> tuple[Classifier, TrainReport]:
     """Train a classifier on the labelled stored vectors (see the module docstring).
 
+    Args:
+        labels: label per stored image (from :func:`labels_from`); keys not stored are skipped.
+        model: ``logreg`` or ``mlp`` (:data:`MODELS`).
+        grid: choose hyper-parameters by cross-validated grid search (:data:`GRIDS`).
+        test_size: fraction of the labelled images held out (at least one per class).
+        seed: seed of the split, the folds and the MLP.
+        save: attach the classifier to the catalog (``Catalog.set_classifier``).
+
+    Returns:
+        ``(classifier refit on every labelled image, held-out report)``.
+
     Raises:
         LookalikeError: unknown model, fewer than 2 classes, or a class with fewer than 2
             images (the stratified split needs 2).
@@ -131,20 +144,28 @@ def train(
     if counts.min() < 2:
         raise LookalikeError(f"label {classes[counts.argmin()]!r} has 1 image; need >= 2 each")
     n_test = max(len(classes), round(test_size * len(y)))
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=n_test, stratify=y,
-                                              random_state=seed)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=n_test, stratify=y, random_state=seed)
     if model == "logreg":
         clf: Any = LogisticRegression(max_iter=2000, C=GRIDS["logreg"]["clf__C"][1])
     else:
-        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-4, max_iter=500,
-                            early_stopping=False, random_state=seed)
+        clf = MLPClassifier(
+            hidden_layer_sizes=(256,),
+            alpha=1e-4,
+            max_iter=500,
+            early_stopping=False,
+            random_state=seed,
+        )
     pipe = Pipeline([("clf", clf)])
     params: dict[str, Any] = {}
     folds = int(min(3, np.unique(y_tr, return_counts=True)[1].min()))
     if grid and folds >= 2:
-        search = GridSearchCV(pipe, GRIDS[model], cv=StratifiedKFold(folds, shuffle=True,
-                                                                     random_state=seed),
-                              scoring="f1_macro", n_jobs=1)
+        search = GridSearchCV(
+            pipe,
+            GRIDS[model],
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            scoring="f1_macro",
+            n_jobs=1,
+        )
         search.fit(x_tr, y_tr)
         pipe, params = search.best_estimator_, dict(search.best_params_)
     else:
@@ -152,11 +173,16 @@ def train(
     pred = pipe.predict(x_te)
     p, r, f1, _ = precision_recall_fscore_support(y_te, pred, average="macro", zero_division=0)
     report = TrainReport(
-        model=model, params=params, accuracy=float(np.mean(pred == y_te)),
-        macro_precision=float(p), macro_recall=float(r), macro_f1=float(f1),
+        model=model,
+        params=params,
+        accuracy=float(np.mean(pred == y_te)),
+        macro_precision=float(p),
+        macro_recall=float(r),
+        macro_f1=float(f1),
         labels=[str(c) for c in classes],
         confusion=confusion_matrix(y_te, pred, labels=classes).tolist(),
-        n_train=len(y_tr), n_test=len(y_te),
+        n_train=len(y_tr),
+        n_test=len(y_te),
     )
     pipe.fit(x, y)  # the saved model learns from every labelled image
     report.seconds = time.perf_counter() - t0

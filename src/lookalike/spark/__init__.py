@@ -37,7 +37,7 @@ import numpy as np
 
 from ..catalog import DEFAULT_K
 from ..engine import NumpyEngine, VectorCache, check_queries, check_spec, parse_where
-from ..errors import LookalikeError, QueryError
+from ..errors import ImageError, LookalikeError, QueryError
 from ..extract import l2_normalize
 from ..lake import read_model
 from ..types import Changes, Hit, ListingRecord, SearchResult, SearchSpec
@@ -47,8 +47,12 @@ from ..types import Changes, Hit, ListingRecord, SearchResult, SearchSpec
 MAX_PARTITION_BYTES = 16 * 2**30
 
 
-def session(master: str = "local[*]", app: str = "lookalike", ui: bool = False,
-            conf: dict[str, str] | None = None) -> Any:
+def session(
+    master: str = "local[*]",
+    app: str = "lookalike",
+    ui: bool = False,
+    conf: dict[str, str] | None = None,
+) -> Any:
     """Build (or get) the SparkSession lookalike's jobs run on.
 
     Raises:
@@ -63,7 +67,8 @@ def session(master: str = "local[*]", app: str = "lookalike", ui: bool = False,
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     builder = (
-        SparkSession.builder.master(master).appName(app)
+        SparkSession.builder.master(master)
+        .appName(app)
         .config("spark.ui.enabled", "true" if ui else "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -88,9 +93,9 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
     """mapInPandas body: manifest rows -> feature rows (the model loads once per process)."""
     import pandas as pd
 
-    from ..catalog.ingest import prepare_bytes
+    from ..catalog.ingest import Prepared, prepare_bytes
     from ..extract import get_extractor
-    from ..images import ImageError, ImageSource, read_bytes
+    from ..images import ImageSource, read_bytes
 
     ext = _EXTRACTORS.get(extractor_name)
     if ext is None:
@@ -103,35 +108,47 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
         ext = _EXTRACTORS[extractor_name] = get_extractor(extractor_name, **options)
     for frame in batches:
         prepared = []
-        for lid, iid, path in zip(frame["listing_id"], frame["image_id"], frame["path"],
-                                  strict=True):
+        for lid, iid, path in zip(
+            frame["listing_id"], frame["image_id"], frame["path"], strict=True
+        ):
             src = ImageSource(str(lid), str(iid), str(path))
             try:
                 prepared.append(prepare_bytes(read_bytes(src.location), src, ext))
             except ImageError as exc:
-                from ..catalog.ingest import Prepared
-
                 prepared.append(Prepared(src, "failed", reason=str(exc)))
-        ok = [p for p in prepared if p.status == "ok"]
-        vecs = ext.embed(np.stack([p.array for p in ok])) if ok else np.zeros((0, ext.dim))
-        by_id = {id(p): v for p, v in zip(ok, vecs, strict=True)}
+        ok = [(p, p.array) for p in prepared if p.status == "ok" and p.array is not None]
+        vecs = ext.embed(np.stack([a for _, a in ok])) if ok else np.zeros((0, ext.dim))
+        by_id = {id(p): v for (p, _), v in zip(ok, vecs, strict=True)}
         out = []
         for p, part in zip(prepared, frame["part"], strict=True):
             v = by_id.get(id(p))
-            out.append({
-                "listing_id": p.source.listing_id, "image_id": p.source.image_id,
-                "vector": v.astype(np.float32).tolist() if v is not None else None,
-                "model": ext.info.tag, "source": p.source.location,
-                "sha256": p.sha256 or None, "width": p.width or None,
-                "height": p.height or None, "ingested_at": time.time(),
-                "labels": None, "error": p.reason or None,
-                "part": int(part),
-            })
+            out.append(
+                {
+                    "listing_id": p.source.listing_id,
+                    "image_id": p.source.image_id,
+                    "vector": v.astype(np.float32).tolist() if v is not None else None,
+                    "model": ext.info.tag,
+                    "source": p.source.location,
+                    "sha256": p.sha256 or None,
+                    "width": p.width or None,
+                    "height": p.height or None,
+                    "ingested_at": time.time(),
+                    "labels": None,
+                    "error": p.reason or None,
+                    "part": int(part),
+                }
+            )
         yield pd.DataFrame(out)
 
 
-def extract(spark: Any, manifest: str, out: str, extractor: str = "cnn", parts: int = 16,
-            batch_rows: int = 64) -> dict[str, int]:
+def extract(
+    spark: Any,
+    manifest: str,
+    out: str,
+    extractor: str = "cnn",
+    parts: int = 16,
+    batch_rows: int = 64,
+) -> dict[str, int]:
     """Extract feature vectors of the images in a manifest (Parquet or CSV with
     ``listing_id,image_id,path``) into the lake layout under ``out`` (``features/part=N``, one
     file per part, written by Spark); a failed image keeps its row with ``vector`` null and
@@ -157,22 +174,31 @@ def extract(spark: Any, manifest: str, out: str, extractor: str = "cnn", parts: 
     missing = {"listing_id", "image_id", "path"} - set(df.columns)
     if missing:
         raise LookalikeError(f"{manifest}: manifest lacks column(s) {', '.join(sorted(missing))}")
-    schema = T.StructType([
-        T.StructField("listing_id", T.StringType()), T.StructField("image_id", T.StringType()),
-        T.StructField("vector", T.ArrayType(T.FloatType())), T.StructField("model", T.StringType()),
-        T.StructField("source", T.StringType()), T.StructField("sha256", T.StringType()),
-        T.StructField("width", T.IntegerType()), T.StructField("height", T.IntegerType()),
-        T.StructField("ingested_at", T.DoubleType()), T.StructField("labels", T.StringType()),
-        T.StructField("error", T.StringType()), T.StructField("part", T.IntegerType()),
-    ])
+    schema = T.StructType(
+        [
+            T.StructField("listing_id", T.StringType()),
+            T.StructField("image_id", T.StringType()),
+            T.StructField("vector", T.ArrayType(T.FloatType())),
+            T.StructField("model", T.StringType()),
+            T.StructField("source", T.StringType()),
+            T.StructField("sha256", T.StringType()),
+            T.StructField("width", T.IntegerType()),
+            T.StructField("height", T.IntegerType()),
+            T.StructField("ingested_at", T.DoubleType()),
+            T.StructField("labels", T.StringType()),
+            T.StructField("error", T.StringType()),
+            T.StructField("part", T.IntegerType()),
+        ]
+    )
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     rows = (
         df.select("listing_id", "image_id", "path")
         # the lake's partition: crc32(listing_id) mod parts, as lake.part_of computes it;
         # shuffling the (small) manifest rows by it before extraction spreads the model work
         # over the tasks and leaves each part whole in one task (one file per part)
-        .withColumn("part", F.pmod(F.crc32(F.col("listing_id").cast("binary")), F.lit(parts))
-                    .cast("int"))
+        .withColumn(
+            "part", F.pmod(F.crc32(F.col("listing_id").cast("binary")), F.lit(parts)).cast("int")
+        )
         .repartition(parts, "part")
         .mapInPandas(lambda it: _extract_batches(it, extractor), schema)
     )
@@ -187,8 +213,13 @@ def extract(spark: Any, manifest: str, out: str, extractor: str = "cnn", parts: 
 # ------------------------------------------------------------------------------------ search
 
 
-def _search_partition(batches: Iterator[Any], queries: np.ndarray, spec_args: dict[str, Any],
-                      where: str | None, dim: int) -> Iterator[Any]:
+def _search_partition(
+    batches: Iterator[Any],
+    queries: np.ndarray,
+    spec_args: dict[str, Any],
+    where: str | None,
+    dim: int,
+) -> Iterator[Any]:
     """mapInPandas body: one task's rows -> its candidate hits for every query."""
     import pandas as pd
 
@@ -200,13 +231,13 @@ def _search_partition(batches: Iterator[Any], queries: np.ndarray, spec_args: di
         frame = frame[frame["error"].isna()]
     if len(frame) == 0:
         return
-    keys = list(zip(frame["listing_id"].astype(str), frame["image_id"].astype(str),
-                    strict=True))
+    keys = list(zip(frame["listing_id"].astype(str), frame["image_id"].astype(str), strict=True))
     vectors = np.stack([np.asarray(v, dtype=np.float32) for v in frame["vector"]])
     order = sorted(range(len(keys)), key=lambda i: keys[i])  # the local cache's row order
     cache = VectorCache(dim)
-    cache.apply(Changes(seq=1, upserted=[keys[i] for i in order], vectors=vectors[order],
-                        deleted=[]))
+    cache.apply(
+        Changes(seq=1, upserted=[keys[i] for i in order], vectors=vectors[order], deleted=[])
+    )
     mask = None
     if where:
         attrs_col = frame["attrs"] if "attrs" in frame.columns else None
@@ -269,7 +300,10 @@ def search(
     if normalize:
         q = l2_normalize(q)
     kk = k if k is not None else (None if threshold is not None else DEFAULT_K)
-    spec_args = dict(k=kk, threshold=threshold, group_by=group_by, agg=agg, top_n=top_n)
+    # the options as given (strings); check_spec names a bad one, as Catalog.search does
+    spec_args: dict[str, Any] = dict(
+        k=kk, threshold=threshold, group_by=group_by, agg=agg, top_n=top_n
+    )
     check_spec(SearchSpec(**spec_args))  # validate on the driver, with a clear error
     df = spark.read.parquet(str(lake / "features"))
     if where:
@@ -281,25 +315,36 @@ def search(
     columns = ["listing_id", "image_id", "vector"] + (["error"] if "error" in df.columns else [])
     columns += ["attrs"] if where else []
     bq = spark.sparkContext.broadcast(q)
-    out_schema = T.StructType([
-        T.StructField("query", T.IntegerType()), T.StructField("listing_id", T.StringType()),
-        T.StructField("image_id", T.StringType()), T.StructField("score", T.DoubleType()),
-        T.StructField("n_images", T.IntegerType()),
-    ])
+    out_schema = T.StructType(
+        [
+            T.StructField("query", T.IntegerType()),
+            T.StructField("listing_id", T.StringType()),
+            T.StructField("image_id", T.StringType()),
+            T.StructField("score", T.DoubleType()),
+            T.StructField("n_images", T.IntegerType()),
+        ]
+    )
     dim = model.dim
-    cands = df.select(*columns).mapInPandas(
-        lambda it: _search_partition(it, bq.value, spec_args, where, dim), out_schema
-    ).toPandas()
+    cands = (
+        df.select(*columns)
+        .mapInPandas(lambda it: _search_partition(it, bq.value, spec_args, where, dim), out_schema)
+        .toPandas()
+    )
     results = []
     for qi in range(len(q)):
         sub = cands[cands["query"] == qi]
-        ordered = sorted(zip(sub["score"], sub["listing_id"], sub["image_id"], sub["n_images"],
-                             strict=True), key=lambda t: (-np.float32(t[0]), t[1], t[2]))
+        ordered = sorted(
+            zip(sub["score"], sub["listing_id"], sub["image_id"], sub["n_images"], strict=True),
+            key=lambda t: (-np.float32(t[0]), t[1], t[2]),
+        )
         if kk is not None:
             ordered = ordered[:kk]
-        hits = [Hit(lid, iid, float(np.float32(sc)), rank + 1,
-                    int(n) if group_by == "listing" else None)
-                for rank, (sc, lid, iid, n) in enumerate(ordered)]
+        hits = [
+            Hit(
+                lid, iid, float(np.float32(sc)), rank + 1, int(n) if group_by == "listing" else None
+            )
+            for rank, (sc, lid, iid, n) in enumerate(ordered)
+        ]
         qid = str(query_ids[qi]) if query_ids is not None else uuid.uuid4().hex
         results.append(SearchResult(qid, hits))
     if save:
@@ -322,13 +367,16 @@ def read_query_table(path: str, extractor: Any) -> tuple[list[str], np.ndarray]:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from ..images import ImageError, load_image
+    from ..images import load_image
 
     table = pcsv.read_csv(path) if path.endswith(".csv") else pq.read_table(path)
     if table.num_rows == 0:
         raise QueryError(f"{path}: the query table is empty")
-    ids = ([str(v) for v in table.column("query_id").to_pylist()]
-           if "query_id" in table.column_names else [str(i) for i in range(table.num_rows)])
+    ids = (
+        [str(v) for v in table.column("query_id").to_pylist()]
+        if "query_id" in table.column_names
+        else [str(i) for i in range(table.num_rows)]
+    )
     if "vector" in table.column_names:
         rows = table.column("vector").to_pylist()
         for i, v in enumerate(rows):
@@ -351,14 +399,24 @@ def read_query_table(path: str, extractor: Any) -> tuple[list[str], np.ndarray]:
 
 
 def _save_results(results: Sequence[SearchResult], folder: str) -> None:
+    """Append ``results`` to the ``query_results`` table under ``folder`` (one new file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     now = time.time()
-    rows = [(r.query_id, h.rank, h.listing_id, h.image_id, h.score, now)
-            for r in results for h in r.hits]
-    table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(
-        ["query_id", "rank", "listing_id", "image_id", "score", "created_at"])})
+    rows = [
+        (r.query_id, h.rank, h.listing_id, h.image_id, h.score, now)
+        for r in results
+        for h in r.hits
+    ]
+    table = pa.table(
+        {
+            name: [row[i] for row in rows]
+            for i, name in enumerate(
+                ["query_id", "rank", "listing_id", "image_id", "score", "created_at"]
+            )
+        }
+    )
     Path(folder).mkdir(parents=True, exist_ok=True)
     pq.write_table(table, Path(folder) / f"results-{uuid.uuid4().hex[:8]}.parquet")
     for r in results:
@@ -369,6 +427,7 @@ def _save_results(results: Sequence[SearchResult], folder: str) -> None:
 
 
 def _vectors_frame(spark: Any, lake: str, label: str | None = None) -> Any:
+    """The lake's good rows with an MLlib ``features`` vector column (and ``label_text``)."""
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F  # noqa: N812
 
@@ -382,25 +441,56 @@ def _vectors_frame(spark: Any, lake: str, label: str | None = None) -> Any:
 
 
 def kmeans(spark: Any, lake: str, k: int, seed: int = 0, max_iter: int = 20) -> dict[str, Any]:
-    """Spark MLlib k-means (cosine distance) over the lake's vectors.
+    """Spark MLlib k-means (cosine distance) over the lake's vectors (failed rows skipped).
+
+    Args:
+        lake: the lake folder (with ``features/``).
+        k: clusters.
+        seed: MLlib's seed.
+        max_iter: iterations.
 
     Returns:
-        ``{"k", "sizes": {cluster: size}, "assignments": pandas DataFrame}``.
+        ``{"k", "sizes": {cluster: size}, "assignments": pandas DataFrame with listing_id,
+        image_id, cluster}``.
     """
+    import pandas as pd
     from pyspark.ml.clustering import KMeans
 
     df = _vectors_frame(spark, lake)
-    model = KMeans(k=k, seed=seed, maxIter=max_iter, distanceMeasure="cosine",
-                   featuresCol="features", predictionCol="cluster").fit(df)
-    assigned = model.transform(df).select("listing_id", "image_id", "cluster").toPandas()
-    return {"k": k, "sizes": assigned["cluster"].value_counts().to_dict(),
-            "assignments": assigned}
+    model = KMeans(
+        k=k,
+        seed=seed,
+        maxIter=max_iter,
+        distanceMeasure="cosine",
+        featuresCol="features",
+        predictionCol="cluster",
+    ).fit(df)
+    # pyspark types toPandas() as a protocol without indexing; it is a pandas DataFrame
+    assigned: pd.DataFrame = (
+        model.transform(df).select("listing_id", "image_id", "cluster").toPandas()
+    )
+    return {"k": k, "sizes": assigned["cluster"].value_counts().to_dict(), "assignments": assigned}
 
 
-def train_classifier(spark: Any, lake: str, model: str = "logreg", seed: int = 0,
-                     train_ratio: float = 0.75) -> dict[str, Any]:
+def train_classifier(
+    spark: Any, lake: str, model: str = "logreg", seed: int = 0, train_ratio: float = 0.75
+) -> dict[str, Any]:
     """Train an MLlib classifier (labels: listing ids) with ``TrainValidationSplit`` over a
-    ``ParamGridBuilder`` grid, and report accuracy and macro F1 on a held-out split."""
+    ``ParamGridBuilder`` grid, and report accuracy and macro F1 on a held-out split.
+
+    Args:
+        lake: the lake folder (with ``features/``).
+        model: ``logreg`` (regularization grid) or ``mlp`` (one hidden layer of 128, step
+            size grid).
+        seed: seed of the splits and the MLP.
+        train_ratio: fraction of the rows trained on; the rest is the held-out split.
+
+    Returns:
+        ``{"model", "accuracy", "f1", "n_test"}`` (accuracy and F1 in [0, 1]).
+
+    Raises:
+        LookalikeError: unknown model. SourceError: no model recorded with the lake.
+    """
     from pyspark.ml import Pipeline
     from pyspark.ml.classification import LogisticRegression, MultilayerPerceptronClassifier
     from pyspark.ml.evaluation import MulticlassClassificationEvaluator
@@ -420,8 +510,9 @@ def train_classifier(spark: Any, lake: str, model: str = "logreg", seed: int = 0
     else:
         raise LookalikeError("model must be logreg or mlp")
     evaluator = MulticlassClassificationEvaluator(metricName="f1")
-    tvs = TrainValidationSplit(estimator=clf, estimatorParamMaps=grid, evaluator=evaluator,
-                               trainRatio=0.8, seed=seed)
+    tvs = TrainValidationSplit(
+        estimator=clf, estimatorParamMaps=grid, evaluator=evaluator, trainRatio=0.8, seed=seed
+    )
     train, test = df.randomSplit([train_ratio, 1 - train_ratio], seed=seed)
     fitted = Pipeline(stages=[indexer, tvs]).fit(train)
     pred = fitted.transform(test)

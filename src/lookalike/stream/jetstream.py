@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import LookalikeError
+from ..errors import BrokerError, LookalikeError, StoreError, translate
 from ..images import iter_sources, read_bytes, sha256_hex
 from .messages import BadMessageError, Event, make_headers, parse_message
 
@@ -104,9 +104,30 @@ async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> str:
         return str(await js.find_stream_name_by_subject(subjects[0]))
     except NotFoundError:
         pass
-    await js.add_stream(StreamConfig(name=stream, subjects=list(subjects),
-                                     storage=StorageType.FILE, duplicate_window=120.0))
+    await js.add_stream(
+        StreamConfig(
+            name=stream, subjects=list(subjects), storage=StorageType.FILE, duplicate_window=120.0
+        )
+    )
     return stream
+
+
+def broker_error(exc: BaseException, doing: str) -> LookalikeError:
+    """What ``exc``, raised while talking to the broker, becomes.
+
+    The one table (:func:`lookalike.errors.translate`) decides; an exception it does not know
+    is still a broker failure here (the NATS client also raises ``OSError`` and
+    ``asyncio.TimeoutError``), so it becomes :class:`~lookalike.errors.BrokerError`.
+
+    Args:
+        exc: the exception caught.
+        doing: what was being done, prefixed to the message (``"cannot connect to ..."``).
+
+    Returns:
+        A project exception of the type the table chose, message ``"<doing>: <reason>"``.
+    """
+    err = translate(exc) or BrokerError(f"{type(exc).__name__}: {exc}")
+    return type(err)(f"{doing}: {err}")
 
 
 def _stream_subject(subject: str) -> str:
@@ -164,7 +185,7 @@ class StreamIngest:
         """Consume until ``stop`` is set (or no message came for ``idle_exit`` seconds).
 
         Raises:
-            LookalikeError: the broker cannot be reached at start.
+            BrokerError: the broker cannot be reached at start.
         """
         from nats.errors import TimeoutError as NatsTimeout
         from nats.js.api import AckPolicy, ConsumerConfig
@@ -173,7 +194,7 @@ class StreamIngest:
         try:
             nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}")
         except Exception as exc:
-            raise LookalikeError(f"cannot connect to NATS at {self.url}: {exc}") from None
+            raise broker_error(exc, f"cannot connect to NATS at {self.url}") from None
         try:
             js = nc.jetstream()
             await ensure_stream(js, self.stream, [_stream_subject(self.subject)])
@@ -193,7 +214,7 @@ class StreamIngest:
                 except NatsTimeout:
                     msgs = []
                 except Exception as exc:  # broker restarting: the client reconnects
-                    log.warning("fetch failed (%s); retrying", exc)
+                    log.warning("%s; retrying", broker_error(exc, "fetch failed"))
                     await asyncio.sleep(0.5)
                     continue
                 if not msgs:
@@ -226,7 +247,11 @@ class StreamIngest:
         try:
             dead += await asyncio.to_thread(self._write, events)
         except Exception as exc:  # store unavailable: let the broker redeliver the batch
-            log.error("write failed (%s); batch of %d will be redelivered", exc, len(msgs))
+            err = translate(exc)
+            if err is None:  # not a backend failure: keep the traceback for the operator
+                log.exception("write failed; batch of %d will be redelivered", len(msgs))
+            else:
+                log.error("write failed (%s); batch of %d will be redelivered", err, len(msgs))
             for msg in msgs:
                 with contextlib.suppress(Exception):  # unacked messages come back anyway
                     await msg.nak(delay=1.0)
@@ -240,7 +265,8 @@ class StreamIngest:
             for msg in msgs:
                 await msg.ack()
         except Exception as exc:  # broker gone mid-batch: written rows are idempotent
-            log.warning("could not finish the batch (%s); the broker will redeliver it", exc)
+            err = broker_error(exc, "could not finish the batch")
+            log.warning("%s; the broker will redeliver it", err)
             return
         self.counts.dead += len(dead)
         if self.on_batch:
@@ -278,7 +304,9 @@ class StreamIngest:
                 try:
                     cat.update_listing(ev.listing_id, **ev.attrs)
                     self.counts.listings += 1
-                except LookalikeError as exc:
+                except StoreError:  # the store, not the message: redeliver the batch
+                    raise
+                except LookalikeError as exc:  # a bad attribute: the message is dead
                     dead.append((msg, str(exc)))
             else:
                 self.counts.deleted += cat.delete(ev.image_id or "", ev.listing_id)
@@ -301,12 +329,12 @@ async def publish(
         Messages published.
 
     Raises:
-        LookalikeError: the broker cannot be reached.
+        BrokerError: the broker cannot be reached.
     """
     try:
         nc = await connect(url, name=f"lookalike-publish-{os.getpid()}")
     except Exception as exc:
-        raise LookalikeError(f"cannot connect to NATS at {url}: {exc}") from None
+        raise broker_error(exc, f"cannot connect to NATS at {url}") from None
     n = 0
     try:
         js = nc.jetstream()

@@ -52,11 +52,16 @@ class LocalNatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> LocalNatsServer:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait (at most 20 s) until it accepts connections.
+
+        Raises:
+            LookalikeError: the server did not start (its log is named).
+        """
         assert self.binary is not None
         with open(self.folder / "nats.log", "ab") as logf:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                         stdout=subprocess.DEVNULL, stderr=logf)
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=logf
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
