@@ -74,7 +74,7 @@ def test_iter_records_pages_every_row_in_key_order(store):
     assert [r.key for r in got] == want
     by_key = {k: b.vectors[i] for i, k in enumerate(keys)}
     assert all(r.vector.tobytes() == by_key[r.key].tobytes() for r in got)
-    assert list(store.iter_records(100))[0][0].model == "test@1"
+    assert next(iter(store.iter_records(100)))[0].model == "test@1"
 
 
 def test_changes_since_reports_upserts_then_deletes(store):
