@@ -36,7 +36,7 @@ from PIL import Image
 from ..devices import cuda_available
 from ..errors import LookalikeError
 from ..files import atomic_path
-from . import BaseExtractor, center_crop_resize, l2_normalize
+from .base import BaseExtractor, center_crop_resize, l2_normalize
 
 log = logging.getLogger(__name__)
 

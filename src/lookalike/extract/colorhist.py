@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from . import BaseExtractor, l2_normalize
+from .base import BaseExtractor, l2_normalize
 
 SIZE = 128
 BINS = 8

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from . import BaseExtractor, l2_normalize
+from .base import BaseExtractor, l2_normalize
 
 if TYPE_CHECKING:
     import cv2
