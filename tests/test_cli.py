@@ -186,15 +186,16 @@ def test_help_paragraphs_reflow_to_the_terminal_width():
     """typer keeps the source line breaks of a docstring's later paragraphs; every command's
     help is reflowed so `--help` reads as prose (indented example lines kept)."""
     from lookalike import cli as lcli
+    from lookalike.cli.common import reflow
+    from lookalike.cli.search import index
 
-    commands = [c for g in (lcli.app, lcli.ann_app, lcli.spark_app, lcli.analyze_app)
-                for c in g.registered_commands]
+    commands = [c for g in lcli.GROUPS for c in g.registered_commands]
     assert len(commands) > 20
     for command in commands:
         assert command.help, command.callback
         for para in command.help.split("\n\n"):
             assert para.startswith(" ") or "\n" not in para, (command.name, para)
-    assert "skipped, so re-running the same command" in lcli._reflow(lcli.index.__doc__)
+    assert "skipped, so re-running the same command" in reflow(index.__doc__)
 
 
 def test_config_ann_build_search_and_bench(catalog, demo_dir):
