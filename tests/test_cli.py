@@ -186,15 +186,16 @@ def test_help_paragraphs_reflow_to_the_terminal_width():
     """typer keeps the source line breaks of a docstring's later paragraphs; every command's
     help is reflowed so `--help` reads as prose (indented example lines kept)."""
     from lookalike import cli as lcli
+    from lookalike.cli.common import reflow
+    from lookalike.cli.search import index
 
-    commands = [c for g in (lcli.app, lcli.ann_app, lcli.spark_app, lcli.analyze_app)
-                for c in g.registered_commands]
+    commands = [c for g in lcli.GROUPS for c in g.registered_commands]
     assert len(commands) > 20
     for command in commands:
         assert command.help, command.callback
         for para in command.help.split("\n\n"):
             assert para.startswith(" ") or "\n" not in para, (command.name, para)
-    assert "skipped, so re-running the same command" in lcli._reflow(lcli.index.__doc__)
+    assert "skipped, so re-running the same command" in reflow(index.__doc__)
 
 
 def test_config_ann_build_search_and_bench(catalog, demo_dir):
@@ -214,3 +215,94 @@ def test_config_ann_build_search_and_bench(catalog, demo_dir):
     assert all(r["recall_at_k"] == 1.0 for r in rows if r["name"].startswith("exact"))
     bad = cli("search", q, "-c", catalog, "--index", "ivf", check=False)
     assert bad.returncode == 1 and "no ivf index" in bad.stderr
+
+
+def _help_paths(group, prefix=()):
+    """Every command path under a typer app: ("search",), ("spark", "search"), ..."""
+    for cmd in group.registered_commands:
+        yield (*prefix, cmd.name or cmd.callback.__name__.replace("_", "-"))
+    for sub in group.registered_groups:
+        if isinstance(sub.name, str):
+            yield (*prefix, sub.name)
+            yield from _help_paths(sub.typer_instance, (*prefix, sub.name))
+        else:  # a typer without a name: its commands are merged into this level
+            yield from _help_paths(sub.typer_instance, prefix)
+
+
+def test_every_help_renders_and_keeps_brackets():
+    """`lookalike --help` and every subcommand's `--help` render; rich markup does not eat
+    `[spark]`-style brackets (it used to print "pip install 'lookalike'")."""
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+
+    runner = CliRunner()
+    paths = [(), *_help_paths(app)]
+    assert len(paths) > 30
+    for path in paths:
+        res = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, (path, res.output)
+        assert "Usage:" in res.output, path
+    spark = runner.invoke(app, ["spark", "--help"], env={"COLUMNS": "200"}).output
+    assert "pip install 'lookalike[spark]'" in spark
+    search = runner.invoke(app, ["spark", "search", "--help"], env={"COLUMNS": "200"}).output
+    assert "--output" in search and "--save" in search and "local[*]" in search
+
+
+def test_error_handler_one_line_for_every_kind_of_error(monkeypatch, capsys):
+    import sqlite3
+
+    import typer
+
+    from lookalike.cli.common import handle_errors
+    from lookalike.errors import QueryError
+
+    def raising(exc):
+        @handle_errors
+        def command():
+            raise exc
+
+        return command
+
+    cases = [
+        (QueryError("where: bad"), "error: where: bad"),
+        (sqlite3.OperationalError("database is locked"), "error: catalog database error:"),
+        (FileNotFoundError(2, "No such file or directory", "x.npy"), "error: x.npy: No such"),
+        (ValueError("cannot reshape\nsecond line"), "error: cannot reshape second line"),
+        (RuntimeError("boom"), "error: internal error: RuntimeError: boom"),
+    ]
+    monkeypatch.delenv("LOOKALIKE_DEBUG", raising=False)
+    for exc, line in cases:
+        with pytest.raises(typer.Exit) as info:
+            raising(exc)()
+        assert info.value.exit_code == 1
+        stderr = capsys.readouterr().err
+        assert stderr.startswith(line) and stderr.count("\n") == 1, stderr
+    with pytest.raises(typer.Exit) as info:  # typer's own exits pass through untouched
+        raising(typer.Exit(3))()
+    assert info.value.exit_code == 3
+    monkeypatch.setenv("LOOKALIKE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        raising(RuntimeError("boom"))()
+
+
+def test_key_value_type_and_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+    from lookalike.cli.common import Assignment, key_value
+
+    assert key_value("stock_level=0") == Assignment("stock_level", 0)
+    assert key_value(" color = red") == Assignment("color", " red")
+    assert key_value("gone=null") == Assignment("gone", None)
+    assert key_value("expr=a=b") == Assignment("expr", "a=b")
+    runner = CliRunner()
+    for argv in (
+        ["listing", "set", "x", "nokey", "-c", str(tmp_path / "cat")],
+        ["listing", "set", "x", "=1", "-c", str(tmp_path / "cat")],
+        ["publish", "--listing", "x", "--attr", "bad"],
+    ):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2, (argv, res.output)
+        assert "is not key=value" in res.output
+    assert not (tmp_path / "cat").exists()  # rejected before anything was opened
