@@ -11,6 +11,7 @@ from lookalike.errors import (
     BrokerError,
     LookalikeError,
     NotFoundError,
+    QueryError,
     StoreBusyError,
     StoreError,
     translate,
@@ -66,3 +67,9 @@ def test_project_errors_pass_through_and_others_are_not_translated():
 def test_every_table_entry_maps_to_a_project_error():
     for name, kind, message in BACKEND_ERRORS:
         assert "." in name and issubclass(kind, LookalikeError) and "{exc}" in message
+
+
+def test_a_spark_analysis_error_is_a_query_error():
+    base = pytest.importorskip("pyspark.errors.exceptions.base")
+    err = translate(base.AnalysisException("[PATH_NOT_FOUND] Path does not exist: /nope"))
+    assert isinstance(err, QueryError) and "PATH_NOT_FOUND" in str(err)

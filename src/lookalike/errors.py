@@ -64,6 +64,12 @@ BACKEND_ERRORS: tuple[tuple[str, type[LookalikeError], str], ...] = (
     ("psycopg_pool.PoolTimeout", StoreError, "PostgreSQL cannot be reached: {exc}"),
     ("psycopg.OperationalError", StoreError, "PostgreSQL cannot be reached: {exc}"),
     ("psycopg.Error", StoreError, "PostgreSQL error: {exc}"),
+    # Apache Spark (pyspark): a missing path or column in a job's input.
+    (
+        "pyspark.errors.exceptions.base.AnalysisException",
+        QueryError,
+        "Spark cannot read the input: {exc}",
+    ),
     # NATS (nats-py).
     ("nats.errors.NoServersError", BrokerError, "NATS server cannot be reached: {exc}"),
     ("nats.errors.TimeoutError", BrokerError, "NATS request timed out: {exc}"),

@@ -9,16 +9,19 @@ limit, and the consumer's batch, in-flight and ack-wait defaults) come from
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from ..errors import LookalikeError
 from ..stream.jetstream import (
+    DEFAULT_ACK_WAIT,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_DEAD_LETTER,
     DEFAULT_DURABLE,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PAYLOAD,
+    DEFAULT_PUBLISH_SUBJECT,
     DEFAULT_STREAM,
     DEFAULT_SUBJECT,
     DEFAULT_URL,
@@ -42,20 +45,8 @@ from .common import (
 
 commands = typer.Typer()
 
-PUBLISH_SUBJECT = "images.in"
-"""Default subject of ``publish``: one subject under the consumer's filter ``images.>``
-(:data:`~lookalike.stream.jetstream.DEFAULT_SUBJECT`; a filter cannot be published to)."""
-
 PROGRESS_EVERY_S = 10.0
 """Seconds between the consumer's progress lines on stderr."""
-
-_CONSUMER = inspect.signature(StreamIngest).parameters
-
-
-def _consumer_default(name: str) -> Any:
-    """The default of a :class:`StreamIngest` argument (one source for the CLI's defaults)."""
-    return _CONSUMER[name].default
-
 
 NatsOpt = Annotated[str, typer.Option(help="NATS server URL.", envvar="LOOKALIKE_NATS")]
 
@@ -73,16 +64,16 @@ def stream(
     ] = DEFAULT_DURABLE,
     batch_size: Annotated[
         int, typer.Option(help="Messages per fetch and per write.")
-    ] = _consumer_default("batch_size"),
+    ] = DEFAULT_BATCH_SIZE,
     max_in_flight: Annotated[
         int, typer.Option(help="Most unacknowledged messages held at once.")
-    ] = _consumer_default("max_in_flight"),
+    ] = DEFAULT_MAX_IN_FLIGHT,
     dead_letter: Annotated[
         str, typer.Option(help="Subject for bad messages (kept in stream <stream>_DEAD).")
     ] = DEFAULT_DEAD_LETTER,
     ack_wait: Annotated[
         float, typer.Option(help="Seconds before the broker redelivers an unacked message.")
-    ] = _consumer_default("ack_wait"),
+    ] = DEFAULT_ACK_WAIT,
     max_payload: Annotated[
         int, typer.Option(help="Largest image payload, bytes.")
     ] = DEFAULT_MAX_PAYLOAD,
@@ -148,7 +139,7 @@ def publish(
     nats: NatsOpt = DEFAULT_URL,
     subject: Annotated[
         str, typer.Option(help="Subject to publish to (under the consumer's images.>).")
-    ] = PUBLISH_SUBJECT,
+    ] = DEFAULT_PUBLISH_SUBJECT,
     stream_name: Annotated[
         str, typer.Option("--stream", help="JetStream stream (created if missing).")
     ] = DEFAULT_STREAM,

@@ -47,6 +47,14 @@ DEFAULT_STREAM = "LOOKALIKE"
 DEFAULT_SUBJECT = "images.>"
 DEFAULT_DEAD_LETTER = "lookalike.dead"
 DEFAULT_DURABLE = "lookalike"
+#: The subject ``lookalike publish`` sends to: one subject under the consumer's filter.
+DEFAULT_PUBLISH_SUBJECT = "images.in"
+#: Messages fetched and written per batch (one model call, one store transaction).
+DEFAULT_BATCH_SIZE = 32
+#: Fetched messages not yet acknowledged, at most.
+DEFAULT_MAX_IN_FLIGHT = 64
+#: Seconds the broker waits for an acknowledgement before it redelivers.
+DEFAULT_ACK_WAIT = 30.0
 #: Default largest image payload, bytes (the server's ``max_payload`` must allow it: NATS's
 #: own default is 1 MiB; the test and benchmark servers are started with 8 MiB).
 DEFAULT_MAX_PAYLOAD = 8 * 2**20
@@ -161,10 +169,10 @@ class StreamIngest:
         subject: str = DEFAULT_SUBJECT,
         stream: str = DEFAULT_STREAM,
         durable: str = DEFAULT_DURABLE,
-        batch_size: int = 32,
-        max_in_flight: int = 64,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         dead_letter: str = DEFAULT_DEAD_LETTER,
-        ack_wait: float = 30.0,
+        ack_wait: float = DEFAULT_ACK_WAIT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         decode_threads: int = 2,
         on_batch: Callable[[StreamCounts], None] | None = None,
