@@ -13,6 +13,8 @@ and the web page's Explore view read them. One module per concern:
 * :mod:`.dedup`: :func:`near_duplicates`, groups of images with ``score > t`` (connected
   components of the threshold graph; no ``n x n`` matrix), and :func:`exact_duplicates` by
   file hash;
+* :mod:`.calibrate`: :func:`calibrate`, the near-duplicate threshold measured on edited copies
+  of the catalog's own images, and :func:`near_duplicate_threshold`, the one ``dedup`` uses;
 * :mod:`.projection`: :func:`project`, 2-D PCA (always) or UMAP (when ``umap-learn`` is
   installed), :func:`map_points` for ``GET /map``, :func:`render_map_png`.
 
@@ -21,6 +23,7 @@ This package re-exports the public functions of those modules.
 
 from __future__ import annotations
 
+from .calibrate import Calibration, calibrate, near_duplicate_threshold
 from .clusters import Cluster, ClusterReport, default_k, kmeans
 from .dedup import UnionFind, exact_duplicates, near_duplicates
 from .neighbours import JOIN_NPROBE, cell_blocks, ivf_index, live_vectors, neighbours
@@ -29,10 +32,12 @@ from .projection import map_points, pca_2d, project, render_map_png
 
 __all__ = [
     "JOIN_NPROBE",
+    "Calibration",
     "Cluster",
     "ClusterReport",
     "OutlierReport",
     "UnionFind",
+    "calibrate",
     "cell_blocks",
     "default_k",
     "exact_duplicates",
@@ -42,6 +47,7 @@ __all__ = [
     "knn_outliers",
     "live_vectors",
     "map_points",
+    "near_duplicate_threshold",
     "near_duplicates",
     "neighbours",
     "pca_2d",

@@ -18,6 +18,7 @@ from ..catalog import Catalog
 from ..engine import SearchEngine
 from ..engine.ann import AnnIndex
 from ..types import Key, SearchSpec
+from .calibrate import near_duplicate_threshold
 from .neighbours import cell_blocks, ivf_index, live_positions, live_vectors, neighbours
 
 
@@ -80,7 +81,7 @@ class UnionFind:
 
 def near_duplicates(
     cat: Catalog,
-    threshold: float = 0.95,
+    threshold: float | None = None,
     k: int = 32,
     batch: int = 512,
     index: str = "exact",
@@ -102,7 +103,9 @@ def near_duplicates(
     Through ``"hnsw"``: the engine's per-image search, as for exact (pairs can be missed).
 
     Args:
-        threshold: cosine above which two images are near-duplicates.
+        threshold: cosine above which two images are near-duplicates; None: the catalog's
+            calibrated threshold, else its extractor's measured default
+            (:func:`lookalike.analytics.calibrate.near_duplicate_threshold`).
         k: matches asked per image before the unlimited re-query (exact / HNSW).
         batch: images per engine call (exact / HNSW).
         index: ``"exact"`` or a built ANN index (``lookalike ann build``).
@@ -116,9 +119,12 @@ def near_duplicates(
 
     Raises:
         QueryError: unknown index, or no such index built.
+        LookalikeError: no threshold given and none known for the catalog's vectors.
     """
     from tqdm import tqdm
 
+    if threshold is None:
+        threshold = near_duplicate_threshold(cat)[0]
     engine = cat.search_engine(index)
     keys, x = live_vectors(cat)
     uf = UnionFind(len(keys))

@@ -61,8 +61,9 @@ class Catalog(CatalogWrites, CatalogRows):
 
     @property
     def settings(self) -> dict[str, str]:
-        """The catalog's settings (stored values over :data:`DEFAULT_SETTINGS`)."""
-        return {**DEFAULT_SETTINGS, **self._store.settings()}
+        """The catalog's search settings (stored values over :data:`DEFAULT_SETTINGS`)."""
+        stored = self._store.settings()
+        return {key: stored.get(key, default) for key, default in DEFAULT_SETTINGS.items()}
 
     def configure(
         self, *, codes: str | None = None, rerank: int | None = None, index: str | None = None

@@ -3,6 +3,7 @@ analysis columns, saved results and thumbnails."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from ..types import (
 )
 from .base import CatalogBase
 from .thumbs import ensure_thumbnail
+
+#: The store setting that holds the near-duplicate calibration (JSON).
+CALIBRATION_SETTING = "calibration"
 
 
 class CatalogRows(CatalogBase):
@@ -109,6 +113,16 @@ class CatalogRows(CatalogBase):
             raise NotFoundError(f"no saved results for query {query_id!r}")
         hits = [Hit(r.listing_id, r.image_id, r.score, r.rank) for r in rows]
         return SearchResult(query_id, hits, saved=True)
+
+    def save_calibration(self, calibration: dict[str, Any]) -> None:
+        """Store a near-duplicate calibration (``lookalike.analytics.calibrate``) with the
+        catalog, replacing the previous one (a JSON-able dict)."""
+        self._store.set_setting(CALIBRATION_SETTING, json.dumps(calibration, sort_keys=True))
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The stored near-duplicate calibration, or None."""
+        text = self._store.settings().get(CALIBRATION_SETTING)
+        return json.loads(text) if text else None
 
     def has_saved_results(self, query_id: str) -> bool:
         """Whether any hit is saved under ``query_id``."""

@@ -205,12 +205,76 @@ def analyze_map(
     say(f"{used} map of {len(keys)} images stored{drawn_note}")
 
 
+def _threshold(text: str) -> float | None:
+    """``auto`` -> None (the calibrated or default threshold), else a cosine in [-1, 1]."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        usage_error(f"--threshold: {text!r} is not a number or 'auto'")
+    if not -1.0 <= value <= 1.0:
+        usage_error(f"--threshold: {value} is not a cosine in [-1, 1]")
+    return value
+
+
+@command(commands)
+def calibrate(
+    catalog: CatalogOpt,
+    sample: Annotated[
+        int, typer.Option(min=8, help="Stored images to copy (each gives 6 edited copies).")
+    ] = 100,
+    precision: Annotated[
+        float,
+        typer.Option(min=0.5, max=1.0, help="Precision the threshold must keep (0.5-1)."),
+    ] = 0.99,
+    seed: Annotated[int, typer.Option(help="Sampling and edit randomness.")] = 0,
+    progress: ProgressOpt = True,
+    fmt: FormatOpt = OutputFormat.TABLE,
+) -> None:
+    """Measure this catalog's near-duplicate threshold and store it (dedup then uses it).
+
+    Samples stored images whose source file can be read, makes one edited copy of each per
+    kind (crop, flip, rotation, colour, blur, JPEG), embeds the copies, and scores each against
+    its original (a true pair) and against the best images of every other listing (false
+    pairs). The threshold is the lowest one that keeps --precision over those pairs: the most
+    near-duplicates found for that precision. Prints it with the precision and recall measured
+    there, per edit kind too.
+
+    Example:
+
+      lookalike calibrate -c ./cat --sample 200 && lookalike dedup -c ./cat
+    """
+    from ..analytics import calibrate as run_calibration
+
+    with opened(catalog) as cat:
+        cal = run_calibration(
+            cat, sample=sample, target_precision=precision, seed=seed, progress=progress
+        )
+    if fmt == OutputFormat.JSON:
+        print_json(cal.to_dict())
+        return
+    say(
+        f"near-duplicate threshold {cal.threshold:.4f}: precision {cal.precision:.3f}, recall "
+        f"{cal.recall:.3f} on {cal.positives} edited copies of {cal.sampled} images "
+        f"({cal.negatives} other pairs); stored with the catalog"
+    )
+    say("recall by edit: " + ", ".join(f"{k} {v:.2f}" for k, v in cal.recall_by_kind.items()))
+    if not cal.exact:
+        say("note: some copies had 50 other-listing scores above it; precision is an upper bound")
+
+
 @command(commands)
 def dedup(
     catalog: CatalogOpt,
     threshold: Annotated[
-        float, typer.Option(help="Near-duplicates: images with score (cosine) > THRESHOLD.")
-    ] = 0.95,
+        str,
+        typer.Option(
+            help="Near-duplicates: images with score (cosine) > THRESHOLD. 'auto': the "
+            "catalog's calibrated threshold (lookalike calibrate), else the extractor's "
+            "measured default."
+        ),
+    ] = "auto",
     exact: Annotated[
         bool, typer.Option(help="Identical files (SHA-256) instead of near-duplicates.")
     ] = False,
@@ -231,15 +295,17 @@ def dedup(
     pair, never invent one. (--exact here means identical files; the exact engine is
     --index exact, the default.)
     """
-    from ..analytics import exact_duplicates, near_duplicates
+    from ..analytics import exact_duplicates, near_duplicate_threshold, near_duplicates
 
+    value = _threshold(threshold)
     with opened(catalog) as cat:
+        used, source = value or 0.0, "given"
+        if value is None and not exact:
+            used, source = near_duplicate_threshold(cat)
         groups = (
             exact_duplicates(cat)
             if exact
-            else near_duplicates(
-                cat, threshold=threshold, index=index, nprobe=nprobe, progress=progress
-            )
+            else near_duplicates(cat, threshold=used, index=index, nprobe=nprobe, progress=progress)
         )
     if csv_out:
         with open(csv_out, "w", newline="", encoding="utf-8") as fh:
@@ -248,9 +314,15 @@ def dedup(
             for i, g in enumerate(groups):
                 writer.writerows([i, lid, iid] for lid, iid in g)
     if fmt == OutputFormat.JSON:
-        print_json({"groups": [[iid for _, iid in g] for g in groups]})
+        doc: dict[str, object] = {"groups": [[iid for _, iid in g] for g in groups]}
+        if not exact:
+            doc.update(threshold=round(used, 6), threshold_source=source)
+        print_json(doc)
         return
-    say(f"{len(groups)} group(s) of {'identical' if exact else 'near-duplicate'} images")
+    if exact:
+        say(f"{len(groups)} group(s) of identical images")
+    else:
+        say(f"{len(groups)} group(s) of near-duplicate images (score > {used:.4f}: {source})")
     for i, g in enumerate(groups[:DEDUP_SHOWN]):
         more = " ..." if len(g) > 8 else ""
         say(f"{i:>4}  ({len(g)})  " + ", ".join(iid for _, iid in g[:8]) + more)

@@ -23,7 +23,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import LookalikeError
+from ..types import ModelInfo
 from .base import BaseExtractor, Extractor, center_crop_resize, l2_normalize
+
+#: Near-duplicate thresholds (``score > t``) per model tag, measured by ``benchmarks/calibrate.py``
+#: on edited copies (crop, flip, rotation, colour, blur, JPEG) of the demo photos and of 2,000
+#: Fashion-MNIST images: the lowest threshold that keeps precision 0.99 on both sets (README,
+#: "Near-duplicate thresholds"). ``colorhist`` has none: no threshold reaches that precision on
+#: Fashion-MNIST. A catalog's own calibration (``lookalike calibrate``) takes precedence.
+NEAR_DUPLICATE_THRESHOLDS: dict[str, float] = {
+    "cnn@efficientnet-lite0-0.1.0-gap/1": 0.936,
+    "hog@opencv-hog-w128-c16-b32-s16-n9/1": 0.981,
+}
+
+
+def default_near_duplicate_threshold(model: ModelInfo) -> float | None:
+    """The measured near-duplicate threshold of an extractor's vectors, or None when the
+    model (name and version) was never measured."""
+    return NEAR_DUPLICATE_THRESHOLDS.get(model.tag)
+
 
 _REGISTRY: dict[str, Callable[..., BaseExtractor]] = {}
 
@@ -76,6 +94,7 @@ __all__ = [
     "Extractor",
     "available_extractors",
     "center_crop_resize",
+    "default_near_duplicate_threshold",
     "get_extractor",
     "l2_normalize",
     "register",
