@@ -164,5 +164,9 @@ def test_calibrate_and_dedup_cli_report_the_threshold(cnn_catalog_copy):
     after = json.loads(run("dedup", "-f", "json", "--no-progress").stdout)
     assert after["threshold"] == pytest.approx(cal["threshold"], abs=1e-6)
     assert after["threshold_source"].startswith("calibrated on this catalog")
+    near = run("search", "--id", "chelsea/chelsea-01.jpg", "--threshold", "auto", "-f", "json")
+    hits = json.loads(near.stdout)["hits"]
+    assert hits and all(h["score"] > cal["threshold"] for h in hits)
+    assert f"threshold {cal['threshold']:.4f}" in near.stderr
     bad = run("dedup", "--threshold", "1.5", check=False)
     assert bad.returncode == 2 and "cosine" in bad.stderr

@@ -29,6 +29,7 @@ from .common import (
     command,
     opened,
     out,
+    parse_threshold,
     print_json,
     say,
     usage_error,
@@ -205,19 +206,6 @@ def analyze_map(
     say(f"{used} map of {len(keys)} images stored{drawn_note}")
 
 
-def _threshold(text: str) -> float | None:
-    """``auto`` -> None (the calibrated or default threshold), else a cosine in [-1, 1]."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        usage_error(f"--threshold: {text!r} is not a number or 'auto'")
-    if not -1.0 <= value <= 1.0:
-        usage_error(f"--threshold: {value} is not a cosine in [-1, 1]")
-    return value
-
-
 @command(commands)
 def calibrate(
     catalog: CatalogOpt,
@@ -297,7 +285,7 @@ def dedup(
     """
     from ..analytics import exact_duplicates, near_duplicate_threshold, near_duplicates
 
-    value = _threshold(threshold)
+    value = parse_threshold(threshold)
     with opened(catalog) as cat:
         used, source = value or 0.0, "given"
         if value is None and not exact:

@@ -241,6 +241,20 @@ def usage_error(message: str) -> NoReturn:
     fail(message, EXIT_USAGE)
 
 
+def parse_threshold(text: str) -> float | None:
+    """A ``--threshold`` value: ``auto`` -> None (the catalog's calibrated near-duplicate
+    threshold, else the extractor's default), else a cosine in [-1, 1] (exit 2 otherwise)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        usage_error(f"--threshold: {text!r} is not a number or 'auto'")
+    if not -1.0 <= value <= 1.0:
+        usage_error(f"--threshold: {value} is not a cosine in [-1, 1]")
+    return value
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

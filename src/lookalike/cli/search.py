@@ -27,6 +27,7 @@ from .common import (
     ProgressOpt,
     command,
     opened,
+    parse_threshold,
     print_hit_lines,
     print_json,
     print_results,
@@ -152,8 +153,12 @@ def search(
     ] = Aggregation.MAX,
     top_n: Annotated[int, typer.Option(help="n of sum-top-n.")] = 3,
     threshold: Annotated[
-        float | None,
-        typer.Option(help="Only hits with score > THRESHOLD (score = cosine, in [-1, 1])."),
+        str | None,
+        typer.Option(
+            help="Only hits with score > THRESHOLD (score = cosine, in [-1, 1]); 'auto': the "
+            "near-duplicate threshold (`lookalike calibrate`, else the extractor's default), "
+            "so the hits are the query's near-copies."
+        ),
     ] = None,
     where: Annotated[
         str | None,
@@ -189,9 +194,17 @@ def search(
 
       lookalike search --id chelsea/chelsea-01.jpg -c ./cat --threshold 0.8
 
+      lookalike search photo.jpg -c ./cat --threshold auto    # its near-copies
+
       lookalike search q.jpg -c ./cat --where "stock_level > 0" --save --format json
     """
+    value = parse_threshold(threshold) if threshold is not None else None
     with opened(catalog, device=device, engine=engine) as cat:
+        if threshold is not None and value is None:
+            from ..analytics import near_duplicate_threshold
+
+            value, source = near_duplicate_threshold(cat)
+            warn(f"threshold {value:.4f} ({source})")
         vec = np.load(vector) if vector is not None else None
         if vec is not None and vec.ndim == 2:
             run = functools.partial(cat.search_batch, vec)
@@ -202,7 +215,7 @@ def search(
             group_by=group_by,
             agg=agg,
             top_n=top_n,
-            threshold=threshold,
+            threshold=value,
             where=where,
             save=save,
             index=index,
