@@ -260,3 +260,25 @@ def test_numpy_fallback_warns_when_the_kernels_are_missing(vec_catalog, monkeypa
         assert as_tuples(res) == oracle.search(keys, vectors, vectors[0], k=3)
     with pytest.raises(lookalike.LookalikeError, match="unavailable"):
         engine_mod.make_engine(engine_mod.VectorCache(8), "fast")
+
+
+def test_zero_query_vector_is_refused(vec_catalog):
+    cat, *_ = vec_catalog
+    for q in (np.zeros(8), np.full(8, 1e-9), np.eye(8)[3] * 1e-7):
+        with pytest.raises(QueryError, match="query vector has zero length"):
+            cat.search(vector=q)
+    batch = np.stack([np.eye(8)[0], np.zeros(8), np.eye(8)[1]])
+    with pytest.raises(QueryError, match="zero length \\(row 1 of 3\\)"):
+        cat.search_batch(batch)
+    # without normalization a zero vector is a legal (if useless) query
+    assert all(h.score == 0 for h in cat.search(vector=np.zeros(8), normalize=False).hits)
+
+
+def test_small_and_huge_query_vectors_search_like_unit_ones(vec_catalog):
+    cat, _keys, _vectors, _stock, rng = vec_catalog
+    q = rng.standard_normal(8)
+    unit = cat.search(vector=q, k=5)
+    for scale in (1e-5, 1e30, 1e38):
+        got = cat.search(vector=q * scale, k=5)
+        assert [h.image_id for h in got.hits] == [h.image_id for h in unit.hits]
+        assert np.allclose([h.score for h in got.hits], [h.score for h in unit.hits], atol=1e-6)

@@ -13,6 +13,7 @@ never from a copy.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -107,6 +108,63 @@ class WriteStatus(StrEnum):
 def choices(vocabulary: type[StrEnum]) -> tuple[str, ...]:
     """The values of a vocabulary as plain strings, in declaration order."""
     return tuple(m.value for m in vocabulary)
+
+
+# ---------------------------------------------------------------------- ids
+
+#: Longest listing or image id accepted, in characters.
+MAX_ID_LENGTH = 1024
+#: Bidirectional embedding/override (U+202A-U+202E) and isolate (U+2066-U+2069) characters:
+#: they make an id display as another string, so ids may not contain them.
+BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as given, or None: a control character (Unicode category
+    ``Cc``: U+0000-U+001F, U+007F-U+009F, tabs and newlines included) or a lone surrogate (not
+    encodable as UTF-8, so no store can hold it). The character is named as ``U+XXXX``."""
+    for i, ch in enumerate(text):
+        cat = unicodedata.category(ch)
+        if cat == "Cc":
+            return f"contains the control character U+{ord(ch):04X} at position {i + 1}"
+        if cat == "Cs":
+            return f"contains the lone surrogate U+{ord(ch):04X} at position {i + 1}"
+    return None
+
+
+def id_problem(value: object, what: str = "id") -> str | None:
+    """Why ``value`` is not acceptable as a listing or image id, or None when it is.
+
+    The one rule for ids, applied on every write path (the catalog raises ``QueryError`` with
+    this text; faces may use it to declare their own limits). An id is a string, not empty,
+    not only whitespace, at most :data:`MAX_ID_LENGTH` characters, without control characters
+    (category ``Cc``) or lone surrogates, and without bidi override/isolate characters
+    (:data:`BIDI_CONTROLS`).
+
+    Args:
+        what: names the id in the message (``"listing id"``, ``"image id"``).
+    """
+    if not isinstance(value, str):
+        return f"{what} must be a string, not {type(value).__name__}"
+    if not value.strip():
+        return f"{what} must not be empty or only whitespace (got {value!r})"
+    shown = repr(value) if len(value) <= 60 else repr(value[:60]) + "..."
+    if len(value) > MAX_ID_LENGTH:
+        return f"{what} {shown} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+    problem = text_problem(value)
+    if problem is None:
+        bidi = next((i for i, ch in enumerate(value) if ch in BIDI_CONTROLS), None)
+        if bidi is not None:
+            problem = (
+                f"contains the bidi control character U+{ord(value[bidi]):04X} at position"
+                f" {bidi + 1}"
+            )
+    if problem is not None:
+        return (
+            f"{what} {shown} {problem}; ids may not contain control or bidi override/isolate"
+            " characters"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------- model identity

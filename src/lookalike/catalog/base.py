@@ -24,6 +24,7 @@ from ..types import (
 )
 from .classifier import Classifier
 from .engines import EngineSet
+from .validate import catalog_name, check_lookup_id
 
 DEFAULT_EXTRACTOR = "cnn"
 DEFAULT_K = 10
@@ -57,8 +58,9 @@ class CatalogBase:
         stored = store.model()
         if stored is not None and extractor is not None and extractor != stored.name:
             raise ModelMismatchError(
-                f"catalog {store.uri} holds {stored.name!r} vectors ({stored.tag}, d={stored.dim});"
-                f" it cannot take {extractor!r} vectors. Use another catalog folder."
+                f"catalog {catalog_name(store.uri)!r} holds {stored.name!r} vectors"
+                f" ({stored.tag}, d={stored.dim}); it cannot take {extractor!r} vectors."
+                " Use another catalog folder."
             )
         self._extractor_name = extractor or (stored.name if stored else DEFAULT_EXTRACTOR)
         self._extractor: BaseExtractor | None = None
@@ -73,6 +75,12 @@ class CatalogBase:
     def uri(self) -> str:
         """Where the catalog lives (folder path or PostgreSQL URL)."""
         return self._store.uri
+
+    @property
+    def name(self) -> str:
+        """The catalog's name for messages: its folder's basename or its PostgreSQL database's
+        name, never an absolute path or a URL (:func:`.validate.catalog_name`)."""
+        return catalog_name(self.uri)
 
     @property
     def folder(self) -> Path:
@@ -100,7 +108,7 @@ class CatalogBase:
             if self._extractor is None:
                 if self._extractor_name not in available_extractors():
                     raise LookalikeError(
-                        f"catalog {self.uri} holds vectors of model {self._extractor_name!r}, "
+                        f"catalog {self.name!r} holds vectors of model {self._extractor_name!r}, "
                         "which no installed extractor makes; query it by vector or stored id"
                     )
                 options = {"device": self.device} if self._extractor_name == "cnn" else {}
@@ -113,7 +121,7 @@ class CatalogBase:
         stored = stored or self._store.model()
         if stored is not None and stored != info:
             raise ModelMismatchError(
-                f"catalog {self.uri} holds vectors of {stored.tag} (d={stored.dim}); "
+                f"catalog {self.name!r} holds vectors of {stored.tag} (d={stored.dim}); "
                 f"refusing vectors of {info.tag} (d={info.dim})"
             )
 
@@ -135,7 +143,9 @@ class CatalogBase:
         self.close()
 
     def _find_keys(self, image_id: str, listing_id: str | None, must_exist: bool) -> list[Key]:
+        check_lookup_id(image_id, "image id")
         if listing_id is not None:
+            check_lookup_id(listing_id, "listing id")
             keys = [(listing_id, image_id)]
             if must_exist and not self._store.existing(keys):
                 raise NotFoundError(f"no image {image_id!r} in listing {listing_id!r}")
@@ -147,7 +157,7 @@ class CatalogBase:
                 f"({', '.join(k[0] for k in keys[:5])}); give the listing id too"
             )
         if must_exist and not keys:
-            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+            raise NotFoundError(f"no image {image_id!r} in catalog {self.name!r}")
         return keys
 
     def embed(self, images: Sequence[ImageInput]) -> np.ndarray:

@@ -206,7 +206,8 @@ class Catalog(CatalogWrites, CatalogRows):
 
         Raises:
             QueryError: bad arguments, a ``(n, d)`` vector (use :meth:`search_batch`), NaN in
-                the vector, unknown attribute in ``where``.
+                the vector, a zero vector (norm below :data:`MIN_QUERY_NORM`) with
+                ``normalize=True``, unknown attribute in ``where``.
             NotFoundError: ``image_id`` not stored. ImageError: query image unreadable.
         """
         given = sum(x is not None for x in (query, image_id, vector))
@@ -246,7 +247,8 @@ class Catalog(CatalogWrites, CatalogRows):
         codes, so it costs far less than ``n`` single searches.
 
         Raises:
-            QueryError: not ``(n, d)``, NaN in a vector, bad options.
+            QueryError: not ``(n, d)``, NaN in a vector, a zero vector with ``normalize=True``,
+                bad options.
         """
         q = np.asarray(vectors)
         if q.ndim != 2:
@@ -270,7 +272,7 @@ class Catalog(CatalogWrites, CatalogRows):
             engine = self._engines.choose(index or self.settings["index"])
             q = check_queries(q, cache.dim)
             if normalize:
-                q = l2_normalize(q)
+                q = _normalize_queries(q)
             spec = SearchSpec(listing_mask=_where_mask(cache, where), **options)
             results = [_result(cache, raw, spec) for raw in engine.search(q, spec)]
         if save:
@@ -306,6 +308,32 @@ class Catalog(CatalogWrites, CatalogRows):
             codes_bytes=engine.nbytes(),
         )
         return out
+
+
+#: A query vector whose L2 norm is below this cannot be normalized: ``search`` refuses it.
+MIN_QUERY_NORM = 1e-6
+
+
+def _normalize_queries(q: np.ndarray) -> np.ndarray:
+    """``(n, d)`` finite float32 queries scaled to unit length.
+
+    Raises:
+        QueryError: a row's norm is below :data:`MIN_QUERY_NORM` (it has no direction: every
+            score would be 0).
+    """
+    norms = np.linalg.norm(q.astype(np.float64), axis=1)
+    zero = np.flatnonzero(norms < MIN_QUERY_NORM)
+    if zero.size:
+        which = "" if len(q) == 1 else f" (row {int(zero[0])} of {len(q)})"
+        raise QueryError(
+            f"query vector has zero length{which}: its norm {norms[zero[0]]:.3g} is below "
+            f"{MIN_QUERY_NORM:g}, so it has no direction to search"
+        )
+    big = np.abs(q).max(axis=1) > 1e18  # the float32 norm would overflow to inf
+    if big.any():
+        q = q.astype(np.float64)
+        q[big] /= np.abs(q[big]).max(axis=1, keepdims=True)
+    return l2_normalize(q)
 
 
 def _where_mask(cache: VectorCache, where: str | None) -> np.ndarray | None:

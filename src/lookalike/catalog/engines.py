@@ -16,6 +16,7 @@ from ..engine.ann import AnnEngine, AnnIndex, AnnParams
 from ..errors import LookalikeError, QueryError
 from ..store import Store
 from ..types import CodeKind, IndexKind, choices
+from .validate import catalog_name
 
 #: ``index="auto"`` searches a built ANN index once an exact scan would read more than this
 #: many bytes of codes (1.5 GB: about 50 ms at the 30 GB/s the int8 scan reaches on the build
@@ -57,7 +58,9 @@ class EngineSet:
         """
         model = self.store.model()
         if model is None:
-            raise QueryError(f"catalog {self.store.uri} is empty; index some images first")
+            raise QueryError(
+                f"catalog {catalog_name(self.store.uri)!r} is empty; index some images first"
+            )
         if self._cache is None or self._cache.dim != model.dim:
             self._cache = VectorCache(model.dim)
             self._exact = None
@@ -129,8 +132,8 @@ class EngineSet:
             eng = self.ann(choice)
             if eng is None:
                 raise QueryError(
-                    f"no {choice} index in {self.store.uri}; build one with "
-                    f"`lookalike ann build --kind {choice}`"
+                    f"no {choice} index in catalog {catalog_name(self.store.uri)!r}; build one"
+                    f" with `lookalike ann build --kind {choice}`"
                 )
             return eng
         cache = exact.cache

@@ -21,6 +21,7 @@ from ..types import (
 )
 from .base import CatalogBase
 from .thumbs import ensure_thumbnail
+from .validate import check_lookup_id
 
 #: The store setting that holds the near-duplicate calibration (JSON).
 CALIBRATION_SETTING = "calibration"
@@ -39,9 +40,9 @@ class CatalogRows(CatalogBase):
         Raises:
             NotFoundError: no such listing.
         """
-        rec = self._store.get_listing(listing_id)
+        rec = self._store.get_listing(check_lookup_id(listing_id, "listing id"))
         if rec is None:
-            raise NotFoundError(f"no listing {listing_id!r} in {self.uri}")
+            raise NotFoundError(f"no listing {listing_id!r} in catalog {self.name!r}")
         return rec
 
     def listings(self) -> list[ListingRecord]:
@@ -65,7 +66,7 @@ class CatalogRows(CatalogBase):
         """
         rec = self._store.get(self.resolve_key(image_id, listing_id))
         if rec is None:  # deleted between the two reads
-            raise NotFoundError(f"no image {image_id!r} in {self.uri}")
+            raise NotFoundError(f"no image {image_id!r} in catalog {self.name!r}")
         return rec
 
     def get_image_vector(self, image_id: str, listing_id: str | None = None) -> np.ndarray:
@@ -108,7 +109,7 @@ class CatalogRows(CatalogBase):
         Raises:
             NotFoundError: nothing was saved under that id.
         """
-        rows = self._store.get_results(query_id)
+        rows = self._store.get_results(check_lookup_id(query_id, "query id"))
         if not rows:
             raise NotFoundError(f"no saved results for query {query_id!r}")
         hits = [Hit(r.listing_id, r.image_id, r.score, r.rank) for r in rows]
@@ -126,7 +127,7 @@ class CatalogRows(CatalogBase):
 
     def has_saved_results(self, query_id: str) -> bool:
         """Whether any hit is saved under ``query_id``."""
-        return bool(self._store.get_results(query_id))
+        return bool(self._store.get_results(check_lookup_id(query_id, "query id")))
 
     def all_saved_results(self) -> list[SavedHit]:
         """Every saved hit, by query and rank (used to export the catalog)."""

@@ -4,6 +4,7 @@ attributes, and the classifier that labels images as they are written."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +22,20 @@ from ..types import (
     FeatureBatch,
     ModelInfo,
     WriteStatus,
+    id_problem,
 )
 from .base import CatalogBase, ImageInput
 from .classifier import Classifier, load_classifier, save_classifier
 from .ingest import IndexReport, Prepared, prepare_bytes, run_index, write_prepared
 from .thumbs import thumbnail_path
+from .validate import check_id, check_listing_attrs
+
+log = logging.getLogger(__name__)
+
+
+def _source_problem(source: ImageSource) -> str | None:
+    """Why an ingest source's key breaks the id rule (see :func:`lookalike.types.id_problem`)."""
+    return id_problem(source.listing_id, "listing id") or id_problem(source.image_id, "image id")
 
 
 class CatalogWrites(CatalogBase):
@@ -41,8 +51,9 @@ class CatalogWrites(CatalogBase):
     ) -> IndexReport:
         """Ingest folders, list files, manifests, image files, URLs or :class:`ImageSource` s.
 
-        Idempotent and resumable (see :mod:`lookalike.catalog.ingest`); bad files are reported
-        in :attr:`IndexReport.failed`, never raised.
+        Idempotent and resumable (see :mod:`lookalike.catalog.ingest`); bad files, and sources
+        whose listing or image id breaks the id rule (:func:`lookalike.types.id_problem`), are
+        reported in :attr:`IndexReport.failed`, never raised.
 
         Args:
             inputs: what to ingest (see :func:`lookalike.images.iter_sources`).
@@ -60,9 +71,20 @@ class CatalogWrites(CatalogBase):
         sources.extend(iter_sources(paths))
         ext = self.extractor
         self._claim(ext.info)
-        return run_index(
-            self._store, ext, sources, workers=workers, batch_size=batch_size, progress=progress
+        good: list[ImageSource] = []
+        refused: list[tuple[str, str]] = []
+        for s in sources:
+            problem = _source_problem(s)
+            if problem is None:
+                good.append(s)
+            else:
+                refused.append((s.location, f"{s.location}: {problem}"))
+                log.warning("skipped %s", refused[-1][1])
+        report = run_index(
+            self._store, ext, good, workers=workers, batch_size=batch_size, progress=progress
         )
+        report.failed[:0] = refused
+        return report
 
     def add(
         self, image: ImageInput, listing_id: str, image_id: str, *, source: str | None = None
@@ -78,7 +100,10 @@ class CatalogWrites(CatalogBase):
 
         Raises:
             ImageError: the image cannot be read or decoded.
+            QueryError: a bad listing or image id (:func:`lookalike.types.id_problem`).
         """
+        check_id(listing_id, "listing id")
+        check_id(image_id, "image id")
         if isinstance(image, Image.Image):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -112,16 +137,25 @@ class CatalogWrites(CatalogBase):
 
         Returns:
             ``(status, reason)`` per item, in order; ``reason`` names the image and what is
-            wrong when the status is ``failed``, else it is empty.
+            wrong when the status is ``failed``, else it is empty. An item with a bad listing
+            or image id (:func:`lookalike.types.id_problem`) fails alone; the rest is written.
         """
         ext = self.extractor
         self._claim(ext.info)
+        bad = {
+            i: problem
+            for i, (_, lid, iid, _) in enumerate(items)
+            if (problem := id_problem(lid, "listing id") or id_problem(iid, "image id"))
+        }
         keys = [(lid, iid) for _, lid, iid, _ in items]
-        known = self._store.existing(keys)
-        last = {key: i for i, key in enumerate(keys)}
+        known = self._store.existing([k for i, k in enumerate(keys) if i not in bad])
+        last = {key: i for i, key in enumerate(keys) if i not in bad}
 
         def prep(i: int) -> Prepared:
             data, lid, iid, source = items[i]
+            if i in bad:
+                src = ImageSource(str(lid), str(iid), "")
+                return Prepared(src, "failed", reason=bad[i])
             src = ImageSource(lid, iid, source or f"{lid}/{iid}")
             if last[(lid, iid)] != i:  # superseded by a later item with the same key
                 return Prepared(src, "same")
@@ -181,7 +215,8 @@ class CatalogWrites(CatalogBase):
 
         Raises:
             ModelMismatchError: ``model`` (or ``d``) differs from the catalog's.
-            QueryError: NaN/inf values, or mismatched lengths.
+            QueryError: NaN/inf values, mismatched lengths, or a bad id
+                (:func:`lookalike.types.id_problem`): nothing is written then.
         """
         info = model or self.extractor.info
         v = np.asarray(vectors, dtype=np.float32)
@@ -193,6 +228,9 @@ class CatalogWrites(CatalogBase):
             raise QueryError("vectors contain NaN or infinity")
         if not (len(listing_ids) == len(image_ids) == len(v)):
             raise QueryError("listing_ids, image_ids and vectors differ in length")
+        for lid, iid in zip(listing_ids, image_ids, strict=True):
+            check_id(lid, "listing id")
+            check_id(iid, "image id")
         if normalize:
             v = l2_normalize(v)
         sha = [sha256_hex(row.tobytes()) for row in v]
@@ -207,7 +245,11 @@ class CatalogWrites(CatalogBase):
 
         Raises:
             ModelMismatchError: ``model`` differs from the catalog's.
+            QueryError: a bad listing or image id (nothing is written then).
         """
+        for lid, iid in zip(batch.listing_ids, batch.image_ids, strict=True):
+            check_id(lid, "listing id")
+            check_id(iid, "image id")
         self._claim(model)
         return self._store.upsert(batch)
 
@@ -222,16 +264,21 @@ class CatalogWrites(CatalogBase):
         """
         return self._store.delete(self._find_keys(image_id, listing_id, must_exist=False))
 
-    def update_listing(self, listing_id: str, **attrs: Any) -> None:
+    def update_listing(self, listing_id: str, /, **attrs: Any) -> None:
         """Set live attributes of a listing (``stock_level=0``, ``color="red"``; None removes).
 
+        What every store can hold (:mod:`lookalike.catalog.validate`): names non-empty, at
+        most 128 characters, no control characters, not ``listing_id``; values None, bool,
+        int in the int64 range, finite float, or text of at most 4,096 characters without
+        control characters; ``stock_level`` a whole number; ``etag`` text (an int is stored
+        as its decimal text).
+
         Raises:
-            QueryError: a value is not a str, number, bool or None.
+            QueryError: a bad listing id, or a refused name or value (the message says which
+                and why); nothing is written then.
         """
-        for name, value in attrs.items():
-            if value is not None and not isinstance(value, (str, int, float, bool)):
-                raise QueryError(f"listing attribute {name!r} must be str, number or bool")
-        self._store.upsert_listing(listing_id, attrs)
+        check_id(listing_id, "listing id")
+        self._store.upsert_listing(listing_id, check_listing_attrs(attrs))
 
     # ------------------------------------------------------------------ recognition
 
@@ -276,5 +323,7 @@ class CatalogWrites(CatalogBase):
         """
         clf = self.classifier
         if clf is None:
-            raise LookalikeError(f"{self.uri} has no classifier; train one (lookalike train)")
+            raise LookalikeError(
+                f"catalog {self.name!r} has no classifier; train one (lookalike train)"
+            )
         return clf.predict(self.embed(images), k=k)

@@ -16,6 +16,10 @@ Grammar (keywords case-insensitive)::
 ``listing_id``. Examples: ``stock_level > 0``, ``color = 'red' and price <= 20000``,
 ``listing_id in ('truck-17', 'truck-18')``, ``not (stock_level is null)``.
 
+Limits: an expression is at most :data:`MAX_WHERE_LENGTH` characters and nests at most
+:data:`MAX_WHERE_DEPTH` levels (each ``(`` and each ``not`` is one level), so no input can
+exhaust the parser's stack or time; past them :func:`parse_where` raises ``QueryError``.
+
 Semantics: a comparison with a missing attribute (or one of another type: a number compared
 with a string that does not parse as a number) is false; ``not`` negates the result of its
 operand. Numbers compare numerically (a string attribute such as ``"12"`` is read as 12 when
@@ -45,6 +49,11 @@ _TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
+
+#: Longest ``where`` expression accepted, in characters.
+MAX_WHERE_LENGTH = 4096
+#: Deepest nesting accepted: parentheses and ``not`` count one level each.
+MAX_WHERE_DEPTH = 32
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq,
@@ -212,14 +221,16 @@ class _Parser:
             self.tokens.append((kind, m.group(kind), m.start(kind)))
             pos = m.end()
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> tuple[str, str, int] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
     def error(self, what: str) -> QueryError:
         tok = self.peek()
-        where = f"at column {tok[2] + 1} ({tok[1]!r})" if tok else "at the end"
-        return QueryError(f"where: {what} {where} in {self.text!r}")
+        where = f"at column {tok[2] + 1} ({tok[1][:40]!r})" if tok else "at the end"
+        shown = self.text if len(self.text) <= 200 else self.text[:200] + "..."
+        return QueryError(f"where: {what} {where} in {shown!r}")
 
     def keyword(self, word: str) -> bool:
         tok = self.peek()
@@ -255,13 +266,27 @@ class _Parser:
             parts.append(self.not_expr())
         return parts[0] if len(parts) == 1 else BoolOp("and", tuple(parts))
 
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_WHERE_DEPTH:
+            tok = self.tokens[self.i - 1]
+            raise QueryError(
+                f"where: nested deeper than {MAX_WHERE_DEPTH} levels (each '(' and 'not' is"
+                f" one) at column {tok[2] + 1}"
+            )
+
     def not_expr(self) -> Expr:
         if self.keyword("not"):
-            return Not(self.not_expr())
+            self.enter()
+            inner = self.not_expr()
+            self.depth -= 1
+            return Not(inner)
         if self.punct("("):
+            self.enter()
             inner = self.or_expr()
             if not self.punct(")"):
                 raise self.error("expected ')'")
+            self.depth -= 1
             return inner
         return self.comparison()
 
@@ -315,9 +340,17 @@ class _Parser:
 
 
 def parse_where(text: str) -> Expr:
-    """Parse a ``where`` expression (grammar in the module docstring).
+    """Parse a ``where`` expression (grammar and limits in the module docstring).
 
     Raises:
-        QueryError: syntax error, naming the column and the offending token.
+        QueryError: syntax error, naming the column and the offending token; not a string;
+            longer than :data:`MAX_WHERE_LENGTH` characters or nested deeper than
+            :data:`MAX_WHERE_DEPTH` levels. No other exception escapes for any string.
     """
+    if not isinstance(text, str):
+        raise QueryError(f"where: expected a string, got {type(text).__name__}")
+    if len(text) > MAX_WHERE_LENGTH:
+        raise QueryError(
+            f"where: expression is {len(text)} characters long; the limit is {MAX_WHERE_LENGTH}"
+        )
     return _Parser(text).parse()
