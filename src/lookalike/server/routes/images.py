@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query
-from fastapi.responses import FileResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...catalog import Catalog
@@ -107,7 +108,8 @@ def get_thumbnail_old(
         return _thumbnail(cat, image_id, listing_id)
     except NotFoundError:
         try:
-            return _info(cat, f"{image_id}/thumbnail", listing_id, access)
+            info = _info(cat, f"{image_id}/thumbnail", listing_id, access)
+            return JSONResponse(jsonable_encoder(info))
         except NotFoundError:
             pass
         raise
