@@ -33,6 +33,10 @@ from lookalike.demo import write_demo
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 
 
+#: The server's access log would print a line per request.
+QUIET = ["--no-access-log"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +64,7 @@ def main() -> None:
         queries = [p.read_bytes() for p in sorted((tmp / "demo" / "queries").rglob("*.jpg"))]
         port = free_port()
         server = subprocess.Popen(
-            [LOOKALIKE, "serve", "--catalog", str(tmp / "cat"), "--port", str(port)],
+            [LOOKALIKE, "serve", "--catalog", str(tmp / "cat"), "--port", str(port), *QUIET],
             stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"

@@ -14,10 +14,12 @@ from PIL import Image
 from lookalike.errors import ImageError, SourceError
 from lookalike.images import (
     MAX_IMAGE_PIXELS,
+    MAX_UPLOAD_PIXELS,
     ImageSource,
     decode_image,
     iter_sources,
     load_image,
+    probe_image,
 )
 
 
@@ -111,6 +113,50 @@ def test_draft_mode_shrinks_large_jpegs_but_reports_full_size():
     dec = decode_image(data, "big.jpg", draft_size=224)
     assert (dec.width, dec.height) == (2000, 1000)
     assert min(dec.image.size) >= 224 and dec.image.size[0] < 2000
+
+
+def test_large_16_bit_png_is_reduced_before_it_is_widened():
+    arr = np.full((3000, 2400), 65535, np.uint16)
+    arr[:, :1200] = 32768
+    data = encode(Image.fromarray(arr), "PNG")
+    dec = decode_image(data, "g16.png", draft_size=224)
+    assert (dec.width, dec.height) == (2400, 3000)
+    assert dec.image.size == (480, 600)  # reduced by 5: shorter side >= 2 x 224
+    out = np.asarray(dec.image)
+    assert out[10, 10].tolist() == [128, 128, 128] and out[10, -10].tolist() == [255] * 3
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "1", "CMYK", "LA", "I", "F"])
+def test_every_mode_is_reduced_and_converted(mode):
+    img = Image.new("RGB", (1200, 1000), (200, 30, 30)).convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
+    dec = decode_image(encode(img, fmt), f"x.{fmt}", draft_size=100)
+    full = decode_image(encode(img, fmt), f"x.{fmt}")
+    assert dec.image.mode == "RGB" and dec.image.size == (240, 200)
+    small = np.asarray(full.image.resize((240, 200), Image.Resampling.BOX), np.int16)
+    assert np.abs(np.asarray(dec.image, np.int16) - small).max() <= 2
+
+
+def test_reduced_decode_keeps_exif_orientation():
+    arr = np.zeros((1000, 2000, 3), np.uint8)
+    arr[:, :1000] = (255, 0, 0)
+    arr[:, 1000:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    dec = decode_image(encode(Image.fromarray(arr), "PNG", exif=exif), "rot.png", draft_size=100)
+    assert (dec.width, dec.height) == (1000, 2000)
+    assert dec.image.size == (200, 400)
+    assert np.asarray(dec.image)[20, 100][0] > 200  # red moved to the top
+
+
+def test_probe_reads_the_size_from_the_header():
+    data = encode(Image.new("1", (8000, 6000)), "PNG")  # 48 M pixels, a few KB
+    assert MAX_UPLOAD_PIXELS == 40_000_000
+    with pytest.raises(ImageError, match=r"8000x6000 pixels is over .* 40000000-pixel"):
+        probe_image(data, "up.png")
+    assert probe_image(data, "up.png", max_pixels=50_000_000) == (8000, 6000)
+    with pytest.raises(ImageError, match="not an image"):
+        probe_image(b"hello", "up.png")
 
 
 def test_missing_file_is_an_image_error(tmp_path):

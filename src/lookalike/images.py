@@ -8,10 +8,19 @@ Decoding rules (applied to every image, whatever its origin):
 
 * Pillow's decompression-bomb guard is on and strict: an image of more than
   :data:`MAX_IMAGE_PIXELS` pixels is refused (Pillow would only warn below twice that size).
+  Images that arrive from strangers (HTTP uploads) get a lower limit,
+  :data:`MAX_UPLOAD_PIXELS`, checked from the header by :func:`probe_image` before decoding.
 * Truncated files raise (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays ``False``).
 * The EXIF orientation tag is applied (:func:`PIL.ImageOps.exif_transpose`).
 * 16-bit and 32-bit grey images are scaled to 8 bits, CMYK is converted to RGB, and images with an
   alpha channel or a transparent palette are composited onto white.
+
+Decoding is bounded in memory: with a ``draft_size`` (what the extractor needs), a JPEG is
+decoded at a reduced DCT scale (``draft``) and any other image is reduced (box filter) right
+after loading, to a shorter side of at least twice ``draft_size``, *before* any mode
+conversion; the conversions themselves never widen the pixels of a full-size image (16-bit
+grey is reduced in its own mode, then scaled to 8 bits). So a 9400 x 9400 16-bit PNG costs its
+loaded pixels (2 bytes each) once, not float64 copies of them.
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 from .errors import ImageError, SourceError
 
 #: Largest accepted image, in pixels. Pillow's own default (``Image.MAX_IMAGE_PIXELS``, about
 #: 89.5 M pixels, i.e. a 1024 MB 24-bit image); lookalike treats Pillow's warning level as an error.
 MAX_IMAGE_PIXELS: int = 89_478_485
+
+#: Default largest image, in pixels, for images sent by strangers (HTTP uploads): 40 M pixels,
+#: under half of Pillow's guard. Checked from the header (:func:`probe_image`), before decoding.
+MAX_UPLOAD_PIXELS: int = 40_000_000
 
 #: Largest accepted file, in bytes (64 MiB). A larger file is refused before decoding.
 MAX_FILE_BYTES: int = 64 * 1024 * 1024
@@ -134,16 +147,42 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (see the module docstring for the rules)."""
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _grey_peak(img: Image.Image) -> float:
+    """The value that maps to 255 when a wide grey image is scaled to 8 bits."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    extrema = img.getextrema()
+    hi = max(float(extrema[1]), 1.0)  # type: ignore[arg-type]
+    if img.mode == "I" and hi <= 255:  # 8-bit data stored in a 32-bit container
+        hi = 255.0
+    return hi
+
+
+def _to_rgb8(img: Image.Image, grey_peak: float | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (see the module docstring for the rules).
+
+    ``grey_peak``: for 16/32-bit grey, the value that maps to 255 (measured on the full image
+    when this one is a reduced copy); by default taken from ``img``.
+    """
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if mode in _WIDE_GREY:
+        hi = _grey_peak(img) if grey_peak is None else grey_peak
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if mode == "I" and hi <= 255:  # 8-bit data stored in a 32-bit container
-            hi = 255.0
         arr8 = np.clip(arr * (255.0 / hi), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
@@ -156,6 +195,52 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def _reduce(img: Image.Image, draft_size: int) -> Image.Image:
+    """``img`` shrunk by an integer box filter to a shorter side of at least ``2 * draft_size``
+    (itself when it is not that large). Palette and 1-bit images are expanded first (their
+    pixels cannot be averaged); 16-bit grey is resized in its own mode."""
+    factor = min(img.size) // (2 * draft_size)
+    if factor < 2:
+        return img
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode.startswith("I;16"):
+        size = (img.width // factor, img.height // factor)
+        return img.resize(size, Image.Resampling.BOX)
+    return img.reduce(factor)
+
+
+def probe_image(
+    data: bytes, name: str = "<bytes>", max_pixels: int = MAX_UPLOAD_PIXELS
+) -> tuple[int, int]:
+    """``(width, height)`` of encoded image bytes, read from the header only (no decoding).
+
+    Raises:
+        ImageError: empty data, not an image, or more than ``max_pixels`` pixels.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (Pillow cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: decompression-bomb guard: {exc}") from None
+    except Exception as exc:
+        raise ImageError(f"{name}: corrupt or truncated image: {exc}") from None
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} pixels is over this server's {max_pixels}-pixel limit "
+            "for uploads"
+        )
+    return width, height
+
+
 def decode_image(data: bytes, name: str = "<bytes>", draft_size: int | None = None) -> DecodedImage:
     """Decode image bytes into an 8-bit RGB image.
 
@@ -163,8 +248,10 @@ def decode_image(data: bytes, name: str = "<bytes>", draft_size: int | None = No
         data: the encoded file (JPEG, PNG, WebP, TIFF, BMP, GIF: whatever Pillow reads).
         name: file name or URL used in error messages.
         draft_size: if given, a JPEG is decoded at the smallest DCT scale whose shorter side is
-            still at least this many pixels (Pillow's ``draft`` mode): much faster for large
-            photos that will be shrunk anyway. ``width``/``height`` still report the full size.
+            still at least this many pixels (Pillow's ``draft`` mode), and any other image at
+            least twice this size on its shorter side is box-reduced right after loading:
+            much faster and smaller for large images that will be shrunk anyway.
+            ``width``/``height`` still report the full size.
 
     Returns:
         :class:`DecodedImage` with the RGB image, original size and SHA-256 of ``data``.
@@ -193,10 +280,14 @@ def decode_image(data: bytes, name: str = "<bytes>", draft_size: int | None = No
                     img.draft(img.mode, (int(width * scale) + 1, int(height * scale) + 1))
             img.load()
             orientation = img.getexif().get(0x0112, 1)
-            upright = ImageOps.exif_transpose(img)
+            peak = _grey_peak(img) if img.mode in _WIDE_GREY else None
+            small = _reduce(img, draft_size) if draft_size else img
+            if small is not img:
+                img.close()  # the full-size pixels go now, before any conversion
+            upright = small.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else small
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
-            rgb = _to_rgb8(upright)
+            rgb = _to_rgb8(upright, peak)
     except ImageError:
         raise
     except Image.UnidentifiedImageError:

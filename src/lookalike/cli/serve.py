@@ -5,13 +5,41 @@ Registered on :data:`commands` (merged into the top level).
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
+import socket
 from typing import Annotated
 
 import typer
 
-from .common import CatalogOpt, EngineOpt, command, opened, warn
+from .common import CatalogOpt, EngineOpt, command, fail, opened, warn
 
 commands = typer.Typer()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is one line, not a log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "in use" if exc.errno in (98, 48, 10048) else (exc.strerror or str(exc))
+        fail(f"cannot listen on {host}:{port}: {reason}")
+    sock.set_inheritable(True)
+    return sock
 
 
 @command(commands)
@@ -23,7 +51,20 @@ def serve(
         str | None,
         typer.Option(
             envvar="LOOKALIKE_TOKEN",
-            help="Bearer token required by POST /images, DELETE /images, PUT /listings.",
+            help="Bearer token required by POST /images, DELETE /images, PUT /listings and "
+            "POST /search with save=true (without one, writes are open: a warning is printed "
+            "when --host is not a loopback address). It grants reads too.",
+        ),
+    ] = None,
+    read_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LOOKALIKE_READ_TOKEN",
+            help="Bearer token required by every read (search, images, thumbnails, listings, "
+            "results, stats, map, metrics, options); the write token is accepted too. "
+            "/healthz, the page's files, /docs and /openapi.json stay open. Without it reads "
+            "are open, but only a request bearing a token sees server paths (an image's full "
+            "source, the catalog's location).",
         ),
     ] = None,
     max_upload: Annotated[
@@ -33,19 +74,57 @@ def serve(
             "413 above)."
         ),
     ] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest uploaded image, pixels (default 40,000,000; 415 above, read from the "
+            "image's header before decoding)."
+        ),
+    ] = None,
+    max_decodes: Annotated[
+        int | None,
+        typer.Option(
+            help="Uploads decoded and embedded at once; more wait their turn (default: the "
+            "number of cores)."
+        ),
+    ] = None,
+    create: Annotated[
+        bool,
+        typer.Option(help="Create the catalog when it does not exist (default: refuse)."),
+    ] = False,
+    access_log: Annotated[
+        bool, typer.Option(help="Print one access-log line per request on stderr.")
+    ] = True,
     engine: EngineOpt = None,
 ) -> None:
-    """Serve the HTTP API (OpenAPI at /docs) and the web page at / (search by upload, results
-    grouped by listing, an Explore map of the collection)."""
+    """Serve the HTTP API (OpenAPI at /openapi.json, Swagger UI at /docs) and the web page at
+    / (search by upload, results grouped by listing, an Explore map of the collection)."""
     import uvicorn
 
     from ..server import create_app
 
-    with opened(catalog, create=True, engine=engine) as cat:
-        limits = {} if max_upload is None else {"max_upload": max_upload}
-        app = create_app(cat, token=token, **limits)
+    if not create and "://" not in catalog and not os.path.exists(catalog):
+        fail(f"no catalog at {catalog} (give --create to start an empty one)")
+    sock = _bind(host, port)
+    with opened(catalog, create=create, engine=engine) as cat:
+        limits = {
+            name: value
+            for name, value in (
+                ("max_upload", max_upload),
+                ("max_pixels", max_pixels),
+                ("max_decodes", max_decodes),
+            )
+            if value is not None
+        }
+        app = create_app(cat, token=token, read_token=read_token, **limits)
+        if token is None and not _loopback(host):
+            warn(f"lookalike: warning: writes are open to anyone who reaches {host} (no --token)")
         warn(
             f"lookalike: serving {catalog} on http://{host}:{port}/"
             + (" (writes need the bearer token)" if token else "")
+            + (" (reads need a bearer token)" if read_token else "")
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        config = uvicorn.Config(app, log_level="warning", access_log=access_log)
+        if access_log:
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+        uvicorn.Server(config).run(sockets=[sock])

@@ -8,6 +8,9 @@ class (:class:`~lookalike.server.routing.ServerRoute`) passes them through
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,23 +53,47 @@ def status_of(exc: LookalikeError) -> int:
     return 500  # unreachable: LookalikeError is in the table
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+#: An absolute POSIX path of two or more parts (its last part is kept).
+_ABS_PATH = re.compile(r"(?<![\w/.~-])/(?:[^/\s'\"]+/)+(?=[^/\s'\"])")
+
+
+def error_response(
+    status: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     """The JSON error answer: ``{"error": {"status", "message"}}`` with ``status``."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    extra = dict(headers or {})
+    if status == 503:
+        extra["Retry-After"] = str(RETRY_AFTER_S)
     body = {"error": {"status": status, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=extra or None)
+
+
+def scrub(request: Request, message: str) -> str:
+    """``message`` without server paths: the catalog's location becomes its name, and any
+    other absolute path its last part (error messages are read by anyone)."""
+    state = getattr(request.app.state, "server", None)
+    if state is not None:
+        uri = str(state.catalog.uri)
+        message = message.replace(uri, catalog_name(uri))
+    return _ABS_PATH.sub("", message)
+
+
+def catalog_name(uri: str) -> str:
+    """What an unauthenticated client is told of the catalog's location: the last part of a
+    folder's path, or the database name of a URL (no host, user or password)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "catalog"
 
 
 async def lookalike_error(request: Request, exc: Exception) -> JSONResponse:
     """A :class:`~lookalike.errors.LookalikeError`, answered with its :data:`STATUS`."""
     assert isinstance(exc, LookalikeError)
-    return error_response(status_of(exc), str(exc))
+    return error_response(status_of(exc), scrub(request, str(exc)))
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
-    """An ``HTTPException`` (401, 404 of the router, 413, ...), as JSON."""
+    """An ``HTTPException`` (401, 404 of the router, 413, ...), as JSON, with its headers."""
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, scrub(request, str(exc.detail)), exc.headers)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,13 +7,16 @@ OpenAPI document of an operation that takes more than one media type.
 * :class:`MediaTypeRoute`: a route that only matches requests of the media type its body
   declares, so ``POST /search`` is two declared operations (multipart upload, JSON) on one
   path and method; :func:`openapi` merges them into one operation with both bodies.
-* :class:`BodyLimit`: refuses (413) a request body past ``max_upload`` plus slack while it
-  streams, before it is spooled to disk.
+* :class:`BodyLimit`: refuses (413) a request body past its limit (``max_upload`` plus
+  slack for a multipart upload, ``max_json`` for anything else) from its Content-Length
+  before reading, or while it streams (chunked), before it is spooled to disk.
+* :class:`CatchAll`: an exception nothing else answered becomes the JSON 500, logged once.
 """
 
 from __future__ import annotations
 
 import email.message
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,7 +27,11 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import translate
-from .state import MAX_FIELDS, MAX_FILES
+from .deps import CLOSE, Access, check_access, require_read, require_token
+from .errors import error_response
+from .state import MAX_FIELDS, MAX_FILES, ServerState
+
+log = logging.getLogger("lookalike.server")
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -46,6 +53,9 @@ class ServerRoute(APIRoute):
     status; anything else is raised as it is. A multipart body is parsed with
     :data:`~lookalike.server.state.MAX_FILES` / ``MAX_FIELDS`` (Starlette caches the form, so
     FastAPI's own parse reuses it).
+
+    The token a route depends on (``require_token``: write, ``require_read``: read) is checked
+    first, before the body is read: a refused request costs its headers, not its upload.
     """
 
     def get_route_handler(self) -> Handler:
@@ -53,8 +63,12 @@ class ServerRoute(APIRoute):
         form = self.body_field is not None and media_type(self._body_media()) == (
             "multipart/form-data"
         )
+        need = self._needs()
 
         async def translated(request: Request) -> Response:
+            if need is not None:
+                state: ServerState = request.app.state.server
+                check_access(state.settings, request.headers.get("authorization"), need)
             try:
                 if form and media_type(request.headers.get("content-type")) == (
                     "multipart/form-data"
@@ -72,6 +86,15 @@ class ServerRoute(APIRoute):
     def _body_media(self) -> str | None:
         info = getattr(self.body_field, "field_info", None)
         return getattr(info, "media_type", None)
+
+    def _needs(self) -> Access:
+        """The access this route's dependencies ask for (write before read)."""
+        found = {dep.call for dep in self.dependant.dependencies}
+        if require_token in found:
+            return "write"
+        if require_read in found:
+            return "read"
+        return None
 
 
 class MediaTypeRoute(ServerRoute):
@@ -99,38 +122,86 @@ def _accepts(declared: str, ctype: str) -> bool:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is refused with 413.
+    """ASGI middleware: a request body over its limit is refused with 413.
 
-    A Content-Length over the limit is refused before anything is read; a body that streams
+    The limit is ``upload_limit`` for ``multipart/form-data`` and ``json_limit`` for any other
+    body. A Content-Length over it is refused before anything is read; a body that streams
     past it (chunked) is cut off as soon as it does. The error is raised from ``receive``
-    inside the handler, so the JSON error handler answers it.
+    inside the handler, so the JSON error handler answers it (and closes the connection).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, json_limit: int | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.json_limit = limit if json_limit is None else json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit
         headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
+        ctype = media_type(headers.get(b"content-type", b"").decode("latin-1"))
+        limit = self.limit if ctype == "multipart/form-data" else self.json_limit
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
         seen = 0
+
+        def refuse() -> HTTPException:
+            what = "multipart " if limit == self.limit else ""
+            return HTTPException(
+                413, f"{what}request body is over the {limit}-byte limit", headers=CLOSE
+            )
 
         async def limited() -> Message:
             nonlocal seen
             if declared.isdigit() and int(declared) > limit:
-                raise HTTPException(413, f"request body is over the {limit}-byte limit")
+                raise refuse()
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise HTTPException(413, f"request body is over the {limit}-byte limit")
+                    raise refuse()
             return message
 
         await self.app(scope, limited, send)
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler answered becomes the JSON error shape with
+    status 500 (``internal error``), logged once as one line plus its traceback. The
+    exception goes no further, so the server does not log it again nor drop a keep-alive
+    connection. When the answer had already started there is nothing to send: logged only.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            summary = " ".join(str(exc).split())[:200]
+            log.error(
+                "internal error answering %s %s: %s: %s",
+                scope.get("method"),
+                scope.get("path"),
+                type(exc).__name__,
+                summary,
+                exc_info=exc,
+            )
+            if not started:
+                response = error_response(500, f"internal error ({type(exc).__name__})")
+                await response(scope, receive, send)
 
 
 def openapi(app: FastAPI) -> dict[str, Any]:

@@ -35,8 +35,9 @@ Id = Annotated[str, Field(min_length=1, max_length=1024, pattern=ID_PATTERN)]
 
 
 def thumbnail_url(image_id: str, listing_id: str) -> str:
-    """URL of an image's thumbnail (ids are URL-quoted)."""
-    return f"/images/{quote(image_id, safe='/')}/thumbnail?listing_id={quote(listing_id, safe='')}"
+    """URL of an image's thumbnail (ids are URL-quoted): ``/thumbnails/{image_id}``, which no
+    image id can shadow."""
+    return f"/thumbnails/{quote(image_id, safe='/')}?listing_id={quote(listing_id, safe='')}"
 
 
 # ------------------------------------------------------------------------------------ search
@@ -116,7 +117,8 @@ class ImageUpload(BaseModel):
 
 
 class ImageInfo(BaseModel):
-    """A stored image's metadata (``ImageRecord`` without its vector) and thumbnail URL."""
+    """A stored image's metadata (``ImageRecord`` without its vector) and thumbnail URL.
+    ``source`` is the file's last part unless the request bears a token."""
 
     listing_id: str
     image_id: str

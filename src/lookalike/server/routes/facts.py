@@ -1,6 +1,9 @@
 """Facts about the catalog and the server: ``GET /stats``, ``/healthz``, ``/metrics``
 (Prometheus text), ``/map`` (the 2-D map of the Explore view) and ``/options`` (the
-vocabularies of :mod:`lookalike.types` the web page builds its choices from)."""
+vocabularies of :mod:`lookalike.types` the web page builds its choices from).
+
+All but ``/healthz`` are reads (the read token when the server has one). ``/stats`` names the
+catalog by its last part, not its location, unless the request bears a token."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from fastapi.responses import PlainTextResponse
 from ...analytics.projection import map_points
 from ...catalog import Catalog
 from ...types import Aggregation, CodeKind, EngineKind, GroupBy, IndexKind
-from ..deps import CatalogDep, StateDep
+from ..deps import READ, AccessDep, CatalogDep, StateDep
+from ..errors import catalog_name
 from ..routing import ServerRoute
 from ..schemas import ERRORS, MapResponse, Options, thumbnail_url
 from ..state import MAP_MAX_POINTS
@@ -21,8 +25,11 @@ router = APIRouter(route_class=ServerRoute, tags=["facts"], responses=ERRORS)
 
 
 @router.get("/stats", summary="Catalog facts")
-def stats(cat: CatalogDep) -> dict[str, Any]:
-    return cat.stats()
+def stats(cat: CatalogDep, access: AccessDep) -> dict[str, Any]:
+    out = cat.stats()
+    if access is None and isinstance(out.get("catalog"), str):
+        out["catalog"] = catalog_name(out["catalog"])
+    return out
 
 
 @router.get("/healthz", summary="Liveness")
@@ -33,6 +40,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
+    dependencies=READ,
     summary="Prometheus metrics: requests, latencies, catalog size",
 )
 def get_metrics(state: StateDep) -> PlainTextResponse:
@@ -47,7 +55,12 @@ def _map_with_thumbnails(cat: Catalog, limit: int) -> dict[str, Any]:
     return body
 
 
-@router.get("/map", response_model=MapResponse, summary="2-D map of the collection")
+@router.get(
+    "/map",
+    response_model=MapResponse,
+    dependencies=READ,
+    summary="2-D map of the collection (built once per change, sampled per limit)",
+)
 def get_map(
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=MAP_MAX_POINTS)] = MAP_MAX_POINTS,
@@ -55,7 +68,12 @@ def get_map(
     return state.map_cache.get(state.catalog, limit, _map_with_thumbnails)
 
 
-@router.get("/options", response_model=Options, summary="Choices a client may offer")
+@router.get(
+    "/options",
+    response_model=Options,
+    dependencies=READ,
+    summary="Choices a client may offer",
+)
 async def options(state: StateDep) -> Options:
     return Options(
         aggregations=list(Aggregation),

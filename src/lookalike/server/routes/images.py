@@ -1,9 +1,15 @@
 """Images: ``POST /images`` (add or replace one, token), ``GET /images/{id}`` (metadata),
-``GET /images/{id}/thumbnail`` (a JPEG <= 192 px), ``DELETE /images/{id}`` (token).
+``GET /thumbnails/{id}`` (a JPEG <= 192 px), ``DELETE /images/{id}`` (token).
 
 Image ids may contain ``/`` (``{image_id:path}``); ``?listing_id=`` disambiguates an id
 stored under several listings. Thumbnails come from the catalog's content-addressed cache;
-no request names a file path.
+no request names a file path. ``GET /images/{id}/thumbnail`` is the older thumbnail route,
+kept: it answers the thumbnail of ``{id}`` when that image is stored, else the metadata of an
+image whose id itself ends in ``/thumbnail`` (so such an id is never shadowed);
+``/thumbnails/{id}`` is unambiguous and what ``thumbnail_url`` gives.
+
+An image's ``source`` (where its file was read from on the server) is answered whole only to
+a request that bears a token; others get its last part.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query
-from fastapi.responses import FileResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from ...catalog import Catalog
 from ...errors import ImageError, NotFoundError
 from ...types import WriteStatus
-from ..deps import WRITE, CatalogDep, SettingsDep, read_upload
+from ..deps import READ, WRITE, Access, AccessDep, CatalogDep, StateDep, read_upload
 from ..routing import ServerRoute
 from ..schemas import (
     ERRORS,
@@ -39,39 +47,34 @@ ListingQuery = Annotated[str | None, Query(description="The listing, when ids re
 )
 async def add_image(
     form: Annotated[ImageUpload, Form(media_type="multipart/form-data")],
-    cat: CatalogDep,
-    settings: SettingsDep,
+    state: StateDep,
 ) -> dict[str, Any]:
-    data = await read_upload(form.image, settings)
+    data = await read_upload(form.image, state.settings)
     item = (data, form.listing_id, form.image_id, f"upload:{form.image.filename or ''}")
-    ((status, reason),) = await run_in_threadpool(cat.add_many, [item])
+    async with state.decodes.hold():
+        ((status, reason),) = await run_in_threadpool(state.catalog.add_many, [item])
     if status == WriteStatus.FAILED:
         raise ImageError(reason)
     return {"listing_id": form.listing_id, "image_id": form.image_id, "status": status}
 
 
-@router.get(
-    "/images/{image_id:path}/thumbnail",
-    response_class=FileResponse,
-    summary="JPEG thumbnail of a stored image",
-)
-def get_thumbnail(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
+def _thumbnail(cat: Catalog, image_id: str, listing_id: str | None) -> FileResponse:
     path = cat.thumbnail(image_id, listing_id)
     return FileResponse(
         path, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
     )
 
 
-@router.get(
-    "/images/{image_id:path}", response_model=ImageInfo, summary="A stored image's metadata"
-)
-def get_image(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
+def _info(cat: Catalog, image_id: str, listing_id: str | None, access: Access) -> dict[str, Any]:
     rec = cat.get_image(image_id, listing_id)
+    source = rec.source
+    if source is not None and access is None:  # no server paths to strangers
+        source = source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return {
         "listing_id": rec.listing_id,
         "image_id": rec.image_id,
         "model": rec.model,
-        "source": rec.source,
+        "source": source,
         "sha256": rec.sha256,
         "width": rec.width,
         "height": rec.height,
@@ -79,6 +82,46 @@ def get_image(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -
         "labels": rec.labels,
         "thumbnail_url": thumbnail_url(rec.image_id, rec.listing_id),
     }
+
+
+@router.get(
+    "/thumbnails/{image_id:path}",
+    response_class=FileResponse,
+    dependencies=READ,
+    summary="JPEG thumbnail of a stored image",
+)
+def get_thumbnail(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
+    return _thumbnail(cat, image_id, listing_id)
+
+
+@router.get(
+    "/images/{image_id:path}/thumbnail",
+    response_class=FileResponse,
+    summary="JPEG thumbnail of a stored image (older route; see /thumbnails/{image_id})",
+    description="The thumbnail of `image_id` when it is stored; otherwise the metadata of an "
+    "image whose id is `{image_id}/thumbnail`, so such ids are not shadowed.",
+)
+def get_thumbnail_old(
+    image_id: str, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
+) -> Any:
+    try:
+        return _thumbnail(cat, image_id, listing_id)
+    except NotFoundError:
+        try:
+            info = _info(cat, f"{image_id}/thumbnail", listing_id, access)
+            return JSONResponse(jsonable_encoder(info))
+        except NotFoundError:
+            pass
+        raise
+
+
+@router.get(
+    "/images/{image_id:path}", response_model=ImageInfo, summary="A stored image's metadata"
+)
+def get_image(
+    image_id: str, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
+) -> Any:
+    return _info(cat, image_id, listing_id, access)
 
 
 @router.delete(

@@ -8,6 +8,9 @@
 
 Both answer :class:`~lookalike.server.schemas.SearchResponse`; the OpenAPI document shows
 one operation with both request bodies (:func:`lookalike.server.routing.openapi`).
+``save=true`` writes rows, so it needs the write token when the server has one; what was
+saved is read back with ``GET /results/{query_id}``. Uploads are decoded and embedded under
+the server's decode slots (at most ``max_decodes`` at once).
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Form, HTTPException
+from fastapi import APIRouter, Form, HTTPException, Path
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import CatalogDep, SettingsDep, read_upload
+from ..deps import READ, AccessDep, CatalogDep, StateDep, read_upload
 from ..routing import MediaTypeRoute
 from ..schemas import ERRORS, SearchRequest, SearchResponse, SearchUpload, search_response
+from ..state import Settings
 
-router = APIRouter(route_class=MediaTypeRoute, tags=["search"])
+router = APIRouter(route_class=MediaTypeRoute, tags=["search"], dependencies=READ)
 ROUTE: dict[str, Any] = dict(
     response_model=SearchResponse,
     response_model_exclude_none=True,
@@ -31,24 +35,36 @@ ROUTE: dict[str, Any] = dict(
 )
 
 
+def _check_save(save: bool, settings: Settings, access: Any) -> None:
+    """``save=true`` writes rows: 401 without the write token when the server has one."""
+    if save and settings.token is not None and access != "write":
+        raise HTTPException(401, "save=true writes rows: it needs the write token")
+
+
 @router.post("/search", operation_id="search", **ROUTE)
 async def search_upload(
     form: Annotated[SearchUpload, Form(media_type="multipart/form-data")],
-    cat: CatalogDep,
-    settings: SettingsDep,
+    state: StateDep,
+    access: AccessDep,
 ) -> dict[str, Any]:
     """Multipart: the image in field ``image``, options as form fields. JSON: a
     :class:`SearchRequest` with ``image_id`` (and ``listing_id``) or ``vector``.
+    ``save=true`` needs the write token when the server has one.
 
     (This docstring describes the merged operation of the OpenAPI document.)"""
-    data = await read_upload(form.image, settings)
-    result = await run_in_threadpool(cat.search, data, **form.search_kwargs())
+    _check_save(form.save, state.settings, access)
+    data = await read_upload(form.image, state.settings)
+    async with state.decodes.hold():
+        result = await run_in_threadpool(state.catalog.search, data, **form.search_kwargs())
     return search_response(result)
 
 
 @router.post("/search", operation_id="search_json", **ROUTE)
-def search_json(req: SearchRequest, cat: CatalogDep) -> dict[str, Any]:
+def search_json(
+    req: SearchRequest, cat: CatalogDep, state: StateDep, access: AccessDep
+) -> dict[str, Any]:
     """JSON: a stored image (``image_id``, ``listing_id``) or a ``vector`` as the query."""
+    _check_save(req.save, state.settings, access)
     if (req.image_id is None) == (req.vector is None):
         raise HTTPException(422, "give exactly one of image_id and vector")
     if req.image_id is not None:
@@ -62,3 +78,16 @@ def search_json(req: SearchRequest, cat: CatalogDep) -> dict[str, Any]:
 def search_other_media() -> None:
     """Neither multipart nor JSON: 415."""
     raise HTTPException(415, "send multipart/form-data (field image) or JSON")
+
+
+@router.get(
+    "/results/{query_id}",
+    response_model=SearchResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    summary="The hits a search saved (save=true) under its query_id",
+)
+def get_results(
+    query_id: Annotated[str, Path(min_length=1, max_length=128)], cat: CatalogDep
+) -> dict[str, Any]:
+    return search_response(cat.saved_results(query_id))
