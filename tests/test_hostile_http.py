@@ -355,7 +355,6 @@ def test_deeply_nested_json_is_a_4xx(server):
     assert 400 <= r.status_code < 500 and "error" in r.json()
 
 
-@pytest.mark.xfail(strict=False, reason="validation lands with h17-valid")
 def test_deeply_nested_where_is_a_json_4xx(server):
     url, _ = server
     where = "(" * 400 + "stock_level > 0" + ")" * 400
