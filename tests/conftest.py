@@ -1,5 +1,6 @@
 """Shared fixtures: the real demo collection (photos from scikit-image / scikit-learn wheels) and a
-catalog of it indexed once per test run with the real ``cnn`` model."""
+catalog of it indexed once per test run with the real ``cnn`` model; store backends; and
+``no_orphans``, which fails a test that leaves a process it started running."""
 
 from __future__ import annotations
 

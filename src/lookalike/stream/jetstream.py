@@ -17,8 +17,21 @@ The consumer (:class:`StreamIngest`):
   listing updates and deletes in message order;
 * sends bad messages (missing headers, undecodable or oversized image) to a dead-letter
   subject with a ``Dead-Reason`` header, acknowledges them, and goes on;
+* **isolates a poison message**: when the write of a batch fails, the batch is bisected and
+  written in halves until the failing message(s) stand alone; every other message is written
+  and acknowledged at once. A failing message is negatively acknowledged (redelivered after
+  ``retry_delay``) until its JetStream delivery count reaches ``max_deliver``, then
+  dead-lettered with the reason and a ``Dead-Deliveries`` header, and acknowledged. A project
+  error that is not the store's (``QueryError``: a bad attribute value) is dead-lettered at
+  once: retrying cannot help. When every message of a batch fails with a store error and the
+  store does not answer a probe (an outage, or ``busy``), nothing is counted against the
+  messages: the whole batch is redelivered;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
-  exits; a batch whose write fails is negatively acknowledged for redelivery.
+  exits.
+
+Connection events (disconnected, reconnected, a failed connect attempt) are reported as one
+line each through ``notify`` (the CLI prints them), never as tracebacks; identical lines are
+repeated at most every 10 s.
 
 Several consumers with the same durable name share the stream's messages.
 """
@@ -27,16 +40,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import BrokerError, LookalikeError, StoreError, translate
+from ..errors import (
+    BrokerError,
+    ImageError,
+    LookalikeError,
+    StoreBusyError,
+    StoreError,
+    translate,
+)
 from ..images import iter_sources, read_bytes, sha256_hex
 from .messages import BadMessageError, Event, make_headers, parse_message
 
@@ -58,6 +79,20 @@ DEFAULT_ACK_WAIT = 30.0
 #: Default largest image payload, bytes (the server's ``max_payload`` must allow it: NATS's
 #: own default is 1 MiB; the test and benchmark servers are started with 8 MiB).
 DEFAULT_MAX_PAYLOAD = 8 * 2**20
+#: Deliveries of a message whose write keeps failing before it is dead-lettered.
+DEFAULT_MAX_DELIVER = 5
+#: Seconds before a message whose write failed is redelivered.
+DEFAULT_RETRY_DELAY = 1.0
+#: Connect attempts of ``lookalike publish`` before it gives up (the consumer retries forever).
+PUBLISH_CONNECT_ATTEMPTS = 3
+#: Seconds one connect attempt of ``lookalike publish`` may take.
+PUBLISH_CONNECT_TIMEOUT = 2.0
+#: Seconds within which an identical connection-event line is not repeated.
+REPEAT_EVERY_S = 10.0
+#: Header of a dead letter: the deliveries of the message before it was dead-lettered.
+DEAD_DELIVERIES = "Dead-Deliveries"
+
+Notify = Callable[[str], None]
 
 
 @dataclass
@@ -73,24 +108,88 @@ class StreamCounts:
     dead: int = 0
     batches: int = 0
     redelivered: int = 0
+    retried: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict (for JSON)."""
         return asdict(self)
 
 
-async def connect(url: str, name: str = "lookalike") -> Any:
-    """Connect to NATS, reconnecting forever (a broker restart is survived, not fatal)."""
-    import nats
+class _OneLine:
+    """Reports connection events as one line each through ``notify``; an identical line is
+    repeated at most every :data:`REPEAT_EVERY_S` seconds (a reconnect loop tries twice a
+    second)."""
 
-    return await nats.connect(
+    def __init__(self, url: str, notify: Notify | None, client: Any = None) -> None:
+        self.url, self.client = url, client
+        self.notify = notify or (lambda text: log.warning("%s", text))
+        self.last: dict[str, float] = {}
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(text, -1e9) >= REPEAT_EVERY_S:
+            self.last[text] = now
+            self.notify(text)
+
+    def callbacks(self) -> dict[str, Callable[..., Awaitable[None]]]:
+        """nats-py's ``error_cb``, ``disconnected_cb`` and ``reconnected_cb`` (its default
+        error callback logs a full traceback for every failed attempt)."""
+
+        async def error_cb(exc: Exception) -> None:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            self(f"NATS {self.url}: {type(exc).__name__}: {reason}")
+
+        async def disconnected_cb() -> None:
+            if self.client is not None and self.client.is_closed:
+                return  # our own close(), not an outage
+            self(f"NATS {self.url}: disconnected; reconnecting")
+
+        async def reconnected_cb() -> None:
+            self.last.clear()  # the next outage is reported again
+            self.notify(f"NATS {self.url}: reconnected")
+
+        return {
+            "error_cb": error_cb,
+            "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb,
+        }
+
+
+async def connect(
+    url: str,
+    name: str = "lookalike",
+    *,
+    attempts: int | None = None,
+    timeout: float = 5.0,
+    notify: Notify | None = None,
+) -> Any:
+    """Connect to NATS.
+
+    Args:
+        url: the server.
+        name: the client name the server shows.
+        attempts: None (the consumer): retry the connect and every reconnect forever (a broker
+            restart is survived, not fatal). A number (the publisher): give up after that many
+            failed attempts, so an unreachable server fails in bounded time
+            (``attempts * (timeout + 0.5)`` seconds at most).
+        timeout: seconds one connect attempt may take.
+        notify: receives one line per connection event (default: a warning in the log).
+    """
+    from nats.aio.client import Client
+
+    nc: Any = Client()  # typed loosely: nats-py annotates float options as int
+    events = _OneLine(url, notify, nc)
+    await nc.connect(
         servers=[url],
         name=name,
         reconnect_time_wait=0.5,
-        max_reconnect_attempts=-1,
-        connect_timeout=5,
+        # nats-py: 0 would mean forever; n > 0 means n + 1 attempts in all
+        max_reconnect_attempts=-1 if attempts is None else max(1, attempts - 1),
+        connect_timeout=timeout,
         allow_reconnect=True,
+        **events.callbacks(),
     )
+    return nc
 
 
 async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> str:
@@ -160,6 +259,11 @@ class StreamIngest:
         max_payload: largest accepted image, bytes.
         decode_threads: threads decoding images of a batch.
         on_batch: called with the counts after every batch (progress, tests).
+        max_deliver: deliveries of a message whose write keeps failing before it is
+            dead-lettered (see the module docstring).
+        retry_delay: seconds before such a message is redelivered.
+        notify: receives one line per dead letter and per connection event (the CLI prints
+            them); default: a warning in the log.
     """
 
     def __init__(
@@ -176,15 +280,22 @@ class StreamIngest:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         decode_threads: int = 2,
         on_batch: Callable[[StreamCounts], None] | None = None,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        notify: Notify | None = None,
     ) -> None:
         if batch_size < 1 or max_in_flight < batch_size:
             raise LookalikeError("need 1 <= batch_size <= max_in_flight")
+        if max_deliver < 1:
+            raise LookalikeError("need max_deliver >= 1")
         self.catalog = catalog
         self.url, self.subject, self.stream, self.durable = url, subject, stream, durable
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self.dead_letter, self.ack_wait, self.max_payload = dead_letter, ack_wait, max_payload
         self.decode_threads = decode_threads
         self.on_batch = on_batch
+        self.max_deliver, self.retry_delay = max_deliver, retry_delay
+        self.notify: Notify = notify or (lambda text: log.warning("%s", text))
         self.counts = StreamCounts()
 
     async def run(
@@ -199,8 +310,9 @@ class StreamIngest:
         from nats.js.api import AckPolicy, ConsumerConfig
 
         stop = stop or asyncio.Event()
+        fetch_errors = _OneLine(self.url, lambda text: log.warning("%s", text))
         try:
-            nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}")
+            nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}", notify=self.notify)
         except Exception as exc:
             raise broker_error(exc, f"cannot connect to NATS at {self.url}") from None
         try:
@@ -222,7 +334,7 @@ class StreamIngest:
                 except NatsTimeout:
                     msgs = []
                 except Exception as exc:  # broker restarting: the client reconnects
-                    log.warning("%s; retrying", broker_error(exc, "fetch failed"))
+                    fetch_errors(f"{broker_error(exc, 'fetch failed')}; retrying")
                     await asyncio.sleep(0.5)
                     continue
                 if not msgs:
@@ -240,7 +352,8 @@ class StreamIngest:
         return self.counts
 
     async def _handle(self, js: Any, msgs: list[Any]) -> None:
-        """Process one fetched batch: parse, write, dead-letter, then acknowledge."""
+        """Process one fetched batch: parse, write (isolating failures), dead-letter, then
+        acknowledge the done messages and negatively acknowledge the ones to retry."""
         self.counts.received += len(msgs)
         self.counts.batches += 1
         events: list[tuple[Any, Event]] = []
@@ -252,33 +365,100 @@ class StreamIngest:
                 events.append((msg, parse_message(msg.headers, msg.data, self.max_payload)))
             except BadMessageError as exc:
                 dead.append((msg, str(exc)))
-        try:
-            dead += await asyncio.to_thread(self._write, events)
-        except Exception as exc:  # store unavailable: let the broker redeliver the batch
-            err = translate(exc)
-            if err is None:  # not a backend failure: keep the traceback for the operator
-                log.exception("write failed; batch of %d will be redelivered", len(msgs))
-            else:
-                log.error("write failed (%s); batch of %d will be redelivered", err, len(msgs))
+        written_dead, failures = await asyncio.to_thread(self._write_isolating, events)
+        dead += written_dead
+        if failures and len(failures) == len(events) and await self._store_down(failures):
+            reason = _reason(failures[0][1])
+            log.error("write failed (%s); batch of %d will be redelivered", reason, len(msgs))
             for msg in msgs:
                 with contextlib.suppress(Exception):  # unacked messages come back anyway
-                    await msg.nak(delay=1.0)
+                    await msg.nak(delay=self.retry_delay)
             return
+        retry: list[Any] = []
+        for msg, problem in failures:
+            reason = _reason(problem)
+            err = translate(problem)
+            n = msg.metadata.num_delivered
+            if isinstance(err, LookalikeError) and not isinstance(err, StoreError):
+                dead.append((msg, reason))  # the message's own fault: retrying cannot help
+            elif n >= self.max_deliver:
+                dead.append((msg, f"write failed on {n} deliveries: {reason}"))
+            else:
+                retry.append(msg)
+                log.warning(
+                    "write of %s failed (delivery %d of at most %d; retrying): %s",
+                    _describe(msg),
+                    n,
+                    self.max_deliver,
+                    reason,
+                    exc_info=problem
+                    if n == 1 and err is None
+                    else None,  # a bug: its traceback once
+                )
+        retrying = {id(m) for m in retry}
         try:
             for msg, reason in dead:
                 headers = dict(msg.headers or {})
-                headers.update({"Dead-Reason": reason[:1000], "Dead-Subject": msg.subject})
+                headers.update(
+                    {
+                        "Dead-Reason": " ".join(reason.split())[:1000],
+                        "Dead-Subject": msg.subject,
+                        DEAD_DELIVERIES: str(msg.metadata.num_delivered),
+                    }
+                )
                 await js.publish(self.dead_letter, msg.data, headers=headers, timeout=30)
-                log.warning("dead-lettered a message from %s: %s", msg.subject, reason)
+                self.notify(f"dead letter from {msg.subject} ({_describe(msg)}): {reason}")
             for msg in msgs:
-                await msg.ack()
+                if id(msg) in retrying:
+                    await msg.nak(delay=self.retry_delay)
+                else:
+                    await msg.ack()
         except Exception as exc:  # broker gone mid-batch: written rows are idempotent
             err = broker_error(exc, "could not finish the batch")
             log.warning("%s; the broker will redeliver it", err)
             return
         self.counts.dead += len(dead)
+        self.counts.retried += len(retry)
         if self.on_batch:
             self.on_batch(self.counts)
+
+    async def _store_down(self, failures: list[tuple[Any, Exception]]) -> bool:
+        """Whether a batch whose every message failed met a store outage (then nothing is
+        the messages' fault): every failure is a store error, and the store is busy or does
+        not answer a read."""
+        errors = [translate(exc) for _, exc in failures]
+        if not all(isinstance(err, StoreError) for err in errors):
+            return False
+        if any(isinstance(err, StoreBusyError) for err in errors):
+            return True
+        try:
+            await asyncio.to_thread(lambda: self.catalog.settings)
+        except Exception:
+            return True
+        return False
+
+    def _write_isolating(
+        self, events: list[tuple[Any, Event]]
+    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, Exception]]]:
+        """:meth:`_write` the events; when that raises, bisect until every failing message
+        stands alone, so that the others are written.
+
+        Returns:
+            ``(dead, failed)``: messages to dead-letter with their reason (bad images), and
+            ``(message, exception)`` for each message whose write raised.
+        """
+        before = dataclasses.replace(self.counts)
+        try:
+            return self._write(events), []
+        except Exception as exc:
+            for f in dataclasses.fields(self.counts):  # the failed attempt counted nothing
+                setattr(self.counts, f.name, getattr(before, f.name))
+            if len(events) == 1 or isinstance(translate(exc), StoreBusyError):
+                return [], [(msg, exc) for msg, _ in events]
+            mid = len(events) // 2
+            dead_a, failed_a = self._write_isolating(events[:mid])
+            dead_b, failed_b = self._write_isolating(events[mid:])
+            return dead_a + dead_b, failed_a + failed_b
 
     def _write(self, events: list[tuple[Any, Event]]) -> list[tuple[Any, str]]:
         """Apply events in order (runs of images in one batch write); returns dead ones."""
@@ -322,7 +502,97 @@ class StreamIngest:
         return dead
 
 
+def _reason(exc: BaseException) -> str:
+    """One line naming what went wrong (the project's message for a known error)."""
+    err = translate(exc)
+    text = str(err) if err is not None else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def _describe(msg: Any) -> str:
+    """``listing/image`` of a message, for log lines."""
+    h = msg.headers or {}
+    return "/".join(x for x in (h.get("Listing-Id"), h.get("Image-Id")) if x) or "no ids"
+
+
 # ---------------------------------------------------------------------------------- publishing
+
+
+#: Receives ``(what, reason)`` for a message that could not be published.
+FailureCallback = Callable[[str, str], None]
+
+
+@dataclass
+class _Outgoing:
+    """A message to publish; ``name`` is what a failure report names (a file, or
+    ``listing/image``); ``error`` says why it cannot be sent (the file could not be read)."""
+
+    name: str
+    payload: bytes
+    headers: dict[str, str]
+    error: str = ""
+
+
+def _headers_size(headers: dict[str, str]) -> int:
+    """Bytes the headers take on the wire (``NATS/1.0`` block): they count against the
+    server's ``max_payload`` together with the payload."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(
+        len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()
+    )
+
+
+async def _publish(
+    url: str,
+    subject: str,
+    items: Iterable[_Outgoing],
+    stream: str,
+    on_failure: FailureCallback | None,
+) -> int:
+    """Publish ``items``; see :func:`publish`."""
+    from nats.errors import MaxPayloadError
+
+    try:
+        nc = await connect(
+            url,
+            name=f"lookalike-publish-{os.getpid()}",
+            attempts=PUBLISH_CONNECT_ATTEMPTS,
+            timeout=PUBLISH_CONNECT_TIMEOUT,
+            notify=lambda text: log.info("%s", text),
+        )
+    except Exception as exc:
+        raise broker_error(exc, f"cannot connect to NATS at {url}") from None
+
+    def failed(item: _Outgoing, reason: str) -> None:
+        if on_failure is None:
+            raise BrokerError(f"cannot publish {item.name}: {reason}")
+        on_failure(item.name, reason)
+
+    n = 0
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, stream, [_stream_subject(subject)])
+        limit = int(nc.max_payload)  # the server's, from its INFO at connect
+        for item in items:
+            if item.error:
+                failed(item, item.error)
+                continue
+            size = len(item.payload) + _headers_size(item.headers)
+            if size > limit:  # the server would close the connection on it
+                failed(
+                    item,
+                    f"{len(item.payload)} bytes (with headers {size}) is over the NATS "
+                    f"server's max_payload of {limit} bytes",
+                )
+                continue
+            try:
+                await js.publish(subject, item.payload, headers=item.headers, timeout=30)
+            except MaxPayloadError:
+                failed(item, f"over the NATS server's max_payload of {limit} bytes")
+                continue
+            n += 1
+    finally:
+        await nc.close()  # every publish was acknowledged by JetStream
+    return n
 
 
 async def publish(
@@ -330,29 +600,50 @@ async def publish(
     subject: str,
     events: Iterable[tuple[bytes, dict[str, str]]],
     stream: str = DEFAULT_STREAM,
+    on_failure: FailureCallback | None = None,
 ) -> int:
     """Publish ``(payload, headers)`` messages to JetStream, waiting for each broker ack.
+
+    The server's ``max_payload`` is read at connect: a message over it (payload plus headers)
+    is not sent. An unreachable server fails after :data:`PUBLISH_CONNECT_ATTEMPTS` attempts
+    of at most :data:`PUBLISH_CONNECT_TIMEOUT` seconds each.
+
+    Args:
+        on_failure: receives ``(listing/image, reason)`` for a message that cannot be sent,
+            and the rest are published; without it, the first such message raises.
 
     Returns:
         Messages published.
 
     Raises:
-        BrokerError: the broker cannot be reached.
+        BrokerError: the broker cannot be reached (or a message cannot be sent and there is
+            no ``on_failure``).
     """
-    try:
-        nc = await connect(url, name=f"lookalike-publish-{os.getpid()}")
-    except Exception as exc:
-        raise broker_error(exc, f"cannot connect to NATS at {url}") from None
-    n = 0
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, stream, [_stream_subject(subject)])
-        for payload, headers in events:
-            await js.publish(subject, payload, headers=headers, timeout=30)
-            n += 1
-    finally:
-        await nc.close()  # every publish was acknowledged by JetStream
-    return n
+    items = (
+        _Outgoing("/".join(x for x in (h.get("Listing-Id"), h.get("Image-Id")) if x), p, h)
+        for p, h in events
+    )
+    return await _publish(url, subject, items, stream, on_failure)
+
+
+def _image_messages(
+    inputs: Sequence[str | os.PathLike[str]],
+    attrs: dict[str, Any] | None = None,
+    listing_id: str | None = None,
+    image_id: str | None = None,
+) -> Iterator[_Outgoing]:
+    """Messages for image files; a file that cannot be read is an item with ``error`` set."""
+    for src in iter_sources(list(inputs)):
+        lid = listing_id or src.listing_id
+        iid = image_id or src.image_id
+        headers = make_headers("image", lid, iid, attrs)
+        try:
+            data = read_bytes(src.location)
+        except LookalikeError as exc:
+            yield _Outgoing(src.location, b"", headers, error=str(exc))
+            continue
+        headers["Nats-Msg-Id"] = f"{lid}/{iid}/{sha256_hex(data)}"
+        yield _Outgoing(src.location, data, headers)
 
 
 def image_events(
@@ -362,22 +653,34 @@ def image_events(
     image_id: str | None = None,
 ) -> Iterable[tuple[bytes, dict[str, str]]]:
     """Messages for image files (keys by the folder convention of ``lookalike index``, or the
-    given ids for a single file), each with a broker de-duplication id."""
-    for src in iter_sources(list(inputs)):
-        data = read_bytes(src.location)
-        lid = listing_id or src.listing_id
-        iid = image_id or src.image_id
-        headers = make_headers("image", lid, iid, attrs)
-        headers["Nats-Msg-Id"] = f"{lid}/{iid}/{sha256_hex(data)}"
-        yield data, headers
+    given ids for a single file), each with a broker de-duplication id.
+
+    Raises:
+        ImageError: a file cannot be read.
+    """
+    for item in _image_messages(inputs, attrs, listing_id, image_id):
+        if item.error:
+            raise ImageError(item.error)
+        yield item.payload, item.headers
 
 
 def publish_images(
-    url: str, subject: str, inputs: Sequence[str | os.PathLike[str] | Path], **kwargs: Any
+    url: str,
+    subject: str,
+    inputs: Sequence[str | os.PathLike[str] | Path],
+    on_failure: FailureCallback | None = None,
+    **kwargs: Any,
 ) -> int:
-    """Synchronous wrapper: publish image files (see :func:`image_events`). Returns the count."""
+    """Synchronous wrapper: publish image files (see :func:`image_events`). Returns the count.
+
+    Args:
+        on_failure: receives ``(file, reason)`` for each file that cannot be sent (unreadable,
+            or over the server's ``max_payload``), and the rest are published; without it,
+            the first such file raises :class:`~lookalike.errors.BrokerError`.
+    """
     stream = kwargs.pop("stream", DEFAULT_STREAM)
-    return asyncio.run(publish(url, subject, image_events(inputs, **kwargs), stream=stream))
+    items = _image_messages(inputs, **kwargs)
+    return asyncio.run(_publish(url, subject, items, stream, on_failure))
 
 
 def publish_event(
