@@ -34,6 +34,9 @@ line each through ``notify`` (the CLI prints them), never as tracebacks; identic
 repeated at most every 10 s.
 
 Several consumers with the same durable name share the stream's messages.
+
+The connection helpers live in :mod:`lookalike.stream.connection` and publishing in
+:mod:`lookalike.stream.publisher`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -44,27 +47,50 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import (
-    BrokerError,
-    ImageError,
-    LookalikeError,
-    StoreBusyError,
-    StoreError,
-    translate,
+from ..errors import LookalikeError, StoreBusyError, StoreError, translate
+from .connection import (
+    DEFAULT_STREAM,
+    DEFAULT_URL,
+    Notify,
+    OneLine,
+    broker_error,
+    connect,
+    ensure_stream,
+    stream_subject,
 )
-from ..images import iter_sources, read_bytes, sha256_hex
-from .messages import BadMessageError, Event, make_headers, parse_message
+from .messages import BadMessageError, Event, parse_message
+from .publisher import (
+    PUBLISH_CONNECT_ATTEMPTS,
+    PUBLISH_CONNECT_TIMEOUT,
+    image_events,
+    publish,
+    publish_event,
+    publish_images,
+)
+
+__all__ = [  # re-exported from .connection and .publisher, with the consumer
+    "DEFAULT_STREAM",
+    "DEFAULT_URL",
+    "PUBLISH_CONNECT_ATTEMPTS",
+    "PUBLISH_CONNECT_TIMEOUT",
+    "StreamCounts",
+    "StreamIngest",
+    "broker_error",
+    "connect",
+    "ensure_stream",
+    "image_events",
+    "publish",
+    "publish_event",
+    "publish_images",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
-DEFAULT_STREAM = "LOOKALIKE"
 DEFAULT_SUBJECT = "images.>"
 DEFAULT_DEAD_LETTER = "lookalike.dead"
 DEFAULT_DURABLE = "lookalike"
@@ -83,16 +109,8 @@ DEFAULT_MAX_PAYLOAD = 8 * 2**20
 DEFAULT_MAX_DELIVER = 5
 #: Seconds before a message whose write failed is redelivered.
 DEFAULT_RETRY_DELAY = 1.0
-#: Connect attempts of ``lookalike publish`` before it gives up (the consumer retries forever).
-PUBLISH_CONNECT_ATTEMPTS = 3
-#: Seconds one connect attempt of ``lookalike publish`` may take.
-PUBLISH_CONNECT_TIMEOUT = 2.0
-#: Seconds within which an identical connection-event line is not repeated.
-REPEAT_EVERY_S = 10.0
 #: Header of a dead letter: the deliveries of the message before it was dead-lettered.
 DEAD_DELIVERIES = "Dead-Deliveries"
-
-Notify = Callable[[str], None]
 
 
 @dataclass
@@ -113,134 +131,6 @@ class StreamCounts:
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict (for JSON)."""
         return asdict(self)
-
-
-class _OneLine:
-    """Reports connection events as one line each through ``notify``; an identical line is
-    repeated at most every :data:`REPEAT_EVERY_S` seconds (a reconnect loop tries twice a
-    second)."""
-
-    def __init__(self, url: str, notify: Notify | None, client: Any = None) -> None:
-        self.url, self.client = url, client
-        self.notify = notify or (lambda text: log.warning("%s", text))
-        self.last: dict[str, float] = {}
-
-    def __call__(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self.last.get(text, -1e9) >= REPEAT_EVERY_S:
-            self.last[text] = now
-            self.notify(text)
-
-    def callbacks(self) -> dict[str, Callable[..., Awaitable[None]]]:
-        """nats-py's ``error_cb``, ``disconnected_cb`` and ``reconnected_cb`` (its default
-        error callback logs a full traceback for every failed attempt)."""
-
-        async def error_cb(exc: Exception) -> None:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            self(f"NATS {self.url}: {type(exc).__name__}: {reason}")
-
-        async def disconnected_cb() -> None:
-            if self.client is not None and self.client.is_closed:
-                return  # our own close(), not an outage
-            self(f"NATS {self.url}: disconnected; reconnecting")
-
-        async def reconnected_cb() -> None:
-            self.last.clear()  # the next outage is reported again
-            self.notify(f"NATS {self.url}: reconnected")
-
-        return {
-            "error_cb": error_cb,
-            "disconnected_cb": disconnected_cb,
-            "reconnected_cb": reconnected_cb,
-        }
-
-
-async def connect(
-    url: str,
-    name: str = "lookalike",
-    *,
-    attempts: int | None = None,
-    timeout: float = 5.0,
-    notify: Notify | None = None,
-) -> Any:
-    """Connect to NATS.
-
-    Args:
-        url: the server.
-        name: the client name the server shows.
-        attempts: None (the consumer): retry the connect and every reconnect forever (a broker
-            restart is survived, not fatal). A number (the publisher): give up after that many
-            failed attempts, so an unreachable server fails in bounded time
-            (``attempts * (timeout + 0.5)`` seconds at most).
-        timeout: seconds one connect attempt may take.
-        notify: receives one line per connection event (default: a warning in the log).
-    """
-    from nats.aio.client import Client
-
-    nc: Any = Client()  # typed loosely: nats-py annotates float options as int
-    events = _OneLine(url, notify, nc)
-    await nc.connect(
-        servers=[url],
-        name=name,
-        reconnect_time_wait=0.5,
-        # nats-py: 0 would mean forever; n > 0 means n + 1 attempts in all
-        max_reconnect_attempts=-1 if attempts is None else max(1, attempts - 1),
-        connect_timeout=timeout,
-        allow_reconnect=True,
-        **events.callbacks(),
-    )
-    return nc
-
-
-async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> str:
-    """Make sure a JetStream stream captures ``subjects``; returns its name.
-
-    An existing stream named ``stream``, or any stream already capturing the first subject,
-    is used as it is; otherwise ``stream`` is created (file storage, 2-minute duplicate
-    window for ``Nats-Msg-Id``).
-    """
-    from nats.js.api import StorageType, StreamConfig
-    from nats.js.errors import NotFoundError
-
-    try:
-        await js.stream_info(stream)
-        return stream
-    except NotFoundError:
-        pass
-    try:
-        return str(await js.find_stream_name_by_subject(subjects[0]))
-    except NotFoundError:
-        pass
-    await js.add_stream(
-        StreamConfig(
-            name=stream, subjects=list(subjects), storage=StorageType.FILE, duplicate_window=120.0
-        )
-    )
-    return stream
-
-
-def broker_error(exc: BaseException, doing: str) -> LookalikeError:
-    """What ``exc``, raised while talking to the broker, becomes.
-
-    The one table (:func:`lookalike.errors.translate`) decides; an exception it does not know
-    is still a broker failure here (the NATS client also raises ``OSError`` and
-    ``asyncio.TimeoutError``), so it becomes :class:`~lookalike.errors.BrokerError`.
-
-    Args:
-        exc: the exception caught.
-        doing: what was being done, prefixed to the message (``"cannot connect to ..."``).
-
-    Returns:
-        A project exception of the type the table chose, message ``"<doing>: <reason>"``.
-    """
-    err = translate(exc) or BrokerError(f"{type(exc).__name__}: {exc}")
-    return type(err)(f"{doing}: {err}")
-
-
-def _stream_subject(subject: str) -> str:
-    """The subject a stream should capture for a publish/consume subject."""
-    head = subject.split(".")[0]
-    return f"{head}.>" if head != subject else subject
 
 
 class StreamIngest:
@@ -310,14 +200,14 @@ class StreamIngest:
         from nats.js.api import AckPolicy, ConsumerConfig
 
         stop = stop or asyncio.Event()
-        fetch_errors = _OneLine(self.url, lambda text: log.warning("%s", text))
+        fetch_errors = OneLine(self.url, lambda text: log.warning("%s", text))
         try:
             nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}", notify=self.notify)
         except Exception as exc:
             raise broker_error(exc, f"cannot connect to NATS at {self.url}") from None
         try:
             js = nc.jetstream()
-            await ensure_stream(js, self.stream, [_stream_subject(self.subject)])
+            await ensure_stream(js, self.stream, [stream_subject(self.subject)])
             await ensure_stream(js, f"{self.stream}_DEAD", [self.dead_letter])
             config = ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
@@ -513,185 +403,3 @@ def _describe(msg: Any) -> str:
     """``listing/image`` of a message, for log lines."""
     h = msg.headers or {}
     return "/".join(x for x in (h.get("Listing-Id"), h.get("Image-Id")) if x) or "no ids"
-
-
-# ---------------------------------------------------------------------------------- publishing
-
-
-#: Receives ``(what, reason)`` for a message that could not be published.
-FailureCallback = Callable[[str, str], None]
-
-
-@dataclass
-class _Outgoing:
-    """A message to publish; ``name`` is what a failure report names (a file, or
-    ``listing/image``); ``error`` says why it cannot be sent (the file could not be read)."""
-
-    name: str
-    payload: bytes
-    headers: dict[str, str]
-    error: str = ""
-
-
-def _headers_size(headers: dict[str, str]) -> int:
-    """Bytes the headers take on the wire (``NATS/1.0`` block): they count against the
-    server's ``max_payload`` together with the payload."""
-    return len(b"NATS/1.0\r\n\r\n") + sum(
-        len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()
-    )
-
-
-async def _publish(
-    url: str,
-    subject: str,
-    items: Iterable[_Outgoing],
-    stream: str,
-    on_failure: FailureCallback | None,
-) -> int:
-    """Publish ``items``; see :func:`publish`."""
-    from nats.errors import MaxPayloadError
-
-    try:
-        nc = await connect(
-            url,
-            name=f"lookalike-publish-{os.getpid()}",
-            attempts=PUBLISH_CONNECT_ATTEMPTS,
-            timeout=PUBLISH_CONNECT_TIMEOUT,
-            notify=lambda text: log.info("%s", text),
-        )
-    except Exception as exc:
-        raise broker_error(exc, f"cannot connect to NATS at {url}") from None
-
-    def failed(item: _Outgoing, reason: str) -> None:
-        if on_failure is None:
-            raise BrokerError(f"cannot publish {item.name}: {reason}")
-        on_failure(item.name, reason)
-
-    n = 0
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, stream, [_stream_subject(subject)])
-        limit = int(nc.max_payload)  # the server's, from its INFO at connect
-        for item in items:
-            if item.error:
-                failed(item, item.error)
-                continue
-            size = len(item.payload) + _headers_size(item.headers)
-            if size > limit:  # the server would close the connection on it
-                failed(
-                    item,
-                    f"{len(item.payload)} bytes (with headers {size}) is over the NATS "
-                    f"server's max_payload of {limit} bytes",
-                )
-                continue
-            try:
-                await js.publish(subject, item.payload, headers=item.headers, timeout=30)
-            except MaxPayloadError:
-                failed(item, f"over the NATS server's max_payload of {limit} bytes")
-                continue
-            n += 1
-    finally:
-        await nc.close()  # every publish was acknowledged by JetStream
-    return n
-
-
-async def publish(
-    url: str,
-    subject: str,
-    events: Iterable[tuple[bytes, dict[str, str]]],
-    stream: str = DEFAULT_STREAM,
-    on_failure: FailureCallback | None = None,
-) -> int:
-    """Publish ``(payload, headers)`` messages to JetStream, waiting for each broker ack.
-
-    The server's ``max_payload`` is read at connect: a message over it (payload plus headers)
-    is not sent. An unreachable server fails after :data:`PUBLISH_CONNECT_ATTEMPTS` attempts
-    of at most :data:`PUBLISH_CONNECT_TIMEOUT` seconds each.
-
-    Args:
-        on_failure: receives ``(listing/image, reason)`` for a message that cannot be sent,
-            and the rest are published; without it, the first such message raises.
-
-    Returns:
-        Messages published.
-
-    Raises:
-        BrokerError: the broker cannot be reached (or a message cannot be sent and there is
-            no ``on_failure``).
-    """
-    items = (
-        _Outgoing("/".join(x for x in (h.get("Listing-Id"), h.get("Image-Id")) if x), p, h)
-        for p, h in events
-    )
-    return await _publish(url, subject, items, stream, on_failure)
-
-
-def _image_messages(
-    inputs: Sequence[str | os.PathLike[str]],
-    attrs: dict[str, Any] | None = None,
-    listing_id: str | None = None,
-    image_id: str | None = None,
-) -> Iterator[_Outgoing]:
-    """Messages for image files; a file that cannot be read is an item with ``error`` set."""
-    for src in iter_sources(list(inputs)):
-        lid = listing_id or src.listing_id
-        iid = image_id or src.image_id
-        headers = make_headers("image", lid, iid, attrs)
-        try:
-            data = read_bytes(src.location)
-        except LookalikeError as exc:
-            yield _Outgoing(src.location, b"", headers, error=str(exc))
-            continue
-        headers["Nats-Msg-Id"] = f"{lid}/{iid}/{sha256_hex(data)}"
-        yield _Outgoing(src.location, data, headers)
-
-
-def image_events(
-    inputs: Sequence[str | os.PathLike[str]],
-    attrs: dict[str, Any] | None = None,
-    listing_id: str | None = None,
-    image_id: str | None = None,
-) -> Iterable[tuple[bytes, dict[str, str]]]:
-    """Messages for image files (keys by the folder convention of ``lookalike index``, or the
-    given ids for a single file), each with a broker de-duplication id.
-
-    Raises:
-        ImageError: a file cannot be read.
-    """
-    for item in _image_messages(inputs, attrs, listing_id, image_id):
-        if item.error:
-            raise ImageError(item.error)
-        yield item.payload, item.headers
-
-
-def publish_images(
-    url: str,
-    subject: str,
-    inputs: Sequence[str | os.PathLike[str] | Path],
-    on_failure: FailureCallback | None = None,
-    **kwargs: Any,
-) -> int:
-    """Synchronous wrapper: publish image files (see :func:`image_events`). Returns the count.
-
-    Args:
-        on_failure: receives ``(file, reason)`` for each file that cannot be sent (unreadable,
-            or over the server's ``max_payload``), and the rest are published; without it,
-            the first such file raises :class:`~lookalike.errors.BrokerError`.
-    """
-    stream = kwargs.pop("stream", DEFAULT_STREAM)
-    items = _image_messages(inputs, **kwargs)
-    return asyncio.run(_publish(url, subject, items, stream, on_failure))
-
-
-def publish_event(
-    url: str,
-    subject: str,
-    kind: str,
-    listing_id: str,
-    image_id: str | None = None,
-    attrs: dict[str, Any] | None = None,
-    stream: str = DEFAULT_STREAM,
-) -> int:
-    """Synchronous wrapper: publish one ``listing`` update or ``delete`` message."""
-    headers = make_headers(kind, listing_id, image_id, attrs)
-    return asyncio.run(publish(url, subject, [(b"", headers)], stream=stream))
