@@ -1,9 +1,15 @@
 """Shared fixtures: the real demo collection (photos from scikit-image / scikit-learn wheels) and a
-catalog of it indexed once per test run with the real ``cnn`` model."""
+catalog of it indexed once per test run with the real ``cnn`` model; store backends; and
+``no_orphans``, which fails a test that leaves a process it started running."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +85,98 @@ def store_location(request, tmp_path, monkeypatch):
         return str(tmp_path / "cat")
     server = request.getfixturevalue("pg_server")
     return server.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+# ------------------------------------------------------------------ processes
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def proc_children(parent: int) -> dict[int, str]:
+    """``pid -> state`` (``R``, ``S``, ``Z``, ...) of the processes whose parent is ``parent``,
+    read from /proc (psutil is not a dependency)."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and ')'
+        if int(fields[1]) == parent:
+            found[int(entry)] = fields[0]
+    return found
+
+
+def proc_descendants(root: int) -> set[int]:
+    """Every process below ``root`` in the process tree (children, their children, ...)."""
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for pid in proc_children(todo.pop()):
+            if pid not in out:
+                out.add(pid)
+                todo.append(pid)
+    return out
+
+
+def proc_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a zombie has exited: it only waits to be
+    reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+@pytest.fixture
+def no_orphans():
+    """Fail the test if it leaves a process it started running (checked after the other
+    fixtures' teardown, within 5 s), and kill what is left.
+
+    The test process becomes a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``), so that a
+    grandchild orphaned by a killed child (a decode worker of a ``kill -9``-ed ``lookalike
+    index``) is re-parented to it instead of to init, and is seen here.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    me = os.getpid()
+    before = set(proc_children(me))
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        left = {}
+        for pid, state in proc_children(me).items():
+            if pid in before:
+                continue
+            if state == "Z":  # exited: an orphan re-parented to us, or an unwaited child
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                continue
+            left[pid] = _cmdline(pid)
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        pytest.fail(
+            f"the test left {len(left)} process(es) running: "
+            + "; ".join(f"{pid} {cmd}" for pid, cmd in left.items())
+        )

@@ -1,4 +1,5 @@
-"""The ingest pipeline on real images: idempotence, bad files, resume after kill -9, URLs."""
+"""The ingest pipeline on real images: idempotence, bad files, resume after kill -9, URLs, no
+orphan worker processes after kill -9 or SIGTERM of `lookalike index`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 
 import lookalike
+from conftest import proc_alive, proc_descendants
 from lookalike.demo import write_demo
+
+# every test here may start processes (decode workers, `lookalike index`): none may outlive it
+pytestmark = pytest.mark.usefixtures("no_orphans")
 
 
 def count_rows(catalog: Path) -> int:
@@ -186,3 +191,87 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
             "SELECT COUNT(*) FROM (SELECT DISTINCT listing_id, image_id FROM features)"
         ).fetchone()[0]
     assert distinct == total
+
+
+@pytest.fixture(scope="module")
+def big_photos(tmp_path_factory) -> Path:
+    """336 real demo images (14 listings x 24 variants): seconds of work for `index`."""
+    root = tmp_path_factory.mktemp("big")
+    write_demo(root, images_per_listing=24, queries_per_listing=0, seed=5)
+    return root / "photos"
+
+
+def start_index(photos: Path, cat: Path, logs: Path) -> subprocess.Popen:
+    """`lookalike index` with 2 decode workers (the environment, PYTHONPATH included, is
+    passed on), waited for until it has committed a batch and its workers run. Its output goes
+    to ``logs/out`` and ``logs/err`` (files, not pipes: an orphaned worker would hold a pipe
+    open and block the reader)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "lookalike.cli",
+        "index",
+        str(photos),
+        "--catalog",
+        str(cat),
+        "--batch-size",
+        "8",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
+    with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+    deadline = time.monotonic() + 120
+    while count_rows(cat) < 8 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "index ended before it could be interrupted"
+    return proc
+
+
+def wait_gone(pids: set[int], within: float) -> tuple[set[int], float]:
+    """Wait until none of ``pids`` is alive; returns those still alive and the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        alive = {p for p in pids if proc_alive(p)}
+        if not alive:
+            break
+        time.sleep(0.05)
+    return {p for p in pids if proc_alive(p)}, time.monotonic() - t0
+
+
+def test_kill_9_of_index_leaves_no_worker_processes(big_photos, tmp_path):
+    """The decode workers die with their parent, even when it cannot clean up."""
+    proc = start_index(big_photos, tmp_path / "cat", tmp_path)
+    workers = proc_descendants(proc.pid)
+    assert len(workers) >= 2, "the decode workers are not running"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    left, waited = wait_gone(workers, within=5)
+    assert not left, f"{len(left)} worker(s) outlived kill -9 of their parent"
+    print(f"workers after kill -9: {len(left)} of {len(workers)}, gone in {waited:.2f} s")
+
+
+def test_sigterm_of_index_commits_the_batch_in_hand_and_prints_a_summary(big_photos, tmp_path):
+    """SIGTERM behaves like Ctrl-C: the batch in hand is committed, the summary so far is
+    printed, the exit code is 143 (128 + SIGTERM), and no worker is left."""
+    cat = tmp_path / "cat"
+    proc = start_index(big_photos, cat, tmp_path)
+    workers = proc_descendants(proc.pid)
+    assert len(workers) >= 2
+    at_signal = count_rows(cat)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 143, (out, err)
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    summary = (out.strip().splitlines() or [""])[-1]
+    added = int(summary.split(" added,")[0])
+    rows = count_rows(cat)
+    assert at_signal <= rows < 14 * 24, f"{rows} rows: the run was not interrupted"
+    assert added == rows, f"summary says {added} added, the catalog holds {rows}"
+    left, _ = wait_gone(workers, within=5)
+    assert not left, f"{len(left)} worker(s) outlived SIGTERM of their parent"
+    with lookalike.open_catalog(cat) as c:  # and the rerun resumes: exactly the rest
+        report = c.index([big_photos], workers=0)
+        assert report.skipped == rows and report.added == 14 * 24 - rows

@@ -1,6 +1,8 @@
 """Real-time ingest through a real NATS JetStream server (started by the tests on a free
 loopback port with its own store folder): nothing lost, nothing duplicated, bad messages
-dead-lettered, updates and deletes applied."""
+dead-lettered, a poison message isolated and dead-lettered after bounded retries, updates and
+deletes applied, photos over the server's max_payload reported, an unreachable server failing
+fast, the consumer's operator lines."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 import lookalike
 from lookalike.demo import write_demo
 from lookalike.stream.jetstream import (
+    DEFAULT_MAX_DELIVER,
     StreamIngest,
     connect,
     ensure_stream,
@@ -26,14 +29,17 @@ from lookalike.stream.jetstream import (
     publish_event,
     publish_images,
 )
-from lookalike.stream.localserver import LocalNatsServer
+from lookalike.stream.localserver import LocalNatsServer, free_port
 from lookalike.stream.messages import make_headers
 
 NATS = shutil.which("nats-server")
-pytestmark = pytest.mark.skipif(
-    NATS is None and not os.environ.get("CI"),
-    reason="nats-server not installed (apt-get install nats-server; CI installs it)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        NATS is None and not os.environ.get("CI"),
+        reason="nats-server not installed (apt-get install nats-server; CI installs it)",
+    ),
+    pytest.mark.usefixtures("no_orphans"),  # consumers, publishers and servers all end
+]
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 
 
@@ -67,6 +73,17 @@ def many_photos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("many")
     write_demo(root, images_per_listing=36, queries_per_listing=1, seed=3)
     return root
+
+
+async def read_dead(url: str) -> dict[str, dict[str, str]]:
+    """The dead letters: ``Image-Id`` (``?`` when there is none) -> headers."""
+    nc = await connect(url)
+    js = nc.jetstream()
+    await ensure_stream(js, "LOOKALIKE_DEAD", ["lookalike.dead"])
+    sub = await js.pull_subscribe("lookalike.dead", durable="check", stream="LOOKALIKE_DEAD")
+    got = await sub.fetch(10, timeout=5)
+    await nc.close()
+    return {m.headers.get("Image-Id", "?"): dict(m.headers) for m in got}
 
 
 def test_500_published_images_are_all_searchable(nats_server, many_photos, tmp_path):
@@ -160,16 +177,7 @@ def test_poison_messages_go_to_the_dead_letter_subject(nats_server, demo_dir, tm
     assert ingest.counts.added == 1 and ingest.counts.dead == 5
     assert count_rows(tmp_path / "cat") == (1, 1)
 
-    async def read_dead() -> dict[str, str]:
-        nc = await connect(nats_server.url)
-        js = nc.jetstream()
-        await ensure_stream(js, "LOOKALIKE_DEAD", ["lookalike.dead"])
-        sub = await js.pull_subscribe("lookalike.dead", durable="check", stream="LOOKALIKE_DEAD")
-        got = await sub.fetch(10, timeout=5)
-        await nc.close()
-        return {m.headers.get("Image-Id", "?"): m.headers["Dead-Reason"] for m in got}
-
-    dead = asyncio.run(read_dead())
+    dead = {k: h["Dead-Reason"] for k, h in asyncio.run(read_dead(nats_server.url)).items()}
     assert "not an image" in dead["moon/text.jpg"]
     assert "missing header Listing-Id" in dead["x.jpg"]
     assert "empty image payload" in dead["moon/empty.jpg"]
@@ -256,3 +264,176 @@ def test_the_stream_stores_predictions_once_a_classifier_is_attached(
     right = [r.labels["predicted"] == r.listing_id for r in records]
     assert all(0 < r.labels["probability"] <= 1 for r in records)
     assert sum(right) >= 25  # chance is 2 of 28
+
+
+def test_a_poison_message_is_isolated_retried_and_dead_lettered(nats_server, demo_dir, tmp_path):
+    """One batch holds 10 good images and two poison messages: an image whose write raises an
+    exception of no known kind (a wrapped ``add_many``: no validation can catch it) and a
+    listing update with ``stock_level`` = 2^70 (an overflow in the store, or a refusal once
+    values are validated). The good ones are written and acknowledged on their first delivery;
+    each poison message is retried at most ``max_deliver`` times, then dead-lettered with
+    the reason, and the consumer goes idle (nothing redelivered forever)."""
+    photos = sorted((demo_dir / "photos").rglob("*.jpg"))[:10]
+    poison = photos[0].read_bytes()
+    msgs = [(p.read_bytes(), make_headers("image", p.parent.name, p.name)) for p in photos]
+    msgs.insert(5, (poison, make_headers("image", "moon", "moon/poison.jpg")))
+    msgs.insert(6, (b"", make_headers("listing", "moon", attrs={"stock_level": 2**70})))
+    asyncio.run(publish(nats_server.url, "images.in", msgs))
+    cat_path = tmp_path / "cat"
+    all_good_at: list[float] = []
+
+    async def scenario() -> StreamIngest:
+        with lookalike.open_catalog(cat_path, extractor="cnn") as cat:
+            add_many = cat.add_many
+
+            def failing_add_many(items, *args, **kwargs):
+                if any(iid == "moon/poison.jpg" for _, _, iid, _ in items):
+                    raise RuntimeError("the store choked on moon/poison.jpg")
+                return add_many(items, *args, **kwargs)
+
+            cat.add_many = failing_add_many  # type: ignore[method-assign]
+            t0 = time.monotonic()
+
+            def on_batch(counts) -> None:
+                if counts.added >= 10 and not all_good_at:
+                    all_good_at.append(time.monotonic() - t0)
+
+            ingest = StreamIngest(cat, url=nats_server.url, retry_delay=0.5, on_batch=on_batch)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(45, stop.set)  # the old code never goes idle
+            await ingest.run(stop, idle_exit=3)
+            return ingest
+
+    ingest = asyncio.run(scenario())
+    assert count_rows(cat_path) == (10, 10)
+    assert ingest.counts.added == 10 and ingest.counts.unchanged == 0  # each written once
+    assert ingest.counts.dead == 2
+    assert all_good_at and all_good_at[0] < 10, "the good images waited on the poison"
+    dead = asyncio.run(read_dead(nats_server.url))
+    image = dead["moon/poison.jpg"]
+    assert image["Dead-Deliveries"] == str(DEFAULT_MAX_DELIVER)
+    assert "RuntimeError: the store choked on moon/poison.jpg" in image["Dead-Reason"]
+    assert f"failed on {DEFAULT_MAX_DELIVER} deliveries" in image["Dead-Reason"]
+    listing = dead["?"]
+    assert 1 <= int(listing["Dead-Deliveries"]) <= DEFAULT_MAX_DELIVER
+    assert "stock_level" in listing["Dead-Reason"] or "too large" in listing["Dead-Reason"]
+    # only the two poison messages came back: the good ones were acknowledged at once
+    assert ingest.counts.redelivered <= 2 * (DEFAULT_MAX_DELIVER - 1)
+    print(
+        f"poison image: dead-lettered after {image['Dead-Deliveries']} deliveries; 2^70 "
+        f"listing after {listing['Dead-Deliveries']}; good images written in "
+        f"{all_good_at[0]:.1f} s"
+    )
+
+
+def noise_jpeg(path: Path, size: int) -> int:
+    """A real JPEG of random noise of at least ``size`` bytes; returns its size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    side = 900
+    while True:
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+        if buf.tell() >= size:
+            path.write_bytes(buf.getvalue())
+            return buf.tell()
+        side += 100
+
+
+def test_publish_reports_a_photo_over_the_server_limit_and_sends_the_rest(demo_dir, tmp_path):
+    """Against a nats-server with the default max_payload (1 MiB), a 1.29 MB photo is named
+    on stderr with the reason, the other photos are sent, and the exit code is 3."""
+    server = LocalNatsServer(tmp_path / "nats1", max_payload_mb=1).start()
+    try:
+        folder = tmp_path / "photos" / "moon"
+        folder.mkdir(parents=True)
+        for p in sorted((demo_dir / "photos" / "moon").glob("*.jpg"))[:3]:
+            shutil.copy(p, folder / p.name)
+        big = folder / "moon-big.jpg"
+        size = noise_jpeg(big, 1_290_000)
+        assert size > 2**20
+        done = subprocess.run(
+            [LOOKALIKE, "publish", str(tmp_path / "photos"), "--nats", server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 3, done.stderr
+        assert "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert str(big) in lines[0] and "max_payload of 1048576 bytes" in lines[0]
+        assert "published 3 message(s)" in done.stdout
+        ingest = consume(tmp_path / "cat", server.url, idle_exit=2)
+        assert ingest.counts.added == 3 and ingest.counts.dead == 0
+    finally:
+        server.stop()
+
+
+def test_publish_to_an_unreachable_server_fails_fast_with_one_line(demo_dir):
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [LOOKALIKE, "publish", str(demo_dir / "photos" / "moon"), "--nats", url],
+        capture_output=True,
+        text=True,
+        timeout=60,  # the old code retried forever
+    )
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot connect to NATS at {url}")
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    print(f"unreachable publish failed in {elapsed:.1f} s")
+
+
+def test_the_stream_command_reports_start_progress_dead_letters_and_reconnects(
+    nats_server, demo_dir, tmp_path
+):
+    """Without -v: one line at start, counts every PROGRESS_EVERY_S (10 s), one line per dead
+    letter, one line per disconnect/reconnect of the broker, never a traceback."""
+    from lookalike.cli.stream import PROGRESS_EVERY_S
+
+    good = demo_dir / "photos" / "moon" / "moon-01.jpg"
+    msgs = [
+        (good.read_bytes(), make_headers("image", "moon", "moon/ok.jpg")),
+        (b"not an image at all", make_headers("image", "moon", "moon/text.jpg")),
+    ]
+    asyncio.run(publish(nats_server.url, "images.in", msgs))
+    err_path = tmp_path / "err"
+    cmd = [LOOKALIKE, "stream", "--catalog", str(tmp_path / "cat"), "--nats", nats_server.url]
+    cmd += ["--idle-exit", str(PROGRESS_EVERY_S + 3)]
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "stream: dead letter" not in err_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        nats_server.stop()  # the broker goes away and comes back
+        time.sleep(1.5)
+        nats_server.start()
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(
+        f"stream: consuming images.> from stream LOOKALIKE at {nats_server.url} as durable "
+        "lookalike"
+    ), lines[0]
+    dead = [line for line in lines if line.startswith("stream: dead letter")]
+    assert len(dead) == 1 and "moon/text.jpg" in dead[0] and "not an image" in dead[0]
+    assert sum("disconnected" in line for line in lines) == 1, err  # not at the exit's close
+    assert sum("reconnected" in line for line in lines) == 1, err
+    progress = [line for line in lines if line.startswith("stream: received")]
+    assert progress and "added 1" in progress[-1] and "dead 1" in progress[-1], err
+    assert "added 1" in out

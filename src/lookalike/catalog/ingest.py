@@ -13,15 +13,25 @@ Guarantees:
   skipped without decoding; changed bytes under a stored key replace the row;
 * **resumable**: batches are committed as they complete, so re-running an interrupted command
   skips what was committed and does the rest;
-* **bounded memory**: at most ``workers * 4`` chunks of work are in flight.
+* **bounded memory**: at most ``workers * 4`` chunks of work are in flight;
+* **no orphans**: a worker process dies with its parent, even when the parent is killed with
+  ``kill -9`` (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a thread polling the parent);
+  workers ignore SIGINT, so Ctrl-C in a terminal reaches the parent only, which shuts them
+  down;
+* **interrupted cleanly**: on ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM in ``lookalike
+  index``) the batch in hand is committed before :class:`IndexInterrupted` (a
+  ``KeyboardInterrupt`` carrying the partial :class:`IndexReport`) propagates.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -81,6 +91,18 @@ class IndexReport:
         )
 
 
+class IndexInterrupted(KeyboardInterrupt):
+    """An ingest run was interrupted; the batch in hand was committed first.
+
+    Attributes:
+        report: what the run did up to then (``seconds`` included).
+    """
+
+    def __init__(self, report: IndexReport) -> None:
+        super().__init__("interrupted")
+        self.report = report
+
+
 @dataclass
 class _Task:
     source: ImageSource
@@ -111,8 +133,40 @@ class Prepared:
 _worker_extractor: BaseExtractor | None = None
 
 
-def _init_worker(extractor_name: str) -> None:
+#: Seconds between checks of the parent, where ``prctl`` is not available.
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _kill_me_with_parent() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is not
+    possible (not Linux, or the call failed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this process as soon as ``parent`` is no longer its parent (it died)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _init_worker(extractor_name: str, parent: int) -> None:
     global _worker_extractor
+    if not _kill_me_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    # Ctrl-C goes to the whole process group: only the parent handles it (and shuts the pool
+    # down); a SIGTERM handler the parent installed must not run in a worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _worker_extractor = get_extractor(extractor_name)
 
@@ -269,7 +323,11 @@ def run_index(
         on_failure: called with ``(location, reason)`` as each failure happens.
 
     Returns:
-        :class:`IndexReport` (also partially filled if interrupted: the exception propagates).
+        :class:`IndexReport`.
+
+    Raises:
+        IndexInterrupted: ``KeyboardInterrupt`` during the run; the batch in hand was
+            committed, and the exception carries the partial report.
     """
     t0 = time.perf_counter()
     report = IndexReport()
@@ -319,6 +377,13 @@ def run_index(
         else:
             _run_pool(store, extractor, unique, n_workers, consume)
         flush()
+    except KeyboardInterrupt as exc:
+        try:
+            flush()  # commit the batch in hand (idempotent if it was being written)
+        except (Exception, KeyboardInterrupt):  # a second interrupt abandons it
+            log.warning("the last batch was not committed", exc_info=True)
+        report.seconds = time.perf_counter() - t0
+        raise IndexInterrupted(report) from exc
     finally:
         bar.close()
         report.seconds = time.perf_counter() - t0
@@ -356,7 +421,7 @@ def _run_pool(
         max_workers=n_workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(extractor.name,),
+        initargs=(extractor.name, os.getpid()),
     ) as pool:
         in_flight: deque[Future[list[Prepared]]] = deque()
         try:

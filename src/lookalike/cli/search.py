@@ -83,14 +83,39 @@ def index(
 
     Idempotent: images already stored with the same bytes are skipped, so re-running the same
     command adds nothing and an interrupted run resumes. A file that cannot be decoded is
-    reported and skipped; the exit code is 3 if any failed.
+    reported and skipped; the exit code is 3 if any failed. Ctrl-C or SIGTERM commits the
+    batch in hand, prints the summary so far and exits 130 (SIGINT) or 143 (SIGTERM).
     """
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt  # SIGTERM behaves like Ctrl-C
+
+    in_main = threading.current_thread() is threading.main_thread()  # else signals cannot be set
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    interrupted = None
     try:
         with opened(catalog, extractor=extractor or None, device=device, create=True) as cat:
             report = cat.index(inputs, workers=workers, batch_size=batch_size, progress=progress)
-    except KeyboardInterrupt:
-        warn("interrupted: committed batches are kept; run the same command to resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        interrupted = exc
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+    if interrupted is not None:
+        code = 128 + (received[0] if received else signal.SIGINT)
+        partial = getattr(interrupted, "report", None)  # IndexInterrupted: the run so far
+        if partial is not None:
+            say(partial.summary())
+        warn(
+            f"interrupted ({signal.Signals(code - 128).name}): committed batches are kept; "
+            "run the same command to resume"
+        )
+        raise typer.Exit(code) from None
     if failed_csv:
         with open(failed_csv, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)

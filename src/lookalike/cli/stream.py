@@ -19,6 +19,7 @@ from ..stream.jetstream import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEAD_LETTER,
     DEFAULT_DURABLE,
+    DEFAULT_MAX_DELIVER,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_PUBLISH_SUBJECT,
@@ -29,6 +30,7 @@ from ..stream.jetstream import (
     StreamIngest,
 )
 from .common import (
+    EXIT_PARTIAL,
     KEY_VALUE_METAVAR,
     Assignment,
     CatalogOpt,
@@ -77,6 +79,13 @@ def stream(
     max_payload: Annotated[
         int, typer.Option(help="Largest image payload, bytes.")
     ] = DEFAULT_MAX_PAYLOAD,
+    max_deliver: Annotated[
+        int,
+        typer.Option(
+            help="Deliveries of a message whose write keeps failing before it is dead-lettered "
+            "(the rest of its batch is written at once)."
+        ),
+    ] = DEFAULT_MAX_DELIVER,
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without messages.")
     ] = None,
@@ -86,19 +95,13 @@ def stream(
 
     At-least-once delivery + idempotent writes: nothing lost, nothing duplicated across
     consumer crashes, broker restarts and redelivery. Bad messages go to --dead-letter with a
-    reason. SIGTERM / Ctrl-C finishes the batch in hand, then exits. Counts are printed every
-    10 s (stderr) and at exit.
+    reason; a message whose write keeps failing is retried --max-deliver times, then
+    dead-lettered, without holding up the others. SIGTERM / Ctrl-C finishes the batch in hand,
+    then exits. On stderr: one line at start, counts every 10 s, one line per dead letter and
+    per connection event; counts again at exit.
     """
     import asyncio
     import signal
-    import time
-
-    last = [time.monotonic()]
-
-    def progress(counts: StreamCounts) -> None:
-        if time.monotonic() - last[0] > PROGRESS_EVERY_S:
-            last[0] = time.monotonic()
-            warn(f"stream: {counts.as_dict()}")
 
     with opened(catalog, create=True) as cat:
         ingest = StreamIngest(
@@ -112,22 +115,41 @@ def stream(
             dead_letter=dead_letter,
             ack_wait=ack_wait,
             max_payload=max_payload,
-            on_batch=progress,
+            max_deliver=max_deliver,
+            notify=lambda text: warn(f"stream: {text}"),
         )
+
+        async def report_every(interval: float) -> None:
+            while True:
+                await asyncio.sleep(interval)
+                warn(f"stream: {_counts_line(ingest.counts)}")
 
         async def consume() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await ingest.run(stop, idle_exit=idle_exit)
+            warn(
+                f"stream: consuming {subject} from stream {stream_name} at {nats} as durable "
+                f"{durable} into {cat.uri}; dead letters to {dead_letter}"
+            )
+            reporter = asyncio.create_task(report_every(PROGRESS_EVERY_S))
+            try:
+                await ingest.run(stop, idle_exit=idle_exit)
+            finally:
+                reporter.cancel()
 
         asyncio.run(consume())
     counts = ingest.counts.as_dict()
     if fmt == OutputFormat.JSON:
         print_json(counts)
     else:
-        say(", ".join(f"{k} {v}" for k, v in counts.items()))
+        say(_counts_line(ingest.counts))
+
+
+def _counts_line(counts: StreamCounts) -> str:
+    """``received 12, added 10, ...``: the consumer's counts on one line."""
+    return ", ".join(f"{k} {v}" for k, v in counts.as_dict().items())
 
 
 @command(commands)
@@ -162,6 +184,10 @@ def publish(
 ) -> None:
     """Publish images (or a listing update, or a delete) to NATS JetStream for `lookalike stream`.
 
+    A file that cannot be sent (unreadable, or larger than the server's max_payload) is named
+    on stderr with the reason and the rest are sent; the exit code is then 3, as for index.
+    An unreachable server fails after 3 connect attempts (a few seconds).
+
     Examples:
 
       lookalike publish ./photos --subject images.in
@@ -171,6 +197,12 @@ def publish(
       lookalike publish --delete truck-17/front.jpg --listing truck-17
     """
     from ..stream.jetstream import publish_event, publish_images
+
+    failed: list[tuple[str, str]] = []
+
+    def report(what: str, reason: str) -> None:
+        failed.append((what, reason))
+        warn(f"failed: {what}: {reason}")
 
     attrs = as_attrs(attr)
     if delete:
@@ -186,9 +218,12 @@ def publish(
             listing_id=listing,
             image_id=image_id,
             stream=stream_name,
+            on_failure=report,
         )
     elif listing and attrs:
         n = publish_event(nats, subject, "listing", listing, attrs=attrs, stream=stream_name)
     else:
         raise LookalikeError("give image paths, or --listing with --attr, or --delete")
-    say(f"published {n} message(s) to {subject}")
+    say(f"published {n} message(s) to {subject}" + (f", {len(failed)} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(EXIT_PARTIAL)

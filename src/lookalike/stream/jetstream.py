@@ -17,33 +17,80 @@ The consumer (:class:`StreamIngest`):
   listing updates and deletes in message order;
 * sends bad messages (missing headers, undecodable or oversized image) to a dead-letter
   subject with a ``Dead-Reason`` header, acknowledges them, and goes on;
+* **isolates a poison message**: when the write of a batch fails, the batch is bisected and
+  written in halves until the failing message(s) stand alone; every other message is written
+  and acknowledged at once. A failing message is negatively acknowledged (redelivered after
+  ``retry_delay``) until its JetStream delivery count reaches ``max_deliver``, then
+  dead-lettered with the reason and a ``Dead-Deliveries`` header, and acknowledged. A project
+  error that is not the store's (``QueryError``: a bad attribute value) is dead-lettered at
+  once: retrying cannot help. When every message of a batch fails with a store error and the
+  store does not answer a probe (an outage, or ``busy``), nothing is counted against the
+  messages: the whole batch is redelivered;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
-  exits; a batch whose write fails is negatively acknowledged for redelivery.
+  exits.
+
+Connection events (disconnected, reconnected, a failed connect attempt) are reported as one
+line each through ``notify`` (the CLI prints them), never as tracebacks; identical lines are
+repeated at most every 10 s.
 
 Several consumers with the same durable name share the stream's messages.
+
+The connection helpers live in :mod:`lookalike.stream.connection` and publishing in
+:mod:`lookalike.stream.publisher`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import BrokerError, LookalikeError, StoreError, translate
-from ..images import iter_sources, read_bytes, sha256_hex
-from .messages import BadMessageError, Event, make_headers, parse_message
+from ..errors import LookalikeError, StoreBusyError, StoreError, translate
+from .connection import (
+    DEFAULT_STREAM,
+    DEFAULT_URL,
+    Notify,
+    OneLine,
+    broker_error,
+    connect,
+    ensure_stream,
+    stream_subject,
+)
+from .messages import BadMessageError, Event, parse_message
+from .publisher import (
+    PUBLISH_CONNECT_ATTEMPTS,
+    PUBLISH_CONNECT_TIMEOUT,
+    image_events,
+    publish,
+    publish_event,
+    publish_images,
+)
+
+__all__ = [  # re-exported from .connection and .publisher, with the consumer
+    "DEFAULT_STREAM",
+    "DEFAULT_URL",
+    "PUBLISH_CONNECT_ATTEMPTS",
+    "PUBLISH_CONNECT_TIMEOUT",
+    "StreamCounts",
+    "StreamIngest",
+    "broker_error",
+    "connect",
+    "ensure_stream",
+    "image_events",
+    "publish",
+    "publish_event",
+    "publish_images",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
-DEFAULT_STREAM = "LOOKALIKE"
 DEFAULT_SUBJECT = "images.>"
 DEFAULT_DEAD_LETTER = "lookalike.dead"
 DEFAULT_DURABLE = "lookalike"
@@ -58,6 +105,12 @@ DEFAULT_ACK_WAIT = 30.0
 #: Default largest image payload, bytes (the server's ``max_payload`` must allow it: NATS's
 #: own default is 1 MiB; the test and benchmark servers are started with 8 MiB).
 DEFAULT_MAX_PAYLOAD = 8 * 2**20
+#: Deliveries of a message whose write keeps failing before it is dead-lettered.
+DEFAULT_MAX_DELIVER = 5
+#: Seconds before a message whose write failed is redelivered.
+DEFAULT_RETRY_DELAY = 1.0
+#: Header of a dead letter: the deliveries of the message before it was dead-lettered.
+DEAD_DELIVERIES = "Dead-Deliveries"
 
 
 @dataclass
@@ -73,75 +126,11 @@ class StreamCounts:
     dead: int = 0
     batches: int = 0
     redelivered: int = 0
+    retried: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict (for JSON)."""
         return asdict(self)
-
-
-async def connect(url: str, name: str = "lookalike") -> Any:
-    """Connect to NATS, reconnecting forever (a broker restart is survived, not fatal)."""
-    import nats
-
-    return await nats.connect(
-        servers=[url],
-        name=name,
-        reconnect_time_wait=0.5,
-        max_reconnect_attempts=-1,
-        connect_timeout=5,
-        allow_reconnect=True,
-    )
-
-
-async def ensure_stream(js: Any, stream: str, subjects: Sequence[str]) -> str:
-    """Make sure a JetStream stream captures ``subjects``; returns its name.
-
-    An existing stream named ``stream``, or any stream already capturing the first subject,
-    is used as it is; otherwise ``stream`` is created (file storage, 2-minute duplicate
-    window for ``Nats-Msg-Id``).
-    """
-    from nats.js.api import StorageType, StreamConfig
-    from nats.js.errors import NotFoundError
-
-    try:
-        await js.stream_info(stream)
-        return stream
-    except NotFoundError:
-        pass
-    try:
-        return str(await js.find_stream_name_by_subject(subjects[0]))
-    except NotFoundError:
-        pass
-    await js.add_stream(
-        StreamConfig(
-            name=stream, subjects=list(subjects), storage=StorageType.FILE, duplicate_window=120.0
-        )
-    )
-    return stream
-
-
-def broker_error(exc: BaseException, doing: str) -> LookalikeError:
-    """What ``exc``, raised while talking to the broker, becomes.
-
-    The one table (:func:`lookalike.errors.translate`) decides; an exception it does not know
-    is still a broker failure here (the NATS client also raises ``OSError`` and
-    ``asyncio.TimeoutError``), so it becomes :class:`~lookalike.errors.BrokerError`.
-
-    Args:
-        exc: the exception caught.
-        doing: what was being done, prefixed to the message (``"cannot connect to ..."``).
-
-    Returns:
-        A project exception of the type the table chose, message ``"<doing>: <reason>"``.
-    """
-    err = translate(exc) or BrokerError(f"{type(exc).__name__}: {exc}")
-    return type(err)(f"{doing}: {err}")
-
-
-def _stream_subject(subject: str) -> str:
-    """The subject a stream should capture for a publish/consume subject."""
-    head = subject.split(".")[0]
-    return f"{head}.>" if head != subject else subject
 
 
 class StreamIngest:
@@ -160,6 +149,11 @@ class StreamIngest:
         max_payload: largest accepted image, bytes.
         decode_threads: threads decoding images of a batch.
         on_batch: called with the counts after every batch (progress, tests).
+        max_deliver: deliveries of a message whose write keeps failing before it is
+            dead-lettered (see the module docstring).
+        retry_delay: seconds before such a message is redelivered.
+        notify: receives one line per dead letter and per connection event (the CLI prints
+            them); default: a warning in the log.
     """
 
     def __init__(
@@ -176,15 +170,22 @@ class StreamIngest:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         decode_threads: int = 2,
         on_batch: Callable[[StreamCounts], None] | None = None,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        notify: Notify | None = None,
     ) -> None:
         if batch_size < 1 or max_in_flight < batch_size:
             raise LookalikeError("need 1 <= batch_size <= max_in_flight")
+        if max_deliver < 1:
+            raise LookalikeError("need max_deliver >= 1")
         self.catalog = catalog
         self.url, self.subject, self.stream, self.durable = url, subject, stream, durable
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self.dead_letter, self.ack_wait, self.max_payload = dead_letter, ack_wait, max_payload
         self.decode_threads = decode_threads
         self.on_batch = on_batch
+        self.max_deliver, self.retry_delay = max_deliver, retry_delay
+        self.notify: Notify = notify or (lambda text: log.warning("%s", text))
         self.counts = StreamCounts()
 
     async def run(
@@ -199,13 +200,14 @@ class StreamIngest:
         from nats.js.api import AckPolicy, ConsumerConfig
 
         stop = stop or asyncio.Event()
+        fetch_errors = OneLine(self.url, lambda text: log.warning("%s", text))
         try:
-            nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}")
+            nc = await connect(self.url, name=f"lookalike-stream-{os.getpid()}", notify=self.notify)
         except Exception as exc:
             raise broker_error(exc, f"cannot connect to NATS at {self.url}") from None
         try:
             js = nc.jetstream()
-            await ensure_stream(js, self.stream, [_stream_subject(self.subject)])
+            await ensure_stream(js, self.stream, [stream_subject(self.subject)])
             await ensure_stream(js, f"{self.stream}_DEAD", [self.dead_letter])
             config = ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
@@ -222,7 +224,7 @@ class StreamIngest:
                 except NatsTimeout:
                     msgs = []
                 except Exception as exc:  # broker restarting: the client reconnects
-                    log.warning("%s; retrying", broker_error(exc, "fetch failed"))
+                    fetch_errors(f"{broker_error(exc, 'fetch failed')}; retrying")
                     await asyncio.sleep(0.5)
                     continue
                 if not msgs:
@@ -240,7 +242,8 @@ class StreamIngest:
         return self.counts
 
     async def _handle(self, js: Any, msgs: list[Any]) -> None:
-        """Process one fetched batch: parse, write, dead-letter, then acknowledge."""
+        """Process one fetched batch: parse, write (isolating failures), dead-letter, then
+        acknowledge the done messages and negatively acknowledge the ones to retry."""
         self.counts.received += len(msgs)
         self.counts.batches += 1
         events: list[tuple[Any, Event]] = []
@@ -252,33 +255,100 @@ class StreamIngest:
                 events.append((msg, parse_message(msg.headers, msg.data, self.max_payload)))
             except BadMessageError as exc:
                 dead.append((msg, str(exc)))
-        try:
-            dead += await asyncio.to_thread(self._write, events)
-        except Exception as exc:  # store unavailable: let the broker redeliver the batch
-            err = translate(exc)
-            if err is None:  # not a backend failure: keep the traceback for the operator
-                log.exception("write failed; batch of %d will be redelivered", len(msgs))
-            else:
-                log.error("write failed (%s); batch of %d will be redelivered", err, len(msgs))
+        written_dead, failures = await asyncio.to_thread(self._write_isolating, events)
+        dead += written_dead
+        if failures and len(failures) == len(events) and await self._store_down(failures):
+            reason = _reason(failures[0][1])
+            log.error("write failed (%s); batch of %d will be redelivered", reason, len(msgs))
             for msg in msgs:
                 with contextlib.suppress(Exception):  # unacked messages come back anyway
-                    await msg.nak(delay=1.0)
+                    await msg.nak(delay=self.retry_delay)
             return
+        retry: list[Any] = []
+        for msg, problem in failures:
+            reason = _reason(problem)
+            err = translate(problem)
+            n = msg.metadata.num_delivered
+            if isinstance(err, LookalikeError) and not isinstance(err, StoreError):
+                dead.append((msg, reason))  # the message's own fault: retrying cannot help
+            elif n >= self.max_deliver:
+                dead.append((msg, f"write failed on {n} deliveries: {reason}"))
+            else:
+                retry.append(msg)
+                log.warning(
+                    "write of %s failed (delivery %d of at most %d; retrying): %s",
+                    _describe(msg),
+                    n,
+                    self.max_deliver,
+                    reason,
+                    exc_info=problem
+                    if n == 1 and err is None
+                    else None,  # a bug: its traceback once
+                )
+        retrying = {id(m) for m in retry}
         try:
             for msg, reason in dead:
                 headers = dict(msg.headers or {})
-                headers.update({"Dead-Reason": reason[:1000], "Dead-Subject": msg.subject})
+                headers.update(
+                    {
+                        "Dead-Reason": " ".join(reason.split())[:1000],
+                        "Dead-Subject": msg.subject,
+                        DEAD_DELIVERIES: str(msg.metadata.num_delivered),
+                    }
+                )
                 await js.publish(self.dead_letter, msg.data, headers=headers, timeout=30)
-                log.warning("dead-lettered a message from %s: %s", msg.subject, reason)
+                self.notify(f"dead letter from {msg.subject} ({_describe(msg)}): {reason}")
             for msg in msgs:
-                await msg.ack()
+                if id(msg) in retrying:
+                    await msg.nak(delay=self.retry_delay)
+                else:
+                    await msg.ack()
         except Exception as exc:  # broker gone mid-batch: written rows are idempotent
             err = broker_error(exc, "could not finish the batch")
             log.warning("%s; the broker will redeliver it", err)
             return
         self.counts.dead += len(dead)
+        self.counts.retried += len(retry)
         if self.on_batch:
             self.on_batch(self.counts)
+
+    async def _store_down(self, failures: list[tuple[Any, Exception]]) -> bool:
+        """Whether a batch whose every message failed met a store outage (then nothing is
+        the messages' fault): every failure is a store error, and the store is busy or does
+        not answer a read."""
+        errors = [translate(exc) for _, exc in failures]
+        if not all(isinstance(err, StoreError) for err in errors):
+            return False
+        if any(isinstance(err, StoreBusyError) for err in errors):
+            return True
+        try:
+            await asyncio.to_thread(lambda: self.catalog.settings)
+        except Exception:
+            return True
+        return False
+
+    def _write_isolating(
+        self, events: list[tuple[Any, Event]]
+    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, Exception]]]:
+        """:meth:`_write` the events; when that raises, bisect until every failing message
+        stands alone, so that the others are written.
+
+        Returns:
+            ``(dead, failed)``: messages to dead-letter with their reason (bad images), and
+            ``(message, exception)`` for each message whose write raised.
+        """
+        before = dataclasses.replace(self.counts)
+        try:
+            return self._write(events), []
+        except Exception as exc:
+            for f in dataclasses.fields(self.counts):  # the failed attempt counted nothing
+                setattr(self.counts, f.name, getattr(before, f.name))
+            if len(events) == 1 or isinstance(translate(exc), StoreBusyError):
+                return [], [(msg, exc) for msg, _ in events]
+            mid = len(events) // 2
+            dead_a, failed_a = self._write_isolating(events[:mid])
+            dead_b, failed_b = self._write_isolating(events[mid:])
+            return dead_a + dead_b, failed_a + failed_b
 
     def _write(self, events: list[tuple[Any, Event]]) -> list[tuple[Any, str]]:
         """Apply events in order (runs of images in one batch write); returns dead ones."""
@@ -322,73 +392,14 @@ class StreamIngest:
         return dead
 
 
-# ---------------------------------------------------------------------------------- publishing
+def _reason(exc: BaseException) -> str:
+    """One line naming what went wrong (the project's message for a known error)."""
+    err = translate(exc)
+    text = str(err) if err is not None else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
-async def publish(
-    url: str,
-    subject: str,
-    events: Iterable[tuple[bytes, dict[str, str]]],
-    stream: str = DEFAULT_STREAM,
-) -> int:
-    """Publish ``(payload, headers)`` messages to JetStream, waiting for each broker ack.
-
-    Returns:
-        Messages published.
-
-    Raises:
-        BrokerError: the broker cannot be reached.
-    """
-    try:
-        nc = await connect(url, name=f"lookalike-publish-{os.getpid()}")
-    except Exception as exc:
-        raise broker_error(exc, f"cannot connect to NATS at {url}") from None
-    n = 0
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, stream, [_stream_subject(subject)])
-        for payload, headers in events:
-            await js.publish(subject, payload, headers=headers, timeout=30)
-            n += 1
-    finally:
-        await nc.close()  # every publish was acknowledged by JetStream
-    return n
-
-
-def image_events(
-    inputs: Sequence[str | os.PathLike[str]],
-    attrs: dict[str, Any] | None = None,
-    listing_id: str | None = None,
-    image_id: str | None = None,
-) -> Iterable[tuple[bytes, dict[str, str]]]:
-    """Messages for image files (keys by the folder convention of ``lookalike index``, or the
-    given ids for a single file), each with a broker de-duplication id."""
-    for src in iter_sources(list(inputs)):
-        data = read_bytes(src.location)
-        lid = listing_id or src.listing_id
-        iid = image_id or src.image_id
-        headers = make_headers("image", lid, iid, attrs)
-        headers["Nats-Msg-Id"] = f"{lid}/{iid}/{sha256_hex(data)}"
-        yield data, headers
-
-
-def publish_images(
-    url: str, subject: str, inputs: Sequence[str | os.PathLike[str] | Path], **kwargs: Any
-) -> int:
-    """Synchronous wrapper: publish image files (see :func:`image_events`). Returns the count."""
-    stream = kwargs.pop("stream", DEFAULT_STREAM)
-    return asyncio.run(publish(url, subject, image_events(inputs, **kwargs), stream=stream))
-
-
-def publish_event(
-    url: str,
-    subject: str,
-    kind: str,
-    listing_id: str,
-    image_id: str | None = None,
-    attrs: dict[str, Any] | None = None,
-    stream: str = DEFAULT_STREAM,
-) -> int:
-    """Synchronous wrapper: publish one ``listing`` update or ``delete`` message."""
-    headers = make_headers(kind, listing_id, image_id, attrs)
-    return asyncio.run(publish(url, subject, [(b"", headers)], stream=stream))
+def _describe(msg: Any) -> str:
+    """``listing/image`` of a message, for log lines."""
+    h = msg.headers or {}
+    return "/".join(x for x in (h.get("Listing-Id"), h.get("Image-Id")) if x) or "no ids"
