@@ -137,8 +137,12 @@ def push(url: str, head: bytes, total: int, chunked: bool, timeout: float = 20.0
                 sent += n if not chunked else max(0, n - 8)
                 if chunked and n < len(wire):  # keep the chunk framing whole
                     sock.setblocking(True)
-                    sock.sendall(wire[n:])
-                    sock.setblocking(False)
+                    try:
+                        sock.sendall(wire[n:])
+                    except (BrokenPipeError, ConnectionResetError):
+                        break  # the server answered and closed mid-chunk: read the answer
+                    finally:
+                        sock.setblocking(False)
         # the answer may still be on its way after a reset
         sock.setblocking(True)
         sock.settimeout(2)
@@ -293,8 +297,11 @@ def test_content_length_over_the_limit_is_refused_at_once(server):
 def test_chunked_upload_is_counted_while_it_streams(server):
     url, _ = server
     status, sent, answer = push(url, multipart_head("/images", None, AUTH), 300 * MiB, True)
-    assert status == 413, answer[:200]
-    print(f"\n413 after {sent} bytes of a chunked 300 MiB body (limit 3 MiB)")
+    # The server answers 413 and closes; a client still sending then gets a reset, and TCP may
+    # discard the answer with it (RFC 9112, 9.6), so no answer at all is allowed too: what is
+    # tested is that the server stopped reading at the limit.
+    assert status in (413, None), answer[:200]
+    print(f"\n{status} after {sent} bytes of a chunked 300 MiB body (limit 3 MiB)")
     assert sent < 24 * MiB
 
 
