@@ -533,3 +533,13 @@ def test_open_writes_off_loopback_are_warned_about():
 
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
     assert not _loopback("0.0.0.0") and not _loopback("192.168.1.5")
+
+
+@pytest.mark.parametrize("image_id", ["a\u202eb.jpg", "a\x7fb.jpg", "   "])
+def test_an_odd_id_is_a_bad_request_not_a_bad_image(server, image_id):
+    url, _ = server
+    files = {"image": ("t.jpg", jpeg(), "image/jpeg")}
+    data = {"listing_id": "odd", "image_id": image_id}
+    r = requests.post(url + "/images", files=files, data=data, headers=AUTH)
+    assert r.status_code in (400, 422), r.text
+    assert "id" in r.json()["error"]["message"]
