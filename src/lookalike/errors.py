@@ -97,7 +97,7 @@ def translate(exc: BaseException) -> LookalikeError | None:
     names = {_qualname(cls) for cls in type(exc).__mro__}
     for name, kind, message in BACKEND_ERRORS:
         if name in names:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip().split("\n", 1)[0] or type(exc).__name__
             if kind is StoreError and ("locked" in text or "busy" in text):
                 kind = StoreBusyError
             return kind(message.format(exc=text))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ from ..errors import ImageError, LookalikeError
 from ..extract import default_near_duplicate_threshold
 from ..images import decode_image, is_url, read_bytes
 from ..types import Key
+from .neighbours import progress_bar
 
 #: The edits a near-duplicate may have undergone, one copy of each per sampled image.
 AUGMENTATIONS: tuple[str, ...] = ("crop", "flip", "rotate", "colour", "blur", "jpeg")
@@ -257,17 +257,15 @@ def score_pairs(
     if len(copies) < MIN_SAMPLE * len(AUGMENTATIONS):
         raise LookalikeError("too few sampled images could be decoded to calibrate")
     vectors = _embed(cat, copies, progress)
-    originals = np.stack([cat.get_image_vector(key[1], key[0]) for key in owners])
+    sampled = sorted(set(owners))
+    stored = {key: cat.get_image_vector(key[1], key[0]) for key in sampled}  # one read each
+    originals = np.stack([stored[key] for key in owners])
     positives = np.einsum("ij,ij->i", vectors, originals).astype(np.float32)
     # Copies already in the catalog: listings with an image that scores with the original
     # above most edited copies do. Neither positive nor negative (module docstring).
     typical = float(np.quantile(positives, KNOWN_COPY_QUANTILE))
-    sampled = sorted(set(owners))
     known = cat.search_batch(
-        np.stack([cat.get_image_vector(key[1], key[0]) for key in sampled]),
-        k=None,
-        threshold=typical,
-        index="exact",
+        np.stack([stored[key] for key in sampled]), k=None, threshold=typical, index="exact"
     )
     already = {key: {h.listing_id for h in r.hits} for key, r in zip(sampled, known, strict=True)}
     skip = MAX_LISTING_SKIP * (1 + max(len(v) for v in already.values()))
@@ -338,12 +336,8 @@ def calibrate(
 
 def _embed(cat: Catalog, images: list[Image.Image], progress: bool, batch: int = 32) -> np.ndarray:
     """``(n, d) float32`` vectors of PIL images through the catalog's extractor, in batches."""
-    from tqdm import tqdm
-
     out = []
-    with tqdm(
-        total=len(images), desc="calibrating", unit="img", disable=not progress, file=sys.stderr
-    ) as bar:
+    with progress_bar(len(images), "calibrating", progress) as bar:
         for start in range(0, len(images), batch):
             out.append(cat.embed(images[start : start + batch]))
             bar.update(len(images[start : start + batch]))

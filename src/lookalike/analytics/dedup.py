@@ -8,7 +8,6 @@ batched threshold search or the blocked IVF cell join; never an ``n x n`` matrix
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from typing import Any
 
@@ -19,7 +18,14 @@ from ..engine import SearchEngine
 from ..engine.ann import AnnIndex
 from ..types import Key, SearchSpec
 from .calibrate import near_duplicate_threshold
-from .neighbours import cell_blocks, ivf_index, live_positions, live_vectors, neighbours
+from .neighbours import (
+    cell_blocks,
+    ivf_index,
+    live_positions,
+    live_vectors,
+    neighbours,
+    progress_bar,
+)
 
 
 class UnionFind:
@@ -121,22 +127,13 @@ def near_duplicates(
         QueryError: unknown index, or no such index built.
         LookalikeError: no threshold given and none known for the catalog's vectors.
     """
-    from tqdm import tqdm
-
     if threshold is None:
         threshold = near_duplicate_threshold(cat)[0]
     engine = cat.search_engine(index)
     keys, x = live_vectors(cat)
     uf = UnionFind(len(keys))
     ann = ivf_index(engine)
-    with tqdm(
-        total=len(keys),
-        unit="img",
-        desc="dedup",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not progress,
-    ) as bar:
+    with progress_bar(len(keys), "dedup", progress) as bar:
         if ann is not None:
             _cell_join(ann, x, threshold, nprobe, uf, bar)
         else:

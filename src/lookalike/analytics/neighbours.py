@@ -8,7 +8,9 @@ through the cells of an IVF index (:func:`ivf_index`, :func:`cell_blocks`,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +28,21 @@ uses (measured in ``benchmarks/analytics.py``: groups found vs the exact scan)."
 
 #: Index kinds whose coarse quantizer :func:`cell_blocks` can join through.
 IVF_KINDS = (IndexKind.IVF, IndexKind.IVFPQ)
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """The analytics' progress bar: tqdm on stderr counting images (``img``, images/s), a
+    no-op when not ``enabled``. Use as a context manager; ``.update(n)`` as work is done."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="img",
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not enabled,
+    )
 
 
 def live_vectors(cat: Catalog) -> tuple[list[Key], np.ndarray]:

@@ -7,7 +7,6 @@ certified exact), :func:`isolation_outliers` and their :class:`OutlierReport`; w
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 from ..catalog import Catalog
 from ..errors import LookalikeError
 from ..types import IndexKind, Key
-from .neighbours import cell_blocks, ivf_index, live_vectors, neighbours
+from .neighbours import cell_blocks, ivf_index, live_vectors, neighbours, progress_bar
 
 
 @dataclass
@@ -78,8 +77,6 @@ def knn_outliers(
         LookalikeError: fewer than 2 vectors.
         QueryError: unknown index, or no such index built.
     """
-    from tqdm import tqdm
-
     engine = cat.search_engine(index)
     keys, x = live_vectors(cat)
     n = len(keys)
@@ -95,14 +92,7 @@ def knn_outliers(
             bar.update(1)
 
     ann = ivf_index(engine)
-    with tqdm(
-        total=n,
-        unit="img",
-        desc="outliers",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not progress,
-    ) as bar:
+    with progress_bar(n, "outliers", progress) as bar:
         if ann is None:  # exact, or HNSW's approximate neighbours
             by_search(index, None, bar)
         else:

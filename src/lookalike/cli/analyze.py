@@ -287,14 +287,14 @@ def dedup(
 
     value = parse_threshold(threshold)
     with opened(catalog) as cat:
-        used, source = value or 0.0, "given"
-        if value is None and not exact:
-            used, source = near_duplicate_threshold(cat)
-        groups = (
-            exact_duplicates(cat)
-            if exact
-            else near_duplicates(cat, threshold=used, index=index, nprobe=nprobe, progress=progress)
-        )
+        used, source = 0.0, ""
+        if exact:
+            groups = exact_duplicates(cat)
+        else:
+            used, source = (value, "given") if value is not None else near_duplicate_threshold(cat)
+            groups = near_duplicates(
+                cat, threshold=used, index=index, nprobe=nprobe, progress=progress
+            )
     if csv_out:
         with open(csv_out, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)

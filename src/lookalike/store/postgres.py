@@ -35,29 +35,9 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from .records import RECORD_COLUMNS, record_from_row
 
 LISTING_COLUMNS = ("stock_level", "etag")
-_RECORD_COLUMNS = (
-    "listing_id, image_id, vector, model, source, sha256, width, height, ingested_at, labels"
-)
-
-
-def _record(r: Sequence[Any]) -> ImageRecord:
-    """An :class:`ImageRecord` from a row of :data:`_RECORD_COLUMNS` (labels are JSONB)."""
-    return ImageRecord(
-        listing_id=r[0],
-        image_id=r[1],
-        vector=np.frombuffer(bytes(r[2]), dtype="<f4").copy(),
-        model=r[3],
-        source=r[4],
-        sha256=r[5],
-        width=r[6],
-        height=r[7],
-        ingested_at=r[8],
-        labels=r[9],
-    )
-
-
 _LOCK_ID = 0x6C6F6F6B  # advisory lock key for migrations ("look")
 
 
@@ -345,11 +325,11 @@ class PostgresStore:
         """One stored image, or None."""
         with self._tx(read_only=True) as cur:
             cur.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM features WHERE listing_id = %s AND image_id = %s",
+                f"SELECT {RECORD_COLUMNS} FROM features WHERE listing_id = %s AND image_id = %s",
                 key,
             )
             r = cur.fetchone()
-        return None if r is None else _record(r)
+        return None if r is None else record_from_row(r)
 
     def iter_records(self, batch_size: int = 1024) -> Iterator[list[ImageRecord]]:
         """Every stored image, ordered by ``(listing_id, image_id)``, ``batch_size`` rows a
@@ -359,13 +339,13 @@ class PostgresStore:
             with self._tx(read_only=True) as cur:
                 if last is None:
                     cur.execute(
-                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        f"SELECT {RECORD_COLUMNS} FROM features "
                         "ORDER BY listing_id, image_id LIMIT %s",
                         (batch_size,),
                     )
                 else:
                     cur.execute(
-                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        f"SELECT {RECORD_COLUMNS} FROM features "
                         "WHERE (listing_id, image_id) > (%s, %s) "
                         "ORDER BY listing_id, image_id LIMIT %s",
                         (*last, batch_size),
@@ -373,7 +353,7 @@ class PostgresStore:
                 rows = cur.fetchall()
             if not rows:
                 return
-            yield [_record(r) for r in rows]
+            yield [record_from_row(r) for r in rows]
             last = (rows[-1][0], rows[-1][1])
 
     def find_image(self, image_id: str) -> list[Key]:

@@ -27,27 +27,7 @@ import numpy as np
 
 from ..errors import LookalikeError, NotFoundError
 from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
-
-_RECORD_COLUMNS = (
-    "listing_id, image_id, vector, model, source, sha256, width, height, ingested_at, labels"
-)
-
-
-def _record(r: Sequence[Any]) -> ImageRecord:
-    """An :class:`ImageRecord` from a row of :data:`_RECORD_COLUMNS`."""
-    return ImageRecord(
-        listing_id=r[0],
-        image_id=r[1],
-        vector=np.frombuffer(r[2], dtype="<f4").copy(),
-        model=r[3],
-        source=r[4],
-        sha256=r[5],
-        width=r[6],
-        height=r[7],
-        ingested_at=r[8],
-        labels=json.loads(r[9]) if r[9] else None,
-    )
-
+from .records import RECORD_COLUMNS, record_from_row
 
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 1
@@ -359,10 +339,10 @@ class SqliteStore:
         """One stored image, or None."""
         with self._lock:
             r = self._conn.execute(
-                f"SELECT {_RECORD_COLUMNS} FROM features WHERE listing_id = ? AND image_id = ?",
+                f"SELECT {RECORD_COLUMNS} FROM features WHERE listing_id = ? AND image_id = ?",
                 key,
             ).fetchone()
-        return None if r is None else _record(r)
+        return None if r is None else record_from_row(r)
 
     def iter_records(self, batch_size: int = 1024) -> Iterator[list[ImageRecord]]:
         """Every stored image, ordered by ``(listing_id, image_id)``, ``batch_size`` rows a
@@ -372,20 +352,20 @@ class SqliteStore:
             with self._lock:
                 if last is None:
                     rows = self._conn.execute(
-                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        f"SELECT {RECORD_COLUMNS} FROM features "
                         "ORDER BY listing_id, image_id LIMIT ?",
                         (batch_size,),
                     ).fetchall()
                 else:
                     rows = self._conn.execute(
-                        f"SELECT {_RECORD_COLUMNS} FROM features "
+                        f"SELECT {RECORD_COLUMNS} FROM features "
                         "WHERE (listing_id, image_id) > (?, ?) "
                         "ORDER BY listing_id, image_id LIMIT ?",
                         (*last, batch_size),
                     ).fetchall()
             if not rows:
                 return
-            yield [_record(r) for r in rows]
+            yield [record_from_row(r) for r in rows]
             last = (rows[-1][0], rows[-1][1])
 
     def find_image(self, image_id: str) -> list[Key]:

@@ -22,8 +22,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...catalog import Catalog
-from ...errors import ImageError, NotFoundError, QueryError
-from ...types import WriteStatus, id_problem
+from ...catalog.validate import check_id
+from ...errors import ImageError, NotFoundError
+from ...types import WriteStatus
 from ..deps import READ, WRITE, Access, AccessDep, CatalogDep, StateDep, read_upload
 from ..routing import ServerRoute
 from ..schemas import (
@@ -49,10 +50,9 @@ async def add_image(
     form: Annotated[ImageUpload, Form(media_type="multipart/form-data")],
     state: StateDep,
 ) -> dict[str, Any]:
-    for value, what in ((form.listing_id, "listing_id"), (form.image_id, "image_id")):
-        problem = id_problem(value, what)
-        if problem is not None:  # refused before the upload is read or decoded: 400, not 415
-            raise QueryError(problem)
+    # the catalog's id rule, before the upload is read or decoded: a 400, not a 415
+    check_id(form.listing_id, "listing_id")
+    check_id(form.image_id, "image_id")
     data = await read_upload(form.image, state.settings)
     item = (data, form.listing_id, form.image_id, f"upload:{form.image.filename or ''}")
     async with state.decodes.hold():
