@@ -46,6 +46,38 @@ def test_wal_mode_is_on(tmp_path):
     assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_opening_waits_for_a_writer_instead_of_failing(tmp_path):
+    """Switching to WAL while another connection holds a write lock makes SQLite answer
+    "database is locked" at once (no busy handler); opening a catalog must wait and succeed.
+    (Two processes opening a new catalog at once hit this.)"""
+    import sqlite3
+    import threading
+
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    sqlite3.connect(folder / "catalog.db").execute("CREATE TABLE other (a)").connection.close()
+    locked = threading.Event()
+
+    def writer():
+        conn = sqlite3.connect(folder / "catalog.db", isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO other VALUES (1)")
+        locked.set()
+        time.sleep(0.5)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    locked.wait(5)
+    start = time.monotonic()
+    s = open_store(folder)
+    assert time.monotonic() - start > 0.3  # it waited for the writer's 0.5 s
+    assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
+    thread.join()
+
+
 def test_model_is_claimed_once(store):
     assert store.claim_model(ModelInfo("other", "2", 8)) == ModelInfo("test", "1", 4)
 

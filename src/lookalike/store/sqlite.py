@@ -120,7 +120,7 @@ class SqliteStore:
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
         )
         self._conn.execute("PRAGMA busy_timeout = 60000")
-        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._set_wal()
         self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._lock:
             self._conn.executescript(
@@ -136,6 +136,27 @@ class SqliteStore:
             )
 
     # ------------------------------------------------------------------ plumbing
+
+    def _set_wal(self, wait: float = 60.0) -> None:
+        """Switch the database to WAL mode, retrying while another process holds a lock.
+
+        Changing the journal mode needs an exclusive lock, and when two connections race for
+        it (two processes opening a new catalog at once) SQLite answers ``SQLITE_BUSY`` at once
+        instead of calling the busy handler, to avoid a deadlock (sqlite.org/lockingv3.html,
+        "deadlock"). So the pragma is retried, every 50 ms, for up to ``wait`` seconds.
+
+        Raises:
+            sqlite3.OperationalError: still locked after ``wait`` seconds, or another error.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
