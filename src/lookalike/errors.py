@@ -12,6 +12,9 @@ matches by qualified class name along the exception's MRO, so this module import
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 
 class LookalikeError(Exception):
     """Base class of every error lookalike raises on purpose."""
@@ -50,6 +53,39 @@ class StoreBusyError(StoreError):
 
 class BrokerError(LookalikeError):
     """The message broker (NATS JetStream) cannot be reached or refused a request."""
+
+
+class MissingExtraError(LookalikeError):
+    """A feature needs a package of an optional extra that is not installed.
+
+    Args:
+        module: the import name that failed (``pyarrow``).
+        extra: the extra of ``pyproject.toml`` that installs it (``parquet``).
+        feature: what needed it, in words (``Parquet manifests``).
+    """
+
+    def __init__(self, module: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the package {module}, which is not installed: "
+            f"pip install 'lookalike[{extra}]'"
+        )
+        self.module = module
+        self.extra = extra
+
+
+def optional_import(module: str, extra: str, feature: str) -> Any:
+    """Import ``module`` (e.g. ``pyarrow.parquet``) of an optional extra.
+
+    Returns:
+        The module.
+
+    Raises:
+        MissingExtraError: it is not installed; the message names the extra to install.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(module.split(".")[0], extra, feature) from None
 
 
 #: Backend exception (qualified class name) -> (project exception, what to tell the user).

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageFile
 
-from .errors import ImageError, SourceError
+from .errors import ImageError, SourceError, optional_import
 
 #: Largest accepted image, in pixels. Pillow's own default (``Image.MAX_IMAGE_PIXELS``, about
 #: 89.5 M pixels, i.e. a 1024 MB 24-bit image); lookalike treats Pillow's warning level as an error.
@@ -411,7 +411,7 @@ def iter_manifest(path: Path) -> Iterator[ImageSource]:
                 raise SourceError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
             rows: Iterable[dict] = list(reader)
     else:
-        import pyarrow.parquet as pq
+        pq = optional_import("pyarrow.parquet", "parquet", "a Parquet manifest")
 
         try:
             table = pq.read_table(path)

@@ -23,17 +23,21 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .catalog import Catalog
-from .errors import ModelMismatchError, SourceError
+from .errors import MissingExtraError, ModelMismatchError, SourceError
 from .files import atomic_path, atomic_write
 from .types import FeatureBatch, ImageRecord, ModelInfo
 
-#: Default number of ``part`` partitions.
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # the default install has no pyarrow: lookalike[parquet] brings it
+    raise MissingExtraError("pyarrow", "parquet", "the Parquet lake (export, import)") from None
+
 #: Rows read from the store per query while exporting.
 EXPORT_BATCH = 4096
+#: Default number of ``part`` partitions.
 DEFAULT_PARTS = 16
 MODEL_KEY = b"lookalike.model"
 

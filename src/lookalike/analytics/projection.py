@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..catalog import Catalog
-from ..errors import LookalikeError
+from ..errors import LookalikeError, optional_import
 from ..types import Key
 from .neighbours import live_vectors
 
@@ -137,8 +137,7 @@ def render_map_png(path: str, cat: Catalog, outliers_top: int = 10) -> dict[str,
     Raises:
         LookalikeError: the catalog is empty.
     """
-    import matplotlib
-
+    matplotlib = optional_import("matplotlib", "plot", "drawing the map as a PNG")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

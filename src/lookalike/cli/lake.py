@@ -16,8 +16,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from ..errors import QueryError
-from ..lake import DEFAULT_PARTS
+from ..errors import QueryError, optional_import
 from ..types import Aggregation, GroupBy
 from .common import (
     CatalogOpt,
@@ -29,6 +28,10 @@ from .common import (
     print_json,
     say,
 )
+
+#: Partitions of an exported lake (``lookalike.lake.DEFAULT_PARTS``; the lake module needs
+#: pyarrow, which the default install lacks, so the CLI does not import it to start).
+DEFAULT_PARTS = 16
 
 commands = typer.Typer()
 spark_app = typer.Typer(
@@ -102,8 +105,8 @@ def _lake_root(features: str) -> Path:
 def _embed_query_image(lake: Path, image: str) -> np.ndarray:
     """``(1, d)``: one query image embedded with the lake's extractor, through the same
     :func:`lookalike.spark.read_query_table` path as a ``--queries`` table of paths."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = optional_import("pyarrow", "parquet", "a query image for a Spark search")
+    pq = optional_import("pyarrow.parquet", "parquet", "a query image for a Spark search")
 
     from .. import spark as lsp
     from ..extract import get_extractor

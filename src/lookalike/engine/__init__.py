@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from ..errors import LookalikeError
+from ..errors import LookalikeError, optional_import
 from ..types import Aggregation, CodeKind, EngineKind, RawHits, SearchSpec, choices
 from .cache import ListingTable, VectorCache
 from .checks import check_listing_mask, check_queries, check_spec
@@ -83,6 +83,7 @@ def make_engine(
     if engine == EngineKind.TORCH or (engine == EngineKind.AUTO and ok and _cuda()):
         if not ok:
             raise LookalikeError(f"the torch engine needs the compiled kernels too: {why}")
+        optional_import("torch", "gpu", "the torch engine")
         from .gpu import TorchEngine
 
         return TorchEngine(cache, device=device or "cuda", rerank=rerank)
