@@ -30,7 +30,13 @@ import numpy as np
 from PIL import Image
 
 import lookalike
-from lookalike.analytics.calibrate import DEFAULT_PRECISION, choose_threshold, score_pairs
+from lookalike.analytics.calibrate import (
+    DEFAULT_PRECISION,
+    RESAVE_QUALITY,
+    SAME_IMAGE_QUANTILE,
+    choose_threshold,
+    score_pairs,
+)
 from lookalike.demo import write_demo
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -93,6 +99,13 @@ def main() -> None:
                     f"{default:.3f}, {dp:.3f}, {dr:.3f} | {op:.3f}, {orc:.3f} |"
                 )
             print(f"<!-- {model.tag if model else name}: {default:.3f} -->")
+            for set_name, p in pairs.items():  # the "same image" score band (analytics.bands)
+                if len(p.resaved):
+                    q = float(np.quantile(p.resaved, SAME_IMAGE_QUANTILE))
+                    print(
+                        f"<!-- {name} {set_name} same_image (q{SAME_IMAGE_QUANTILE:g} of "
+                        f"{len(p.resaved)} JPEG-q{RESAVE_QUALITY} re-saves): {q:.4f} -->"
+                    )
 
 
 if __name__ == "__main__":

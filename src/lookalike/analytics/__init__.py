@@ -13,6 +13,8 @@ and the web page's Explore view read them. One module per concern:
 * :mod:`.dedup`: :func:`near_duplicates`, groups of images with ``score > t`` (connected
   components of the threshold graph; no ``n x n`` matrix), and :func:`exact_duplicates` by
   file hash;
+* :mod:`.bands`: :func:`score_bands`, the readable band of a score ("same image", "near copy",
+  "similar", "unrelated");
 * :mod:`.calibrate`: :func:`calibrate`, the near-duplicate threshold measured on edited copies
   of the catalog's own images, and :func:`near_duplicate_threshold`, the one ``dedup`` uses;
 * :mod:`.projection`: :func:`project`, 2-D PCA (always) or UMAP (when ``umap-learn`` is
@@ -23,6 +25,7 @@ This package re-exports the public functions of those modules.
 
 from __future__ import annotations
 
+from .bands import BANDS, ScoreBands, score_bands
 from .calibrate import Calibration, calibrate, near_duplicate_threshold
 from .clusters import Cluster, ClusterReport, default_k, kmeans
 from .dedup import UnionFind, exact_duplicates, near_duplicates
@@ -31,11 +34,13 @@ from .outliers import OutlierReport, isolation_outliers, knn_outliers
 from .projection import map_points, pca_2d, project, render_map_png
 
 __all__ = [
+    "BANDS",
     "JOIN_NPROBE",
     "Calibration",
     "Cluster",
     "ClusterReport",
     "OutlierReport",
+    "ScoreBands",
     "UnionFind",
     "calibrate",
     "cell_blocks",
@@ -53,4 +58,5 @@ __all__ = [
     "pca_2d",
     "project",
     "render_map_png",
+    "score_bands",
 ]

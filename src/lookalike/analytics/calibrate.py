@@ -61,6 +61,14 @@ MAX_LISTING_SKIP = 32
 KNOWN_COPY_QUANTILE = 0.25
 #: Fewest sampled images that make a calibration.
 MIN_SAMPLE = 8
+#: JPEG quality of the re-saved copies that define "same image".
+RESAVE_QUALITY = 90
+#: Quantile of the re-saved copies' scores taken as the "same image" band limit (:mod:`.bands`).
+SAME_IMAGE_QUANTILE = 0.01
+#: Quantile of random different-listing pair scores taken as the "similar" limit.
+SIMILAR_QUANTILE = 0.99
+#: Images sampled for the random pairs (``n (n - 1) / 2`` pairs, minus same-listing ones).
+SIMILAR_SAMPLE = 2000
 
 
 @dataclass
@@ -75,6 +83,8 @@ class Calibration:
         sampled: images sampled; positives / negatives: pairs scored.
         exact: False when negatives below the seen top-k could lie above the threshold.
         model: the model tag the scores come from. created_at: Unix time, seconds.
+        same_image, similar: the limits of the "same image" and "similar" score bands
+            (:mod:`lookalike.analytics.bands`); None in calibrations stored before them.
     """
 
     threshold: float
@@ -88,12 +98,15 @@ class Calibration:
     exact: bool
     model: str
     created_at: float = field(default_factory=time.time)
+    same_image: float | None = None
+    similar: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (scores rounded to 6 digits)."""
         d = asdict(self)
-        for key in ("threshold", "precision", "recall"):
-            d[key] = round(float(d[key]), 6)
+        for key in ("threshold", "precision", "recall", "same_image", "similar"):
+            if d[key] is not None:
+                d[key] = round(float(d[key]), 6)
         d["recall_by_kind"] = {k: round(v, 4) for k, v in self.recall_by_kind.items()}
         return d
 
@@ -185,6 +198,8 @@ class PairScores:
 
     Attributes:
         positives: ``(p,) float32`` copy-vs-original scores; kinds: the edit of each.
+        resaved: ``(s,) float32`` scores of JPEG re-saved copies (quality
+            :data:`RESAVE_QUALITY`) vs. their originals.
         negatives: ``(n,) float32`` copy-vs-other-listing scores (each copy's best ``k``).
         kth: ``(m,) float32`` the ``k``-th negative of each copy that had ``k`` of them.
         sampled: images the copies were made from.
@@ -195,6 +210,7 @@ class PairScores:
     negatives: np.ndarray
     kth: np.ndarray
     sampled: int
+    resaved: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def at(self, threshold: float) -> tuple[float, float, dict[str, float]]:
         """``(precision, recall, recall by edit kind)`` of ``score > threshold``."""
@@ -245,6 +261,7 @@ def score_pairs(
     copies: list[Image.Image] = []
     owners: list[Key] = []
     kinds: list[str] = []
+    resaves: list[Image.Image] = []
     for key, src in picked:
         try:
             image = decode_image(read_bytes(src), name=src).image
@@ -254,13 +271,19 @@ def score_pairs(
             copies.append(augment(image, kind, rng))
             owners.append(key)
             kinds.append(kind)
+        resaves.append(_resave(image))
     if len(copies) < MIN_SAMPLE * len(AUGMENTATIONS):
         raise LookalikeError("too few sampled images could be decoded to calibrate")
-    vectors = _embed(cat, copies, progress)
+    embedded = _embed(cat, copies + resaves, progress)
+    vectors, resaved_vectors = embedded[: len(copies)], embedded[len(copies) :]
     sampled = sorted(set(owners))
     stored = {key: cat.get_image_vector(key[1], key[0]) for key in sampled}  # one read each
     originals = np.stack([stored[key] for key in owners])
     positives = np.einsum("ij,ij->i", vectors, originals).astype(np.float32)
+    resave_owners = owners[:: len(AUGMENTATIONS)]  # one re-save per decoded original
+    resaved = np.einsum(
+        "ij,ij->i", resaved_vectors, np.stack([stored[key] for key in resave_owners])
+    ).astype(np.float32)
     # Copies already in the catalog: listings with an image that scores with the original
     # above most edited copies do. Neither positive nor negative (module docstring).
     typical = float(np.quantile(positives, KNOWN_COPY_QUANTILE))
@@ -289,7 +312,17 @@ def score_pairs(
         negatives=np.asarray(negatives, dtype=np.float32),
         kth=np.asarray(kth, dtype=np.float32),
         sampled=len(set(owners)),
+        resaved=resaved,
     )
+
+
+def _resave(image: Image.Image) -> Image.Image:
+    """The image saved as a JPEG at :data:`RESAVE_QUALITY` and read
+    back: a re-upload of the same photo."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=RESAVE_QUALITY)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def calibrate(
@@ -328,6 +361,8 @@ def calibrate(
         negatives=len(pairs.negatives),
         exact=not len(pairs.kth) or t >= float(pairs.kth.max()),
         model=model.tag if model else "",
+        same_image=float(np.quantile(pairs.resaved, SAME_IMAGE_QUANTILE)),
+        similar=similar_threshold(cat, seed=seed),
     )
     if save:
         cat.save_calibration(cal.to_dict())
@@ -369,3 +404,37 @@ def near_duplicate_threshold(cat: Catalog) -> tuple[float, str]:
         "no near-duplicate threshold known for this catalog's vectors; pass --threshold or run "
         "`lookalike calibrate`"
     )
+
+
+def similar_threshold(cat: Catalog, sample: int = SIMILAR_SAMPLE, seed: int = 0) -> float:
+    """The :data:`SIMILAR_QUANTILE` quantile of scores of random image pairs from different
+    listings, over at most ``sample`` images (seeded; only those rows are copied).
+
+    Returns:
+        The limit, a float in [-1, 1]; 1.0 when fewer than two listings are sampled (nothing
+        can be called similar).
+
+    Raises:
+        LookalikeError: the catalog is empty.
+    """
+    total = cat.count()
+    if total == 0:
+        raise LookalikeError(f"{cat.uri} is empty; index some images first")
+    rng = np.random.default_rng(seed)
+    wanted = np.sort(rng.choice(total, min(sample, total), replace=False))
+    listings: list[str] = []
+    parts: list[np.ndarray] = []
+    offset = 0
+    for keys, vectors in cat.iter_vectors():
+        rows = wanted[(wanted >= offset) & (wanted < offset + len(keys))] - offset
+        listings.extend(keys[r][0] for r in rows)
+        parts.append(vectors[rows])
+        offset += len(keys)
+    if not listings:
+        raise LookalikeError(f"{cat.uri} is empty; index some images first")
+    picked = np.concatenate(parts)
+    listing = np.asarray(listings)
+    scores = picked @ picked.T
+    upper = np.triu(np.ones(scores.shape, bool), k=1) & (listing[:, None] != listing[None, :])
+    pairs = scores[upper]
+    return float(np.quantile(pairs, SIMILAR_QUANTILE)) if len(pairs) else 1.0

@@ -153,22 +153,40 @@ def warn(text: str) -> None:
     err.print(text, highlight=False, markup=False)
 
 
-def print_results(results: Sequence[SearchResult], fmt: OutputFormat, grouped: bool) -> None:
-    """Search results: one JSON line each, or a table each (``rank score listing image``)."""
+def print_results(
+    results: Sequence[SearchResult],
+    fmt: OutputFormat,
+    grouped: bool,
+    band: Callable[[float], str] | None = None,
+) -> None:
+    """Search results: one JSON line each, or a table each (``rank score listing image``).
+
+    ``band`` names each score's band (``lookalike.analytics.ScoreBands.band``): a ``band``
+    column in the table, a ``"band"`` key in each JSON hit.
+    """
     for res in results:
         if fmt == OutputFormat.JSON:
-            print_json(res.to_dict())
+            d = res.to_dict()
+            if band is not None:
+                for hit in d["hits"]:
+                    hit["band"] = band(hit["score"])
+            print_json(d)
             continue
         title = f"query {res.query_id}" + (" (saved)" if res.saved else "")
         table = Table(title=title, title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
+        if band is not None:
+            table.add_column("band")
         table.add_column("listing_id")
         table.add_column("image_id")
         if grouped:
             table.add_column("images", justify="right")
         for h in res.hits:
-            row = [str(h.rank), f"{h.score:.4f}", escape(h.listing_id), escape(h.image_id)]
+            row = [str(h.rank), f"{h.score:.4f}"]
+            if band is not None:
+                row.append(band(h.score))
+            row += [escape(h.listing_id), escape(h.image_id)]
             if grouped:
                 row.append(str(h.n_images))
             table.add_row(*row)

@@ -207,6 +207,13 @@ def search(
             "`config --index` setting."
         ),
     ] = None,
+    bands: Annotated[
+        bool,
+        typer.Option(
+            help="Name each score's band: same image, near copy, similar or unrelated, from "
+            "the catalog's calibration (`lookalike calibrate`) or the extractor's defaults."
+        ),
+    ] = True,
     engine: EngineOpt = None,
     device: DeviceOpt = "auto",
     fmt: FormatOpt = OutputFormat.TABLE,
@@ -245,7 +252,12 @@ def search(
             save=save,
             index=index,
         )
-    print_results(results, fmt, grouped=group_by is not None)
+        band = None
+        if bands and any(r.hits for r in results):
+            from ..analytics import score_bands
+
+            band = score_bands(cat).band
+    print_results(results, fmt, grouped=group_by is not None, band=band)
 
 
 def _one(
