@@ -265,6 +265,19 @@ def test_the_cache_file_is_named_by_weights_and_converter(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no stray temp file
 
 
+def test_an_unwritable_cache_only_costs_a_conversion_per_start(
+    tmp_path, monkeypatch, caplog, demo_batch
+):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    ext = get_extractor("cnn", device="cpu")
+    with caplog.at_level("WARNING", logger="lookalike.extract.cnn"):
+        got = ext.embed(demo_batch[:3])
+    assert "cannot cache the cnn ONNX model" in caplog.text
+    monkeypatch.setenv("LOOKALIKE_CACHE_DIR", str(tmp_path / "ok"))
+    assert np.array_equal(got, get_extractor("cnn", device="cpu").embed(demo_batch[:3]))
+
+
 # ------------------------------------------------------------------ without torch
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..devices import cuda_available
 from ..errors import LookalikeError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write
 from .base import BaseExtractor, center_crop_resize, l2_normalize
 from .onnx_graph import CONVERTER_VERSION, build_onnx_model
 from .torch_weights import load_state_dict
@@ -143,14 +143,43 @@ def onnx_path() -> Path:
     return cache_dir() / f"{MODEL_NAME}-gap-{digest}-c{CONVERTER_VERSION}-opset{ONNX_OPSET}.onnx"
 
 
-def export_onnx(path: Path | None = None) -> Path:
-    """Convert the bundled weights to the pooled-feature ONNX graph, without torch.
+def convert_onnx() -> bytes:
+    """The pooled-feature ONNX model of the bundled weights, serialized, made without torch.
 
     Reads the weights with the restricted unpickler (:func:`.torch_weights.load_state_dict`),
-    builds the graph with :func:`.onnx_graph.build_onnx_model` (batch norm folded), checks that
-    ONNX Runtime loads it and gives finite ``(n, 1280)`` features on a seeded random batch, and
-    only then renames it into place (a crash or a concurrent conversion never leaves a broken
-    cache file). The tests check it against torch within :data:`ONNX_TOLERANCE`.
+    builds the graph with :func:`.onnx_graph.build_onnx_model` (batch norm folded), and checks
+    that ONNX Runtime loads it and gives finite ``(2, 1280)`` features on a seeded random
+    batch. The tests check it against torch within :data:`ONNX_TOLERANCE`.
+
+    Returns:
+        The ONNX model (about 13 MB): ``input`` ``(batch, 3, 224, 224) float32`` ->
+        ``features`` ``(batch, 1280) float32``.
+
+    Raises:
+        LookalikeError: the weights package is missing, or the weights file is damaged, refers
+            to anything but tensors, or does not fit the network.
+    """
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    model = build_onnx_model(load_state_dict(weights_path()), MODEL_NAME, opset=ONNX_OPSET)
+    data: bytes = model.SerializeToString()
+    probe = scale_input(
+        np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    )
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": probe})[0]
+    if got.shape != (2, FEATURE_DIM) or not np.isfinite(got).all():
+        raise LookalikeError("the converted ONNX graph gives bad features")
+    log.info("converted %s to ONNX in %.2f s", MODEL_NAME, time.perf_counter() - t0)
+    return data
+
+
+def export_onnx(path: Path | None = None) -> Path:
+    """Convert the bundled weights (:func:`convert_onnx`, no torch) and write the file.
+
+    Written under a temporary name and renamed into place once complete, so a crash or a
+    concurrent conversion never leaves a broken cache file.
 
     Args:
         path: destination (default :func:`onnx_path`).
@@ -159,26 +188,11 @@ def export_onnx(path: Path | None = None) -> Path:
         The path of the checked ONNX file.
 
     Raises:
-        LookalikeError: the weights package is missing, or the weights file is damaged, refers
-            to anything but tensors, or does not fit the network.
+        LookalikeError: as :func:`convert_onnx`.
         OSError: the cache folder cannot be written.
     """
-    import onnx
-    import onnxruntime as ort
-
     path = path or onnx_path()
-    t0 = time.perf_counter()
-    model = build_onnx_model(load_state_dict(weights_path()), MODEL_NAME, opset=ONNX_OPSET)
-    probe = scale_input(
-        np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    )
-    with atomic_path(path) as tmp:  # renamed into place only once the check passed
-        onnx.save_model(model, str(tmp))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input": probe})[0]
-        if got.shape != (2, FEATURE_DIM) or not np.isfinite(got).all():
-            raise LookalikeError(f"the converted ONNX graph gives bad features; {path} not cached")
-    log.info("converted %s to %s in %.2f s", MODEL_NAME, path, time.perf_counter() - t0)
+    atomic_write(path, convert_onnx())
     return path
 
 
@@ -236,15 +250,20 @@ class _OnnxBackend:
         import onnxruntime as ort
 
         path = onnx_path()
+        model: str | bytes = str(path)
         if not path.exists():
             log.info("converting %s to ONNX (once; cached at %s)", MODEL_NAME, path)
-            export_onnx(path)
+            model = convert_onnx()
+            try:
+                atomic_write(path, model)
+            except OSError as exc:  # a read-only home: convert on every start (about 1 s)
+                log.warning("cannot cache the cnn ONNX model at %s (%s)", path, exc)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            model, sess_options=opts, providers=["CPUExecutionProvider"]
         )
         self.device = "cpu (onnxruntime)"
 
