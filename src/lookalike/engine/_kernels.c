@@ -470,9 +470,21 @@ LK_AVX2 static void block_scores_avx2(const Table *t, const Query *q, int64_t b,
         _mm256_storeu_ps(sc, _mm256_add_ps(a0, a2));
         _mm256_storeu_ps(sc + 8, _mm256_add_ps(a1, a3));
     } else {
-        __m256i h0, h1, l0, l1;
-        i8_sums_avx2(t, (const int32_t *)q->i8, b, &h0, &h1);
-        i8_sums_avx2(t, (const int32_t *)q->i8lo, b, &l0, &l1);
+        /* hi and lo in one pass: each 32-byte load feeds both */
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        const int32_t *qh = (const int32_t *)q->i8, *ql = (const int32_t *)q->i8lo;
+        __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
+        __m256i l0 = _mm256_setzero_si256(), l1 = _mm256_setzero_si256();
+        for (int64_t g = 0; g < groups; g++) {
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(x + g * 64));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(x + g * 64 + 32));
+            h0 = dot4_avx2(h0, v0, qh[g]);
+            h1 = dot4_avx2(h1, v1, qh[g]);
+            l0 = dot4_avx2(l0, v0, ql[g]);
+            l1 = dot4_avx2(l1, v1, ql[g]);
+        }
         const __m256 s = _mm256_set1_ps(q->scale), sl = _mm256_set1_ps(q->scale_lo);
         const __m256 bias = _mm256_set1_ps(q->bias);
         _mm256_storeu_ps(sc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), sl,
