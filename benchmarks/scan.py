@@ -18,9 +18,10 @@ one size are therefore measured at the same moments):
 
 * ``numpy``: ``X @ q`` (BLAS) + ``argpartition`` for top-10; batches as ``Q @ X.T``;
 * ``faiss-flat``: ``IndexFlatIP`` and ``faiss-sq8``: ``IndexScalarQuantizer`` 8-bit; for one
-  query the faster of 1 and all threads (one query is often slower on 2 threads), for batches
-  the faster of the default and a low ``distance_compute_blas_threshold`` (faiss' own scan is
-  ~12x slower than BLAS below the default threshold of 20 queries... or above: measured);
+  query the faster of 1 and all threads (one query is often slower on 2 threads) and, for
+  Flat, of faiss' own scan and BLAS; for batches, for Flat, the faster of the default and a
+  low ``distance_compute_blas_threshold`` (below it faiss scans without BLAS, several times
+  slower on a batch of 64): each measured, not assumed;
 * ``lookalike-float32|float16|int8``: ``FastEngine`` top-10 (scan + exact re-score + the
   exactness proof, so its recall@10 is 1.0 by construction), with the rows re-scored per query;
 * ``lookalike-int8-grouped-filtered``: per-listing max over 4 images per listing with a
@@ -291,7 +292,8 @@ class Counted:
 def faiss_indexes(x: np.ndarray, queries: np.ndarray, bw: Bandwidth) -> dict:
     """faiss IndexFlatIP and SQ8, each with the settings that measured fastest here: for one
     query 1 or all threads and (Flat) faiss' own scan or BLAS; for a batch of 64 (Flat) BLAS
-    or faiss' own scan (``distance_compute_blas_threshold``: below it faiss scans itself)."""
+    or faiss' own scan (``distance_compute_blas_threshold``: with fewer queries than it faiss
+    scans itself; its default is far above 64 in recent versions)."""
     try:
         import faiss
     except ImportError:
@@ -333,7 +335,7 @@ def faiss_indexes(x: np.ndarray, queries: np.ndarray, bw: Bandwidth) -> dict:
         }
         timing = race(single, bw, dict.fromkeys(single, 0.0), min_time=0.3, max_rounds=10)
         best1 = min(timing, key=lambda key: timing[key][0])
-        blas_options = (default_blas, 10**9) if name == "faiss-flat" else (default_blas,)
+        blas_options = (default_blas, 16) if name == "faiss-flat" else (default_blas,)
         batch = {(CORES, b): searcher(index, CORES, b, True) for b in blas_options}
         timing = race(
             batch, bw, dict.fromkeys(batch, 0.0), max_rounds=1, min_rounds=1, warmup=False
@@ -408,7 +410,7 @@ def run_engines(
     for name, (_, many, _, _, _) in faiss_ix.items():
         fns[name] = many
     nbytes = {k: float(n * bpv.get(k, d)) for k in fns}
-    timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3)
+    timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3, warmup=False)
     if "numpy" in timing:
         top = np.argpartition(queries @ x.T, -K, axis=1)[:, -K:]
         rows.add("numpy", NQ_BATCH, timing["numpy"], bpv["numpy"], recall(list(top), truth))
@@ -490,7 +492,7 @@ def run_api(
             "api-search_batch": lambda i: cat.search_batch(queries, k=K),
         }
         nbytes = {"numpy": float(n * 4 * d), "api-search_batch": float(n * bpv)}
-        timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3)
+        timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3, warmup=False)
         rows.add("numpy (next to api)", NQ_BATCH, timing["numpy"], 4 * d, 1.0)
         if counter:
             counter.mark()
@@ -515,6 +517,33 @@ def run_size(
     if api:
         run_api(rows, x, queries, truth, bw, nq_single)
     return rows.rows
+
+
+def ratios(rows: list[dict]) -> str:
+    """lookalike-int8's speed over numpy and each faiss index (1 query), over the best peer
+    (batch of 64), and the API rows' over numpy timed next to them."""
+
+    def speed(name: str, nq: int) -> float | None:
+        found = [
+            r["pairs_per_s"] for r in rows if r["name"].split(" (")[0] == name and r["nq"] == nq
+        ]
+        return found[0] if found else None
+
+    parts = []
+    ours = speed("lookalike-int8", 1)
+    for peer in ("numpy", "faiss-flat", "faiss-sq8"):
+        theirs = speed(peer, 1)
+        if ours and theirs:
+            parts.append(f"x{ours / theirs:.2f} {peer}")
+    ours = speed("lookalike-int8", NQ_BATCH)
+    peers = [v for v in (speed(p, NQ_BATCH) for p in ("numpy", "faiss-flat", "faiss-sq8")) if v]
+    if ours and peers:
+        parts.append(f"batch x{ours / max(peers):.2f} best peer")
+    api = speed("api-search", 1)
+    base = [r["pairs_per_s"] for r in rows if r["name"] == "numpy (next to api)" and r["nq"] == 1]
+    if api and base:
+        parts.append(f"api-search x{api / base[0]:.2f} numpy")
+    return ", ".join(parts)
 
 
 def main() -> None:
@@ -577,6 +606,10 @@ def main() -> None:
             f"{r['vectors_per_s'] / 1e6:>8.1f} {r['pairs_per_s'] / 1e6:>9.1f} {r['ms']:>8.2f} "
             f"{r['pct_bandwidth']:>6.1f} {rec:>7} {rs:>10}"
         )
+    print("\nratios (same race, median times): lookalike-int8 against its peers")
+    for dist, d, n in dict.fromkeys((r["dist"], r["d"], r["n"]) for r in out):
+        same = [r for r in out if (r["dist"], r["d"], r["n"]) == (dist, d, n)]
+        print(f"  {dist} d={d} n={n}: {ratios(same)}")
     notes = {r["dist"]: r["data"] for r in out if "data" in r}
     for dist, note in notes.items():
         print(f"{dist}: {note}")
