@@ -46,8 +46,8 @@ and the same with ``r`` for ``g_i``. Centring the codes on the collection mean `
 term ``delta . c`` is added back exactly as part of the per-query constant) keeps
 ``||u_i - c||`` at the spread of the data instead of its offset, which on non-negative data
 is most of its size. ``||delta|| ~ 2^-7 ||r||``, so the fine margin is almost only the data's
-own rounding ``||q|| max ||e_i||``: on non-negative vectors about 3.5x below the former
-symmetric scheme's (0.0054 against 0.019 for unit vectors at d = 512), on random ones about
+own rounding ``||q|| max ||e_i||``: on non-negative vectors about 3.2x below the former
+symmetric scheme's (0.0059 against 0.019 for unit vectors at d = 512), on random ones about
 1.7x (0.011 against 0.019). Single-query scans compute ``f_i`` for every row (the second
 integer product per load is nearly free on a memory-bound scan); batches compute ``g_i`` and add the
 ``lo`` part only in blocks where some ``g_i`` could still enter the candidates (``_kernels.c``).

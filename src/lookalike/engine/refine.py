@@ -18,7 +18,11 @@ turns its scan scores into exact answers. For each query:
 Threshold queries take every row with scan score > ``threshold - margin`` as candidates, so they
 are exact too. Batches of image-level top-k queries ask the scanner for every query's
 candidates in one pass (the CPU kernel reads the data once per 16 queries, with per-thread
-reservoirs), with the same proof per query.
+reservoirs; over int8 codes it scores coarsely first and finely only where a row could still
+become a candidate, see ``codes.py``), with the same proof per query.
+
+The refiner counts the rows it re-scores (``rescored``, each row once per query) and the
+queries (``queries``): with tight codes their ratio stays near ``rerank * k``.
 
 Re-scoring, aggregation and top-k selection use the compiled kernels (``_kernels``).
 """
