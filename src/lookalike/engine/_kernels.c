@@ -7,26 +7,40 @@
  * Code layouts (n rows, d dims; rows are grouped in blocks of BLOCK = 16):
  *   KIND_FLOAT32  row-major float32, n x d (the engine's float32 copy, no extra memory)
  *   KIND_FLOAT16  packed float16: block b, dim j, slot s at ((b * d) + j) * 16 + s
- *   KIND_INT8     packed uint8 = int8 code + 128, d padded to dp = 4 * ceil(d / 4):
+ *   KIND_INT8     packed uint8 codes u in [0, 255] (affine per dimension: x_j ~ lo_j + step_j u_j,
+ *             see codes.py), d padded to dp = 4 * ceil(d / 4):
  *             block b, dim group g = j / 4, slot s, byte j % 4 at
  *             ((b * dp / 4 + g) * 16 + s) * 4 + j % 4
  * The packed layouts put 16 rows side by side, so one AVX-512 instruction works on 16 rows:
  * for int8, VPDPBUSD multiplies 64 unsigned code bytes (16 rows x 4 dims) by 4 signed query
  * bytes broadcast to every row and accumulates 16 int32 sums, with no horizontal reduction
- * (the layout used by oneDNN's VNNI GEMM kernels). Scores of an int8 table are
- * (sum + qoffset) * qscale, where the integer qoffset = -128 * sum(query codes) undoes the +128
- * offset; the addition is done in int32, so it is exact.
+ * (the layout used by oneDNN's VNNI GEMM kernels).
+ *
+ * An int8 query is two int8 vectors, hi and lo (the query split into a coarse part and its
+ * rounding residual, as in the Ozaki scheme's splitting of a wide operand into narrow slices;
+ * Ozaki, Ogita, Oishi, Rump, Numer. Algorithms 59, 2012), with per-query float parameters
+ * (QP_* below). With A = sum_j hi_j u_j and L = sum_j lo_j u_j (exact int32 sums):
+ *   fine score   = A * scale + L * scale_lo + bias      (every single-query kernel)
+ *   coarse score = A * scale + bias_coarse               (first pass of topk_batch)
+ * A single query is memory-bound, so it pays for the second VPDPBUSD per load with nothing but
+ * spare cycles. A batch is compute-bound: topk_batch scores 16 queries coarsely, and adds the lo
+ * part only for the (query, block) pairs where some coarse score exceeds the query's reservoir
+ * floor minus `gap` (the difference of the two error margins, codes.py): a row below that
+ * cannot enter the candidates with its fine score either, so the answer's proof is unchanged,
+ * and once the reservoirs have filled almost no block needs the second pass.
  *
  * Excluded rows (deleted, or their listing filtered out) get the score -INFINITY in dense
  * output and never enter a top-k reservoir. The filter is checked only for rows whose score
  * would enter a reservoir, so an unselective scan pays nothing for it.
  *
- * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) paths are compiled with target attributes and
- * chosen at run time with __builtin_cpu_supports; every kernel has a portable C fallback.
- * LOOKALIKE_KERNEL_ISA=generic forces the fallback (used by the tests).
+ * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) and AVX2 (+ FMA, F16C) paths are compiled
+ * with target attributes and chosen at run time with __builtin_cpu_supports; every kernel has a
+ * portable C fallback. LOOKALIKE_KERNEL_ISA=generic|avx2|avx512-vnni (or set_isa) picks one
+ * (the tests run every path the CPU has).
  *
- * The module exports its constants (BLOCK, QUERY_BLOCK, MAX_TOP_N, KIND_*, AGG_*) as ints, so
- * Python reads them from here instead of keeping copies; _kernels.pyi types every function.
+ * The module exports its constants (BLOCK, QUERY_BLOCK, MAX_TOP_N, QPARAMS, KIND_*, AGG_*) as
+ * ints, so Python reads them from here instead of keeping copies; _kernels.pyi types every
+ * function.
  * Naming: "codes" are only the compressed vectors of a table; the listing number of each row
  * (a position in the engine's listing table) is `row_listing`.
  */
@@ -46,6 +60,7 @@
 #define LK_X86 1
 #include <immintrin.h>
 #define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#define LK_AVX2 __attribute__((target("avx2,f16c,fma")))
 #else
 #define LK_X86 0
 #endif
@@ -58,6 +73,7 @@ enum { KIND_FLOAT32 = 0, KIND_FLOAT16 = 1, KIND_INT8 = 2 };
 enum { AGG_MAX = 0, AGG_MEAN = 1, AGG_SUM_TOP_N = 2 };
 
 static int use_avx512 = 0;
+static int use_avx2 = 0; /* AVX2 + FMA + F16C, used when AVX-512 is not */
 
 /* ------------------------------------------------------------------------------------------ */
 /* tables, filters, reservoirs                                                                 */
@@ -71,11 +87,16 @@ typedef struct {
     const uint8_t *alive;   /* live flag per row, or NULL */
 } Table;
 
+/* Per-query parameters, float64 [nq][QP_COUNT] from Python (int8 tables; 1, 0, 0, 0, 0 else). */
+enum { QP_SCALE = 0, QP_SCALE_LO = 1, QP_BIAS = 2, QP_BIAS_COARSE = 3, QP_GAP = 4, QP_COUNT = 5 };
+
 typedef struct {
     const float *f;         /* float query (F32, F16) */
-    const int8_t *i8;       /* int8 query, dp bytes (I8) */
-    float scale;            /* I8 score = (sum + offset) * scale */
-    int32_t offset;         /* exact integer offset, -128 * sum(query codes) */
+    const int8_t *i8;       /* int8 query hi part, dp bytes (I8) */
+    const int8_t *i8lo;     /* int8 query lo part, dp bytes (I8) */
+    float scale, scale_lo;  /* I8 fine score = A * scale + L * scale_lo + bias */
+    float bias, bias_coarse; /* I8 coarse score = A * scale + bias_coarse */
+    float gap;              /* a block needs its fine scores when a coarse one > floor - gap */
 } Query;
 
 static inline int row_ok(const Table *t, int64_t i) {
@@ -157,14 +178,33 @@ __attribute__((target("avx512f"))) static unsigned above_floor(const float *sc, 
 }
 #endif
 
+#if LK_X86
+LK_AVX2 static unsigned above_floor_avx2(const float *sc, float floor) {
+    const __m256 f = _mm256_set1_ps(floor);
+    const unsigned lo = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(sc), f, _CMP_GT_OQ));
+    const unsigned hi =
+        (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(sc + 8), f, _CMP_GT_OQ));
+    return lo | (hi << 8);
+}
+#endif
+
+/* Bit s set when sc[s] > floor, for the 16 scores of a block. */
+static inline unsigned block_above(const float *sc, float floor) {
+#if LK_X86
+    if (use_avx512) return above_floor(sc, floor);
+    if (use_avx2) return above_floor_avx2(sc, floor);
+#endif
+    unsigned m = 0;
+    for (int s = 0; s < BLOCK; s++)
+        if (sc[s] > floor) m |= 1u << s;
+    return m;
+}
+
 /* Offer 16 scores of block b (rows b*16 ..) to a reservoir; only scores above its floor are
  * checked against the filter. */
 static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const float *sc) {
-    unsigned m = 0xFFFFu;
-#if LK_X86
     /* usually 0 once the reservoir has filled */
-    if (use_avx512) m = above_floor(sc, reservoir_floor(h));
-#endif
+    unsigned m = block_above(sc, reservoir_floor(h));
     while (m) {
         const int s = __builtin_ctz(m);
         m &= m - 1;
@@ -176,6 +216,22 @@ static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const fl
 
 /* ------------------------------------------------------------------------------------------ */
 /* block scores: 16 rows of block b against one query -> sc[16]                                 */
+
+/* int32 sums of int8 query bytes qq (dp) with the 16 code rows of block b */
+static void i8_sums_generic(const Table *t, const int8_t *qq, int64_t b, int32_t *acc) {
+    const int64_t groups = t->dp / 4;
+    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+    for (int s = 0; s < BLOCK; s++) acc[s] = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *blk = x + g * 64;
+        const int8_t *w = qq + g * 4;
+        for (int s = 0; s < BLOCK; s++) {
+            const uint8_t *c = blk + s * 4;
+            acc[s] += (int32_t)c[0] * w[0] + (int32_t)c[1] * w[1] + (int32_t)c[2] * w[2] +
+                      (int32_t)c[3] * w[3];
+        }
+    }
+}
 
 static void block_scores_generic(const Table *t, const Query *q, int64_t b, float *sc) {
     const int64_t d = t->d;
@@ -204,21 +260,27 @@ static void block_scores_generic(const Table *t, const Query *q, int64_t b, floa
         }
         memcpy(sc, acc, sizeof(acc));
     } else {
-        const int64_t groups = t->dp / 4;
-        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-        int32_t acc[BLOCK] = {0};
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *blk = x + g * 64;
-            const int8_t *qq = q->i8 + g * 4;
-            for (int s = 0; s < BLOCK; s++) {
-                const uint8_t *c = blk + s * 4;
-                acc[s] += (int32_t)c[0] * qq[0] + (int32_t)c[1] * qq[1] +
-                          (int32_t)c[2] * qq[2] + (int32_t)c[3] * qq[3];
-            }
-        }
-        const int32_t off = q->offset;
-        for (int s = 0; s < BLOCK; s++) sc[s] = (float)(acc[s] + off) * q->scale;
+        int32_t acc[BLOCK], lo[BLOCK];
+        i8_sums_generic(t, q->i8, b, acc);
+        i8_sums_generic(t, q->i8lo, b, lo);
+        for (int s = 0; s < BLOCK; s++)
+            sc[s] = fmaf((float)lo[s], q->scale_lo, fmaf((float)acc[s], q->scale, q->bias));
     }
+}
+
+/* int8 coarse scores (hi part only) of block b */
+static void block_coarse_generic(const Table *t, const Query *q, int64_t b, float *sc) {
+    int32_t acc[BLOCK];
+    i8_sums_generic(t, q->i8, b, acc);
+    for (int s = 0; s < BLOCK; s++) sc[s] = fmaf((float)acc[s], q->scale, q->bias_coarse);
+}
+
+/* coarse -> fine scores of block b: add the lo part and the change of bias */
+static void refine_block_generic(const Table *t, const Query *q, int64_t b, float *sc) {
+    int32_t lo[BLOCK];
+    i8_sums_generic(t, q->i8lo, b, lo);
+    const float dbias = q->bias - q->bias_coarse;
+    for (int s = 0; s < BLOCK; s++) sc[s] = fmaf((float)lo[s], q->scale_lo, sc[s] + dbias);
 }
 
 #if LK_X86
@@ -262,29 +324,192 @@ LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_
     } else {
         const int64_t groups = t->dp / 4;
         const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-        const int32_t *qq = (const int32_t *)q->i8;
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+        const int32_t *qh = (const int32_t *)q->i8, *ql = (const int32_t *)q->i8lo;
+        __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+        __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
         int64_t g = 0;
         for (; g + 4 <= groups; g += 4) {
             _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
             _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 64), _MM_HINT_T0);
             _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 128), _MM_HINT_T0);
             _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES + 192), _MM_HINT_T0);
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qq[g]));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(x + (g + 1) * 64),
-                                     _mm512_set1_epi32(qq[g + 1]));
-            a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(x + (g + 2) * 64),
-                                     _mm512_set1_epi32(qq[g + 2]));
-            a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(x + (g + 3) * 64),
-                                     _mm512_set1_epi32(qq[g + 3]));
+            const __m512i v0 = _mm512_loadu_si512(x + g * 64);
+            const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
+            const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
+            const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
+            h0 = _mm512_dpbusd_epi32(h0, v0, _mm512_set1_epi32(qh[g]));
+            l0 = _mm512_dpbusd_epi32(l0, v0, _mm512_set1_epi32(ql[g]));
+            h1 = _mm512_dpbusd_epi32(h1, v1, _mm512_set1_epi32(qh[g + 1]));
+            l1 = _mm512_dpbusd_epi32(l1, v1, _mm512_set1_epi32(ql[g + 1]));
+            h0 = _mm512_dpbusd_epi32(h0, v2, _mm512_set1_epi32(qh[g + 2]));
+            l0 = _mm512_dpbusd_epi32(l0, v2, _mm512_set1_epi32(ql[g + 2]));
+            h1 = _mm512_dpbusd_epi32(h1, v3, _mm512_set1_epi32(qh[g + 3]));
+            l1 = _mm512_dpbusd_epi32(l1, v3, _mm512_set1_epi32(ql[g + 3]));
         }
-        for (; g < groups; g++)
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qq[g]));
-        __m512i acc = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
-        acc = _mm512_add_epi32(acc, _mm512_set1_epi32(q->offset));
-        _mm512_storeu_ps(sc, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(q->scale)));
+        for (; g < groups; g++) {
+            const __m512i v = _mm512_loadu_si512(x + g * 64);
+            h0 = _mm512_dpbusd_epi32(h0, v, _mm512_set1_epi32(qh[g]));
+            l0 = _mm512_dpbusd_epi32(l0, v, _mm512_set1_epi32(ql[g]));
+        }
+        const __m512 hs = _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1));
+        const __m512 ls = _mm512_cvtepi32_ps(_mm512_add_epi32(l0, l1));
+        const __m512 c = _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale), _mm512_set1_ps(q->bias));
+        _mm512_storeu_ps(sc, _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c));
     }
+}
+
+/* coarse -> fine scores of block b (see refine_block_generic); the block's codes are in L1 */
+LK_AVX512 static void refine_block_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
+    const int64_t groups = t->dp / 4;
+    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+    const int32_t *ql = (const int32_t *)q->i8lo;
+    __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        l0 = _mm512_dpbusd_epi32(l0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(ql[g]));
+        l1 = _mm512_dpbusd_epi32(l1, _mm512_loadu_si512(x + (g + 1) * 64),
+                                 _mm512_set1_epi32(ql[g + 1]));
+    }
+    if (g < groups)
+        l0 = _mm512_dpbusd_epi32(l0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(ql[g]));
+    const __m512 ls = _mm512_cvtepi32_ps(_mm512_add_epi32(l0, l1));
+    const __m512 c = _mm512_add_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(q->bias - q->bias_coarse));
+    _mm512_storeu_ps(sc, _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c));
+}
+#endif
+
+#if LK_X86
+/* AVX2 (no VNNI): VPMADDUBSW multiplies 32 unsigned code bytes (8 rows x 4 dims) by the
+ * query's 4 signed bytes and adds adjacent pairs into int16, VPMADDWD by ones adds the pairs
+ * into one int32 per row. The int16 step cannot saturate because query codes are in
+ * [-64, 64] (codes.py): 2 * 255 * 64 = 32640 < 32767, so the sums equal VPDPBUSD's. */
+
+LK_AVX2 static inline __m256i dot4_avx2(__m256i acc, __m256i codes, int32_t q4) {
+    const __m256i p = _mm256_maddubs_epi16(codes, _mm256_set1_epi32(q4));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+LK_AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+LK_AVX2 static inline float dot_f32_avx2(const float *x, const float *q, int64_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(q + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(q + j + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(q + j + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(q + j + 24), a3);
+    }
+    for (; j + 8 <= d; j += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(q + j), a0);
+    float acc = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; j < d; j++) acc += x[j] * q[j];
+    return acc;
+}
+
+/* int32 sums of one int8 query part (dp bytes, read as int32 per dim group) with the 16 rows of
+ * block b: rows 0-7 into *r0, rows 8-15 into *r1 */
+LK_AVX2 static inline void i8_sums_avx2(const Table *t, const int32_t *qq, int64_t b,
+                                        __m256i *r0, __m256i *r1) {
+    const int64_t groups = t->dp / 4;
+    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    __m256i a2 = _mm256_setzero_si256(), a3 = _mm256_setzero_si256();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        a0 = dot4_avx2(a0, _mm256_loadu_si256((const __m256i *)(x + g * 64)), qq[g]);
+        a1 = dot4_avx2(a1, _mm256_loadu_si256((const __m256i *)(x + g * 64 + 32)), qq[g]);
+        a2 = dot4_avx2(a2, _mm256_loadu_si256((const __m256i *)(x + g * 64 + 64)), qq[g + 1]);
+        a3 = dot4_avx2(a3, _mm256_loadu_si256((const __m256i *)(x + g * 64 + 96)), qq[g + 1]);
+    }
+    if (g < groups) {
+        a0 = dot4_avx2(a0, _mm256_loadu_si256((const __m256i *)(x + g * 64)), qq[g]);
+        a1 = dot4_avx2(a1, _mm256_loadu_si256((const __m256i *)(x + g * 64 + 32)), qq[g]);
+    }
+    *r0 = _mm256_add_epi32(a0, a2);
+    *r1 = _mm256_add_epi32(a1, a3);
+}
+
+LK_AVX2 static void block_scores_avx2(const Table *t, const Query *q, int64_t b, float *sc) {
+    const int64_t d = t->d;
+    if (t->kind == KIND_FLOAT32) {
+        const float *x = (const float *)t->data;
+        for (int s = 0; s < BLOCK; s++) {
+            int64_t i = b * BLOCK + s;
+            sc[s] = i < t->n ? dot_f32_avx2(x + i * d, q->f, d) : 0.0f;
+        }
+    } else if (t->kind == KIND_FLOAT16) {
+        const uint16_t *x = (const uint16_t *)t->data + b * d * BLOCK;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= d; j += 2) {
+            const __m256 w0 = _mm256_set1_ps(q->f[j]), w1 = _mm256_set1_ps(q->f[j + 1]);
+            const uint16_t *c = x + j * BLOCK;
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c)), w0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 8))), w0,
+                                 a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 16))), w1,
+                                 a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 24))), w1,
+                                 a3);
+        }
+        if (j < d) {
+            const __m256 w0 = _mm256_set1_ps(q->f[j]);
+            const uint16_t *c = x + j * BLOCK;
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c)), w0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c + 8))), w0,
+                                 a1);
+        }
+        _mm256_storeu_ps(sc, _mm256_add_ps(a0, a2));
+        _mm256_storeu_ps(sc + 8, _mm256_add_ps(a1, a3));
+    } else {
+        /* hi and lo in one pass: each 32-byte load feeds both */
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        const int32_t *qh = (const int32_t *)q->i8, *ql = (const int32_t *)q->i8lo;
+        __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
+        __m256i l0 = _mm256_setzero_si256(), l1 = _mm256_setzero_si256();
+        for (int64_t g = 0; g < groups; g++) {
+            _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(x + g * 64));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(x + g * 64 + 32));
+            h0 = dot4_avx2(h0, v0, qh[g]);
+            h1 = dot4_avx2(h1, v1, qh[g]);
+            l0 = dot4_avx2(l0, v0, ql[g]);
+            l1 = dot4_avx2(l1, v1, ql[g]);
+        }
+        const __m256 s = _mm256_set1_ps(q->scale), sl = _mm256_set1_ps(q->scale_lo);
+        const __m256 bias = _mm256_set1_ps(q->bias);
+        _mm256_storeu_ps(sc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), sl,
+                                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(h0), s, bias)));
+        _mm256_storeu_ps(sc + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), sl,
+                                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(h1), s, bias)));
+    }
+}
+
+LK_AVX2 static void block_coarse_avx2(const Table *t, const Query *q, int64_t b, float *sc) {
+    __m256i h0, h1;
+    i8_sums_avx2(t, (const int32_t *)q->i8, b, &h0, &h1);
+    const __m256 s = _mm256_set1_ps(q->scale), bias = _mm256_set1_ps(q->bias_coarse);
+    _mm256_storeu_ps(sc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(h0), s, bias));
+    _mm256_storeu_ps(sc + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(h1), s, bias));
+}
+
+LK_AVX2 static void refine_block_avx2(const Table *t, const Query *q, int64_t b, float *sc) {
+    __m256i l0, l1;
+    i8_sums_avx2(t, (const int32_t *)q->i8lo, b, &l0, &l1);
+    const __m256 sl = _mm256_set1_ps(q->scale_lo), db = _mm256_set1_ps(q->bias - q->bias_coarse);
+    _mm256_storeu_ps(sc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(l0), sl,
+                                         _mm256_add_ps(_mm256_loadu_ps(sc), db)));
+    _mm256_storeu_ps(sc + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(l1), sl,
+                                             _mm256_add_ps(_mm256_loadu_ps(sc + 8), db)));
 }
 #endif
 
@@ -292,6 +517,10 @@ static inline void block_scores(const Table *t, const Query *q, int64_t b, float
 #if LK_X86
     if (use_avx512) {
         block_scores_avx512(t, q, b, sc);
+        return;
+    }
+    if (use_avx2) {
+        block_scores_avx2(t, q, b, sc);
         return;
     }
 #endif
@@ -306,11 +535,39 @@ static inline void block_scores(const Table *t, const Query *q, int64_t b, float
 
 #define QB 16
 
+/* Batch scores are coarse for int8 tables (refine_block adds the lo part where needed) and
+ * final for float tables. */
 static void block_scores_batch_generic(const Table *t, const Query *qs, const void *inter,
                                        int nqb, int64_t b, float sc[QB][BLOCK]) {
     (void)inter;
-    for (int k = 0; k < nqb; k++) block_scores_generic(t, &qs[k], b, sc[k]);
+    for (int k = 0; k < nqb; k++) {
+        if (t->kind == KIND_INT8)
+            block_coarse_generic(t, &qs[k], b, sc[k]);
+        else
+            block_scores_generic(t, &qs[k], b, sc[k]);
+    }
 }
+
+#if LK_X86
+/* int8 coarse scores of one query (partial query groups of a batch) */
+LK_AVX512 static void block_coarse_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
+    const int64_t groups = t->dp / 4;
+    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+    const int32_t *qh = (const int32_t *)q->i8;
+    __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        h0 = _mm512_dpbusd_epi32(h0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qh[g]));
+        h1 = _mm512_dpbusd_epi32(h1, _mm512_loadu_si512(x + (g + 1) * 64),
+                                 _mm512_set1_epi32(qh[g + 1]));
+    }
+    if (g < groups)
+        h0 = _mm512_dpbusd_epi32(h0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qh[g]));
+    const __m512 hs = _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1));
+    _mm512_storeu_ps(sc, _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale),
+                                         _mm512_set1_ps(q->bias_coarse)));
+}
+#endif
 
 #if LK_X86
 LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
@@ -333,10 +590,10 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
                 a[k] = _mm512_dpbusd_epi32(a[k], v, _mm512_set1_epi32(step[k]));
         }
 #pragma GCC unroll 16
-        for (int k = 0; k < QB; k++) {
-            __m512i w = _mm512_add_epi32(a[k], _mm512_set1_epi32(qs[k].offset));
-            _mm512_storeu_ps(sc[k], _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(qs[k].scale)));
-        }
+        for (int k = 0; k < QB; k++)
+            _mm512_storeu_ps(sc[k], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k]),
+                                                    _mm512_set1_ps(qs[k].scale),
+                                                    _mm512_set1_ps(qs[k].bias_coarse)));
         return;
     }
     if (t->kind == KIND_FLOAT16 && nqb == QB) {
@@ -353,7 +610,51 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
         for (int k = 0; k < QB; k++) _mm512_storeu_ps(sc[k], a[k]);
         return;
     }
-    for (int k = 0; k < nqb; k++) block_scores_avx512(t, &qs[k], b, sc[k]);
+    for (int k = 0; k < nqb; k++) {
+        if (t->kind == KIND_INT8)
+            block_coarse_avx512(t, &qs[k], b, sc[k]);
+        else
+            block_scores_avx512(t, &qs[k], b, sc[k]);
+    }
+}
+#endif
+
+#if LK_X86
+LK_AVX2 static void block_scores_batch_avx2(const Table *t, const Query *qs, const void *inter,
+                                            int nqb, int64_t b, float sc[QB][BLOCK]) {
+    if (t->kind == KIND_INT8 && nqb == QB) {
+        /* 8 rows x 8 queries at a time (16 ymm registers hold no more): the block's codes
+         * stay in L1 across the four passes */
+        const int64_t groups = t->dp / 4;
+        const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
+        const int32_t *iq = (const int32_t *)inter;
+        for (int half = 0; half < 2; half++) {
+            for (int k0 = 0; k0 < QB; k0 += 8) {
+                __m256i a[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_si256();
+                for (int64_t g = 0; g < groups; g++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(x + g * 64 + half * 32));
+                    const int32_t *step = iq + g * QB + k0;
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++) a[k] = dot4_avx2(a[k], v, step[k]);
+                }
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++)
+                    _mm256_storeu_ps(sc[k0 + k] + half * 8,
+                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[k]),
+                                                     _mm256_set1_ps(qs[k0 + k].scale),
+                                                     _mm256_set1_ps(qs[k0 + k].bias_coarse)));
+            }
+        }
+        return;
+    }
+    for (int k = 0; k < nqb; k++) {
+        if (t->kind == KIND_INT8)
+            block_coarse_avx2(t, &qs[k], b, sc[k]);
+        else
+            block_scores_avx2(t, &qs[k], b, sc[k]);
+    }
 }
 #endif
 
@@ -364,8 +665,35 @@ static inline void block_scores_batch(const Table *t, const Query *qs, const voi
         block_scores_batch_avx512(t, qs, inter, nqb, b, sc);
         return;
     }
+    if (use_avx2) {
+        block_scores_batch_avx2(t, qs, inter, nqb, b, sc);
+        return;
+    }
 #endif
     block_scores_batch_generic(t, qs, inter, nqb, b, sc);
+}
+
+static inline void refine_block(const Table *t, const Query *q, int64_t b, float *sc) {
+#if LK_X86
+    if (use_avx512) {
+        refine_block_avx512(t, q, b, sc);
+        return;
+    }
+    if (use_avx2) {
+        refine_block_avx2(t, q, b, sc);
+        return;
+    }
+#endif
+    refine_block_generic(t, q, b, sc);
+}
+
+/* Whether some coarse score of block b (sc[16]) exceeds floor - gap, so that the block needs
+ * its fine scores before it can be offered to a reservoir with that floor. */
+static inline int block_needs_refine(const Table *t, int64_t b, const float *sc, float limit) {
+    unsigned m = block_above(sc, limit);
+    const int64_t valid = t->n - b * BLOCK;
+    if (valid < BLOCK) m &= (1u << valid) - 1;
+    return m != 0;
 }
 
 /* Interleave the queries group by group (see above): int8 -> int32 [groups][QB] per group of
@@ -510,17 +838,23 @@ static int parse_table(Table *t, Bufs *b, int kind, PyObject *data, long long n,
     return 0;
 }
 
-static int query_from_buffer(const Table *t, Py_buffer *qb, int64_t index, double scale,
-                             double offset, Query *q) {
+/* Query `index` of a query buffer (int8 tables: 2 * dp bytes a query, hi then lo; float
+ * tables: d float32) with its QP_COUNT float64 parameters. */
+static int query_from_buffer(const Table *t, Py_buffer *qb, int64_t index, const double *params,
+                             Query *q) {
     memset(q, 0, sizeof(*q));
-    q->scale = (float)scale;
-    q->offset = (int32_t)llround(offset);
+    q->scale = (float)params[QP_SCALE];
+    q->scale_lo = (float)params[QP_SCALE_LO];
+    q->bias = (float)params[QP_BIAS];
+    q->bias_coarse = (float)params[QP_BIAS_COARSE];
+    q->gap = (float)params[QP_GAP];
     if (t->kind == KIND_INT8) {
-        if (qb->len < (index + 1) * t->dp) {
-            PyErr_SetString(PyExc_ValueError, "query: too short for an int8 table (dp bytes)");
+        if (qb->len < (index + 1) * 2 * t->dp) {
+            PyErr_SetString(PyExc_ValueError, "query: too short for an int8 table (2 * dp bytes)");
             return -1;
         }
-        q->i8 = (const int8_t *)qb->buf + index * t->dp;
+        q->i8 = (const int8_t *)qb->buf + index * 2 * t->dp;
+        q->i8lo = q->i8 + t->dp;
     } else {
         if (qb->len < (index + 1) * t->d * 4) {
             PyErr_SetString(PyExc_ValueError, "query: too short (d float32 values)");
@@ -537,7 +871,7 @@ static int threads_for(int64_t n, int requested) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* scores(kind, data, n, d, query, qscale, qoffset, row_listing, lmask, alive, n_listings, out,
+/* scores(kind, data, n, d, query, qparams, row_listing, lmask, alive, n_listings, out,
  *        threads, kk, out_rows, out_scores) -> count
  * out[i] = score of row i, or -inf where excluded. With kk > 0 the scan also keeps, per thread,
  * a reservoir of its kk best rows and returns the merged kk best (unordered) in out_rows (int64)
@@ -546,12 +880,11 @@ static int threads_for(int64_t n, int requested) {
 static PyObject *py_scores(PyObject *self, PyObject *args) {
     int kind, threads;
     long long n, d, kk;
-    double qscale, qoffset;
     Py_ssize_t n_listings;
     PyObject *data, *query, *row_listing, *lmask, *alive, *rows_o, *scores_o;
-    Py_buffer out, orow, osc;
-    if (!PyArg_ParseTuple(args, "iOLLOddOOOnw*iLOO", &kind, &data, &n, &d, &query, &qscale,
-                          &qoffset, &row_listing, &lmask, &alive, &n_listings, &out, &threads, &kk,
+    Py_buffer qparams, out, orow, osc;
+    if (!PyArg_ParseTuple(args, "iOLLOy*OOOnw*iLOO", &kind, &data, &n, &d, &query, &qparams,
+                          &row_listing, &lmask, &alive, &n_listings, &out, &threads, &kk,
                           &rows_o, &scores_o))
         return NULL;
     Table t;
@@ -565,7 +898,11 @@ static PyObject *py_scores(PyObject *self, PyObject *args) {
     memset(&osc, 0, sizeof(osc));
     if (parse_table(&t, &b, kind, data, n, d, row_listing, lmask, alive, n_listings) < 0) goto done;
     if (PyObject_GetBuffer(query, &b.query, PyBUF_SIMPLE) < 0) goto done;
-    if (query_from_buffer(&t, &b.query, 0, qscale, qoffset, &q) < 0) goto done;
+    if (qparams.len < QP_COUNT * 8) {
+        PyErr_SetString(PyExc_ValueError, "scores: qparams needs QP_COUNT float64 values");
+        goto done;
+    }
+    if (query_from_buffer(&t, &b.query, 0, (const double *)qparams.buf, &q) < 0) goto done;
     if (out.len < n * 4 || kk < 0) {
         PyErr_SetString(PyExc_ValueError, "scores: need n float32 values in out, kk >= 0");
         goto done;
@@ -635,6 +972,7 @@ done:
     free(reservoirs);
     free(rs_buf);
     free(rr_buf);
+    PyBuffer_Release(&qparams);
     PyBuffer_Release(&out);
     PyBuffer_Release(&orow);
     PyBuffer_Release(&osc);
@@ -801,21 +1139,23 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* topk_batch(kind, data, n, d, queries, qscales, qoffsets, nq, row_listing, lmask, alive,
+/* topk_batch(kind, data, n, d, queries, qparams, nq, row_listing, lmask, alive,
  *            n_listings, kk, out_rows int64 (nq*kk), out_scores f32 (nq*kk),
  *            out_counts int64 (nq), threads, floors float64 (nq) or None)
- * For each query, the kk best rows (unordered) by score, among rows scoring above its floor
- * (-inf without floors). qscales/qoffsets: float64 (nq). */
+ * For each query, the kk best rows (unordered) by (fine) score, among rows scoring above its
+ * floor (-inf without floors). qparams: float64 (nq, QP_COUNT). For int8 tables a block's fine
+ * scores are computed only where a coarse score exceeds the reservoir floor minus the query's
+ * gap (see the top of this file): every row left out has a fine score that cannot matter. */
 
 static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     int kind, threads;
     long long n, d, nq, kk;
     Py_ssize_t n_listings;
     PyObject *data, *queries, *row_listing, *lmask, *alive;
-    Py_buffer qscales, qoffsets, out_rows, out_scores, out_counts;
+    Py_buffer qparams, out_rows, out_scores, out_counts;
     PyObject *floors_o = Py_None;
-    if (!PyArg_ParseTuple(args, "iOLLOy*y*LOOOnLw*w*w*i|O", &kind, &data, &n, &d, &queries,
-                          &qscales, &qoffsets, &nq, &row_listing, &lmask, &alive, &n_listings, &kk,
+    if (!PyArg_ParseTuple(args, "iOLLOy*LOOOnLw*w*w*i|O", &kind, &data, &n, &d, &queries,
+                          &qparams, &nq, &row_listing, &lmask, &alive, &n_listings, &kk,
                           &out_rows, &out_scores, &out_counts, &threads, &floors_o))
         return NULL;
     Py_buffer floors;
@@ -833,7 +1173,7 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     int nt = 1;
     if (parse_table(&t, &b, kind, data, n, d, row_listing, lmask, alive, n_listings) < 0) goto done;
     if (PyObject_GetBuffer(queries, &b.query, PyBUF_SIMPLE) < 0) goto done;
-    if (nq < 1 || kk < 1 || qscales.len < nq * 8 || qoffsets.len < nq * 8 ||
+    if (nq < 1 || kk < 1 || qparams.len < nq * QP_COUNT * 8 ||
         out_rows.len < nq * kk * 8 || out_scores.len < nq * kk * 4 || out_counts.len < nq * 8) {
         PyErr_SetString(PyExc_ValueError, "topk_batch: bad nq/kk or output sizes");
         goto done;
@@ -844,8 +1184,8 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
         goto done;
     }
     for (int64_t k = 0; k < nq; k++)
-        if (query_from_buffer(&t, &b.query, k, ((double *)qscales.buf)[k],
-                              ((double *)qoffsets.buf)[k], &qs[k]) < 0)
+        if (query_from_buffer(&t, &b.query, k, (const double *)qparams.buf + k * QP_COUNT,
+                              &qs[k]) < 0)
             goto done;
     nt = threads_for(n, threads);
     inter = interleave_queries(&t, qs, nq, &inter_stride);
@@ -886,7 +1226,16 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
                 int nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
                 block_scores_batch(&t, qs + q0, (const char *)inter + (q0 / QB) * inter_stride,
                                    nqb, bi, sc);
-                for (int k = 0; k < nqb; k++) offer_block(&mine[q0 + k], &t, bi, sc[k]);
+                for (int k = 0; k < nqb; k++) {
+                    Reservoir *h = &mine[q0 + k];
+                    if (t.kind == KIND_INT8) {
+                        const Query *qk = &qs[q0 + k];
+                        if (!block_needs_refine(&t, bi, sc[k], reservoir_floor(h) - qk->gap))
+                            continue;
+                        refine_block(&t, qk, bi, sc[k]);
+                    }
+                    offer_block(h, &t, bi, sc[k]);
+                }
             }
         }
     }
@@ -917,8 +1266,7 @@ done:
     if (has_floors) PyBuffer_Release(&floors);
     free(rs_buf);
     free(rr_buf);
-    PyBuffer_Release(&qscales);
-    PyBuffer_Release(&qoffsets);
+    PyBuffer_Release(&qparams);
     PyBuffer_Release(&out_rows);
     PyBuffer_Release(&out_scores);
     PyBuffer_Release(&out_counts);
@@ -1027,12 +1375,13 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* encode_i8(x f32 (m*d), m, d, scale f32 (d), packed (w), start, norms f64[2] (w))
- * encode_f16(x f32 (m*d), m, d, packed (w), start, norms f64[2] (w))
- * Write rows start .. start+m-1 into a packed table (layouts at the top of this file) and
- * raise norms[0] to the largest code norm ||xq_i|| (int8), norms[1] to the largest
- * rounding-error norm ||x_i - decode(code_i)|| and norms[2] to the largest ||x_i||, all
- * computed in double precision. */
+/* encode_i8(x f32 (m*d), m, d, fit f64 (3*d) (w), packed (w), start, norms f64[3] (w))
+ * encode_f16(x f32 (m*d), m, d, packed (w), start, norms f64[3] (w))
+ * Write rows start .. start+m-1 into a packed table (layouts at the top of this file).
+ * int8: fit = [lo (d), step (d), centre (d)]; code u_j = clamp(rint((x_j - lo_j) / step_j), 0,
+ * 255), so x_j = lo_j + step_j u_j + e_j. Raises norms[0] to the largest centred code norm
+ * ||u_i - centre|| (int8), norms[1] to the largest rounding-error norm ||x_i - decode(code_i)||
+ * and norms[2] to the largest ||x_i||, all computed in double precision. */
 
 /* one row to float16 at stride BLOCK; returns the squared rounding error */
 static double encode_f16_row_generic(const float *row, uint16_t *out, int64_t d) {
@@ -1062,17 +1411,17 @@ __attribute__((target("f16c"))) static double encode_f16_row_f16c(const float *r
 
 static double encode_f16_row(const float *row, uint16_t *out, int64_t d) {
 #if LK_X86
-    if (use_avx512) return encode_f16_row_f16c(row, out, d);
+    if (use_avx512 || use_avx2) return encode_f16_row_f16c(row, out, d);
 #endif
     return encode_f16_row_generic(row, out, d);
 }
 
 static PyObject *py_encode(PyObject *args, int kind) {
-    Py_buffer x, scale, packed, norms;
+    Py_buffer x, fit, packed, norms;
     long long m, d, start;
-    memset(&scale, 0, sizeof(scale));
+    memset(&fit, 0, sizeof(fit));
     if (kind == KIND_INT8) {
-        if (!PyArg_ParseTuple(args, "y*LLy*w*Lw*", &x, &m, &d, &scale, &packed, &start, &norms))
+        if (!PyArg_ParseTuple(args, "y*LLy*w*Lw*", &x, &m, &d, &fit, &packed, &start, &norms))
             return NULL;
     } else {
         if (!PyArg_ParseTuple(args, "y*LLw*Lw*", &x, &m, &d, &packed, &start, &norms))
@@ -1083,12 +1432,13 @@ static PyObject *py_encode(PyObject *args, int kind) {
     const int64_t end_blocks = (start + m + BLOCK - 1) / BLOCK;
     const int64_t need = kind == KIND_INT8 ? end_blocks * BLOCK * dp : end_blocks * BLOCK * d * 2;
     if (m < 0 || d <= 0 || start < 0 || x.len < m * d * 4 || packed.len < need ||
-        norms.len < 24 || (kind == KIND_INT8 && scale.len < d * 4)) {
+        norms.len < 24 || (kind == KIND_INT8 && fit.len < 3 * d * 8)) {
         PyErr_SetString(PyExc_ValueError, "encode: bad sizes");
         goto done;
     }
     const float *xf = (const float *)x.buf;
-    const float *sc = kind == KIND_INT8 ? (const float *)scale.buf : NULL;
+    const double *lo = kind == KIND_INT8 ? (const double *)fit.buf : NULL;
+    const double *step = lo ? lo + d : NULL, *centre = lo ? lo + 2 * d : NULL;
     double *nm = (double *)norms.buf;
     double max_code = nm[0], max_err = nm[1], max_norm = nm[2];
     Py_BEGIN_ALLOW_THREADS
@@ -1100,16 +1450,17 @@ static PyObject *py_encode(PyObject *args, int kind) {
         if (kind == KIND_INT8) {
             uint8_t *base = (uint8_t *)packed.buf + b * BLOCK * dp + s * 4;
             for (int64_t j = 0; j < dp; j++) {
-                double c = 0.0;
+                double u = 0.0;
                 if (j < d) {
-                    c = nearbyint((double)row[j] * sc[j]);
-                    if (c > 127.0) c = 127.0;
-                    if (c < -127.0) c = -127.0;
-                    double e = (double)row[j] - c / sc[j];
-                    c2 += c * c;
+                    u = nearbyint(((double)row[j] - lo[j]) / step[j]);
+                    if (!(u >= 0.0)) u = 0.0; /* also NaN */
+                    if (u > 255.0) u = 255.0;
+                    const double e = (double)row[j] - (lo[j] + u * step[j]);
+                    const double v = u - centre[j];
+                    c2 += v * v;
                     e2 += e * e;
                 }
-                base[(j / 4) * BLOCK * 4 + j % 4] = (uint8_t)(int)(c + 128.0);
+                base[(j / 4) * BLOCK * 4 + j % 4] = (uint8_t)(int)u;
             }
         } else {
             e2 = encode_f16_row(row, (uint16_t *)packed.buf + b * BLOCK * d + s, d);
@@ -1129,7 +1480,7 @@ static PyObject *py_encode(PyObject *args, int kind) {
     Py_INCREF(result);
 done:
     PyBuffer_Release(&x);
-    if (kind == KIND_INT8) PyBuffer_Release(&scale);
+    if (kind == KIND_INT8) PyBuffer_Release(&fit);
     PyBuffer_Release(&packed);
     PyBuffer_Release(&norms);
     return result;
@@ -1171,6 +1522,10 @@ static PyObject *py_dot_rows(PyObject *self, PyObject *args) {
             o[i] = dot_f32_avx512(row, qf, d);
             continue;
         }
+        if (use_avx2) {
+            o[i] = dot_f32_avx2(row, qf, d);
+            continue;
+        }
 #endif
         float acc = 0.0f;
         for (int64_t j = 0; j < d; j++) acc += row[j] * qf[j];
@@ -1194,28 +1549,52 @@ static PyObject *py_info(PyObject *self, PyObject *noargs) {
 #ifdef _OPENMP
     max_threads = omp_get_max_threads();
 #endif
-    return Py_BuildValue("{s:s,s:i,s:i}", "isa", use_avx512 ? "avx512-vnni" : "generic",
+    const char *isa = use_avx512 ? "avx512-vnni" : (use_avx2 ? "avx2" : "generic");
+    return Py_BuildValue("{s:s,s:i,s:i}", "isa", isa,
                          "openmp", max_threads > 0 ? 1 : 0, "max_threads", max_threads);
 }
 
-static int avx512_supported = 0;
+static int avx512_supported = 0, avx2_supported = 0;
+
+/* Select the kernels: "auto" (the best this CPU has), "avx512-vnni", "avx2" or "generic".
+ * Returns 0, or -1 for an unknown or unsupported name. */
+static int select_isa(const char *name) {
+    if (strcmp(name, "auto") == 0) {
+        use_avx512 = avx512_supported;
+        use_avx2 = avx2_supported;
+    } else if (strcmp(name, "generic") == 0) {
+        use_avx512 = use_avx2 = 0;
+    } else if (strcmp(name, "avx2") == 0 && avx2_supported) {
+        use_avx512 = 0;
+        use_avx2 = 1;
+    } else if (strcmp(name, "avx512-vnni") == 0 && avx512_supported) {
+        use_avx512 = 1;
+        use_avx2 = avx2_supported;
+    } else {
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    if (strcmp(name, "generic") == 0) {
-        use_avx512 = 0;
-    } else if (strcmp(name, "auto") == 0) {
-        use_avx512 = avx512_supported;
-    } else {
-        PyErr_SetString(PyExc_ValueError, "isa must be 'auto' or 'generic'");
+    if (select_isa(name) < 0) {
+        PyErr_Format(PyExc_ValueError, "isa %s: use 'auto' or one of isas() on this CPU", name);
         return NULL;
     }
     Py_RETURN_NONE;
 }
 
+static PyObject *py_isas(PyObject *self, PyObject *noargs) {
+    if (avx512_supported) return Py_BuildValue("[sss]", "generic", "avx2", "avx512-vnni");
+    if (avx2_supported) return Py_BuildValue("[ss]", "generic", "avx2");
+    return Py_BuildValue("[s]", "generic");
+}
+
 static PyMethodDef methods[] = {
-    {"set_isa", py_set_isa, METH_VARARGS, "Force the portable kernels ('generic') or 'auto'."},
+    {"set_isa", py_set_isa, METH_VARARGS, "Select the kernels: 'auto' or one of isas()."},
+    {"isas", py_isas, METH_NOARGS, "The kernel instruction sets this CPU supports."},
     {"dot_rows", py_dot_rows, METH_VARARGS, "Float32 inner products of selected rows."},
     {"encode_i8", py_encode_i8, METH_VARARGS, "Pack rows into an int8 table."},
     {"encode_f16", py_encode_f16, METH_VARARGS, "Pack rows into a float16 table."},
@@ -1237,9 +1616,14 @@ PyMODINIT_FUNC PyInit__kernels(void) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
     avx512_supported = use_avx512;
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+               __builtin_cpu_supports("fma");
+    avx2_supported = use_avx2;
+    /* an AVX-512 CPU without AVX2 does not exist; keep the implication explicit */
+    if (avx512_supported && !avx2_supported) avx512_supported = use_avx512 = 0;
 #endif
     const char *isa = getenv("LOOKALIKE_KERNEL_ISA");
-    if (isa && strcmp(isa, "generic") == 0) use_avx512 = 0;
+    if (isa) select_isa(isa); /* an unknown name keeps "auto" */
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     /* the one definition of the numbers Python passes in (see _kernels.pyi) */
@@ -1249,6 +1633,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
         PyModule_AddIntConstant(m, "KIND_FLOAT32", KIND_FLOAT32) < 0 ||
         PyModule_AddIntConstant(m, "KIND_FLOAT16", KIND_FLOAT16) < 0 ||
         PyModule_AddIntConstant(m, "KIND_INT8", KIND_INT8) < 0 ||
+        PyModule_AddIntConstant(m, "QPARAMS", QP_COUNT) < 0 ||
         PyModule_AddIntConstant(m, "AGG_MAX", AGG_MAX) < 0 ||
         PyModule_AddIntConstant(m, "AGG_MEAN", AGG_MEAN) < 0 ||
         PyModule_AddIntConstant(m, "AGG_SUM_TOP_N", AGG_SUM_TOP_N) < 0) {

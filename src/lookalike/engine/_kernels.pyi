@@ -16,6 +16,8 @@ BLOCK: Final[int]
 QUERY_BLOCK: Final[int]
 #: Largest ``top_n`` that ``segments_agg`` accepts.
 MAX_TOP_N: Final[int]
+#: Parameters per query (``qparams``): scale, scale_lo, bias, coarse bias, gap (``codes.py``).
+QPARAMS: Final[int]
 #: Code kinds (``kind`` arguments).
 KIND_FLOAT32: Final[int]
 KIND_FLOAT16: Final[int]
@@ -34,14 +36,18 @@ class _Info(TypedDict):
     max_threads: int
 
 def set_isa(name: str, /) -> None:
-    """Force the portable kernels (``"generic"``) or pick the best supported (``"auto"``).
+    """Select the kernels: ``"auto"`` (the best this CPU supports) or one of :func:`isas`.
 
     Raises:
-        ValueError: another name.
+        ValueError: an unknown name, or one this CPU does not support.
     """
 
+def isas() -> list[str]:
+    """The kernel instruction sets this CPU supports: ``generic``, ``avx2``, ``avx512-vnni``."""
+
 def info() -> _Info:
-    """The instruction set in use (``avx512-vnni`` or ``generic``) and OpenMP threads."""
+    """The instruction set in use (``avx512-vnni``, ``avx2`` or ``generic``) and OpenMP
+    threads."""
 
 def dot_rows(
     x: npt.NDArray[np.float32],
@@ -64,15 +70,16 @@ def encode_i8(
     x: npt.NDArray[np.float32],
     m: int,
     d: int,
-    scale: npt.NDArray[np.float32],
+    fit: npt.NDArray[np.float64],
     packed: npt.NDArray[np.uint8],
     start: int,
     norms: npt.NDArray[np.float64],
     /,
 ) -> None:
-    """Pack ``x`` ``(m, d)`` as rows ``start .. start + m - 1`` of an int8 table (``scale``
-    ``(d,)`` per-dimension factors) and raise ``norms`` ``(3,)`` to the largest code norm,
-    rounding-error norm and vector norm.
+    """Pack ``x`` ``(m, d)`` as rows ``start .. start + m - 1`` of an int8 table: ``fit``
+    ``(3, d)`` holds ``lo``, ``step`` and ``centre`` (codes ``u = clamp(rint((x - lo) / step), 0,
+    255)``), and ``norms`` ``(3,)`` is raised to the largest ``||u_i - centre||``, rounding-error
+    norm ``||x_i - lo - step u_i||`` and vector norm.
 
     Raises:
         ValueError: bad sizes.
@@ -100,8 +107,7 @@ def scores(
     n: int,
     d: int,
     query: _Query,
-    qscale: float,
-    qoffset: float,
+    qparams: npt.NDArray[np.float64],
     row_listing: npt.NDArray[np.int32] | None,
     lmask: npt.NDArray[np.uint8] | None,
     alive: npt.NDArray[np.uint8] | None,
@@ -117,8 +123,9 @@ def scores(
 
     Args:
         kind: ``KIND_*`` of ``data`` (float32 ``(n, d)``, or a packed uint8 table).
-        query: ``(d,) float32`` (float tables) or ``(dp,) int8`` (int8 tables).
-        qscale, qoffset: int8 score = ``(sum + qoffset) * qscale``.
+        query: ``(d,) float32`` (float tables) or ``(2 * dp,) int8`` (int8 tables: hi, lo).
+        qparams: ``(QPARAMS,) float64``; int8 score = ``A * scale + L * scale_lo + bias``
+            with ``A``, ``L`` the integer sums of the hi and lo parts (``codes.py``).
         row_listing: ``(n,) int32`` listing number of each row (needed with ``lmask``).
         lmask: ``(n_listings + 3,) uint8`` keep flag per listing (3 bytes of padding).
         alive: ``(n,) uint8`` live flag per row.
@@ -139,8 +146,7 @@ def topk_batch(
     n: int,
     d: int,
     queries: _Query,
-    qscales: npt.NDArray[np.float64],
-    qoffsets: npt.NDArray[np.float64],
+    qparams: npt.NDArray[np.float64],
     nq: int,
     row_listing: npt.NDArray[np.int32] | None,
     lmask: npt.NDArray[np.uint8] | None,
@@ -155,9 +161,10 @@ def topk_batch(
     /,
 ) -> None:
     """The ``kk`` best rows of each of ``nq`` queries (unordered), data read once per
-    ``QUERY_BLOCK`` queries.
+    ``QUERY_BLOCK`` queries (int8: coarse scores first, fine ones only in blocks that can
+    matter, see ``_kernels.c``).
 
-    ``queries`` ``(nq, d) float32`` or ``(nq, dp) int8``; ``qscales``/``qoffsets`` ``(nq,)``;
+    ``queries`` ``(nq, d) float32`` or ``(nq, 2 * dp) int8``; ``qparams`` ``(nq, QPARAMS)``;
     outputs ``(nq, kk)`` rows and scores and ``(nq,)`` counts (valid entries first); with
     ``floors`` ``(nq,)`` only rows scoring above ``floors[i]`` are kept. Other arguments as
     for :func:`scores`.

@@ -67,8 +67,7 @@ class KernelScanner:
             cache.n_rows,
             cache.dim,
             prepared.buf,
-            prepared.scale,
-            prepared.offset,
+            prepared.params(),
             self._row_listing(rows),
             rows.lmask,
             rows.alive,
@@ -110,8 +109,7 @@ class KernelScanner:
         cache = self.cache
         nq = len(q)
         bufs = np.ascontiguousarray(np.stack([p.buf for p in prepared]))
-        scales = np.array([p.scale for p in prepared], dtype=np.float64)
-        offsets = np.array([p.offset for p in prepared], dtype=np.float64)
+        params = np.ascontiguousarray(np.stack([p.params() for p in prepared]))
         out_rows = np.empty((nq, kk), dtype=np.int64)
         out_scores = np.empty((nq, kk), dtype=np.float32)
         out_counts = np.empty(nq, dtype=np.int64)
@@ -121,8 +119,7 @@ class KernelScanner:
             cache.n_rows,
             cache.dim,
             bufs,
-            scales,
-            offsets,
+            params,
             nq,
             self._row_listing(rows),
             rows.lmask,
@@ -222,6 +219,16 @@ class FastEngine:
     def widened(self) -> int:
         """How many searches needed the proof's widening step (for tests and benchmarks)."""
         return self.refiner.widened
+
+    @property
+    def rescored(self) -> int:
+        """Rows re-scored exactly over all searches (divide by :attr:`queries`)."""
+        return self.refiner.rescored
+
+    @property
+    def queries(self) -> int:
+        """Queries searched."""
+        return self.refiner.queries
 
     def nbytes(self) -> int:
         """Bytes of codes held beyond the cache's float32 copy (encodes pending rows first;

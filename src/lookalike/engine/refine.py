@@ -18,7 +18,11 @@ turns its scan scores into exact answers. For each query:
 Threshold queries take every row with scan score > ``threshold - margin`` as candidates, so they
 are exact too. Batches of image-level top-k queries ask the scanner for every query's
 candidates in one pass (the CPU kernel reads the data once per 16 queries, with per-thread
-reservoirs), with the same proof per query.
+reservoirs; over int8 codes it scores coarsely first and finely only where a row could still
+become a candidate, see ``codes.py``), with the same proof per query.
+
+The refiner counts the rows it re-scores (``rescored``, each row once per query) and the
+queries (``queries``): with tight codes their ratio stays near ``rerank * k``.
 
 Re-scoring, aggregation and top-k selection use the compiled kernels (``_kernels``).
 """
@@ -161,6 +165,9 @@ class Refiner:
 
     Attributes:
         widened: how many searches needed the proof's widening step (for tests, benchmarks).
+        rescored: rows whose exact score was computed, over all searches (each row once per
+            query; ``rescored / queries`` is the benchmarks' "rows re-scored per query").
+        queries: queries searched.
     """
 
     def __init__(
@@ -172,6 +179,9 @@ class Refiner:
         self.threads = default_threads(threads)
         self.scratch = Scratch()
         self.widened = 0
+        self.rescored = 0
+        self.queries = 0
+        self._stats_lock = threading.Lock()
         self._csr_version = -1
         self._csr: tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]] | None = None
         self._seg_version = -1
@@ -193,6 +203,7 @@ class Refiner:
         if cache.n_rows == 0:
             return [RawHits.empty() for _ in range(len(q))]
         rows = RowFilter.of(cache, mask)
+        self._count(queries=len(q))
         if len(q) > 1 and spec.group_by is None and spec.k is not None:
             return self._batch(q, spec, rows)
         return [self._one(qv, spec, rows) for qv in q]
@@ -207,7 +218,7 @@ class Refiner:
             assert spec.threshold is not None  # check_spec: no limit needs a threshold
             dense = self.scanner.dense(prepared, rows)
             cand = np.flatnonzero(dense > np.float32(spec.threshold - margin))
-            return rank_images(self.cache, cand, self.exact_scores(cand, qv), spec)
+            return self._image_hits(qv, spec)(cand)
         n = self.cache.n_rows
         kk = self._kk(spec.k, n)
         dense, cand, approx = self.scanner.dense_top(prepared, rows, kk)
@@ -327,19 +338,43 @@ class Refiner:
                 res = exact_hits(cand[:take])
         return res
 
+    def _count(self, queries: int = 0, rescored: int = 0) -> None:
+        with self._stats_lock:
+            self.queries += queries
+            self.rescored += rescored
+
     def _image_hits(
         self, qv: npt.NDArray[np.float32], spec: SearchSpec
     ) -> Callable[[npt.NDArray[np.int64]], RawHits]:
-        return lambda rows: rank_images(self.cache, rows, self.exact_scores(rows, qv), spec)
+        """Ranked exact hits of candidate rows. ``_rescore`` passes a growing prefix of one
+        ordering: rows scored by the previous call are not scored again."""
+        done = _Scored()
+
+        def hits(rows: npt.NDArray[np.int64]) -> RawHits:
+            scores = done.extend(rows, rows, lambda new: self._scores_of(new, qv))
+            return rank_images(self.cache, rows, scores, spec)
+
+        return hits
 
     def _listing_hits(
         self, qv: npt.NDArray[np.float32], spec: SearchSpec
     ) -> Callable[[npt.NDArray[np.int64]], RawHits]:
+        """Ranked exact hits of candidate listings (their live rows re-scored; a growing
+        prefix of listings re-scores only the rows of the new ones)."""
+        done = _Scored()
+
         def hits(listings: npt.NDArray[np.int64]) -> RawHits:
-            rows = self.listing_rows(listings)
-            return rank_listings(self.cache, rows, self.exact_scores(rows, qv), spec)
+            known = done.known(listings)
+            before = done.rows if known else done.rows[:0]
+            rows = np.concatenate([before, self.listing_rows(listings[known:])])
+            scores = done.extend(listings, rows, lambda new: self._scores_of(new, qv))
+            return rank_listings(self.cache, rows, scores, spec)
 
         return hits
+
+    def _scores_of(self, rows: npt.NDArray[np.int64], qv: npt.NDArray[np.float32]) -> Scores:
+        self._count(rescored=len(rows))
+        return self.exact_scores(rows, qv)
 
     # ------------------------------------------------------------------ kernels
 
@@ -421,6 +456,33 @@ class Refiner:
         vals = np.empty(kk, dtype=np.float32)
         count = _kernels.topk_values(values, kk, rows, vals)
         return rows[:count], vals[:count]
+
+
+class _Scored:
+    """Exact scores already computed for a prefix of keys (rows, or listings) of one query."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.rows = np.zeros(0, dtype=np.int64)
+        self.scores = np.zeros(0, dtype=np.float32)
+
+    def known(self, keys: npt.NDArray[np.int64]) -> int:
+        """How many leading ``keys`` were scored before (0 unless they extend the last ones)."""
+        m = len(self.keys)
+        return m if len(keys) >= m and np.array_equal(keys[:m], self.keys) else 0
+
+    def extend(
+        self,
+        keys: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
+        score: Callable[[npt.NDArray[np.int64]], Scores],
+    ) -> Scores:
+        """Scores ``(len(rows),) float32`` of ``rows`` (those of ``keys``, the known ones
+        first), computing only the rows not scored before."""
+        have = len(self.rows) if self.known(keys) else 0
+        scores = np.concatenate([self.scores[:have], score(rows[have:])])
+        self.keys, self.rows, self.scores = keys, rows, scores
+        return scores
 
 
 def _at_least(values: Scores, lower: float) -> npt.NDArray[np.bool_]:
