@@ -10,7 +10,8 @@ Where things live: the routers in :mod:`lookalike.server.routes` (``search``, ``
 ``listings``, ``facts``), the dependencies in :mod:`~lookalike.server.deps`, the state they
 read in :mod:`~lookalike.server.state`, every request/response schema in
 :mod:`~lookalike.server.schemas`, the error table in :mod:`~lookalike.server.errors`, the
-route classes, body limit and OpenAPI merge in :mod:`~lookalike.server.routing`, the
+route classes, body limit and 405s in :mod:`~lookalike.server.routing`, the OpenAPI
+document in :mod:`~lookalike.server.openapi`, the
 Prometheus metrics in :mod:`~lookalike.server.metrics`, the page in ``server/static``.
 
 Endpoints (OpenAPI at ``/openapi.json``, Swagger UI at ``/docs``, its assets served from
@@ -43,7 +44,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..catalog import Catalog, open_catalog
 from ..images import MAX_UPLOAD_PIXELS
-from . import errors, routing
+from . import errors, openapi, routing
 from .metrics import Metrics, count_requests
 from .routes import ROUTERS
 from .state import (
@@ -120,10 +121,10 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
 
-    def openapi() -> dict[str, Any]:
-        return routing.openapi(app)
+    def document() -> dict[str, Any]:
+        return openapi.document(app)
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = document  # type: ignore[method-assign]
 
     app.add_api_route("/", _index, include_in_schema=False)
     app.add_api_route("/docs", _docs, include_in_schema=False)
