@@ -44,13 +44,14 @@ from fastapi.staticfiles import StaticFiles
 
 from ..catalog import Catalog, open_catalog
 from ..images import MAX_UPLOAD_PIXELS
-from . import errors, openapi, routing
+from . import errors, expiry, openapi, routing
 from .metrics import Metrics, count_requests
 from .routes import ROUTERS
 from .state import (
     DEFAULT_MAX_DECODES,
     DEFAULT_MAX_JSON,
     DEFAULT_MAX_UPLOAD,
+    DEFAULT_RESULTS_TTL,
     MAP_MAX_POINTS,
     ServerState,
     Settings,
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_DECODES",
     "DEFAULT_MAX_JSON",
     "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_RESULTS_TTL",
     "MAP_MAX_POINTS",
     "MAX_UPLOAD_PIXELS",
     "STATIC",
@@ -78,6 +80,7 @@ def create_app(
     max_pixels: int = MAX_UPLOAD_PIXELS,
     max_json: int = DEFAULT_MAX_JSON,
     max_decodes: int = DEFAULT_MAX_DECODES,
+    results_ttl: float = DEFAULT_RESULTS_TTL,
 ) -> FastAPI:
     """Build the FastAPI application over ``catalog``.
 
@@ -91,7 +94,14 @@ def create_app(
         max_pixels: largest uploaded image, pixels (415 above, from the header).
         max_json: largest non-multipart body (JSON), bytes (413 above).
         max_decodes: uploads decoded and embedded at once.
+        results_ttl: seconds saved search results are kept (default 7 days); older ones are
+            deleted while the server runs (:mod:`lookalike.server.expiry`); 0 keeps them.
+
+    Raises:
+        ValueError: ``results_ttl`` is negative.
     """
+    if not results_ttl >= 0:
+        raise ValueError(f"results_ttl must be >= 0 seconds, not {results_ttl}")
     cat = catalog if isinstance(catalog, Catalog) else open_catalog(catalog)
     settings = Settings(
         token=token,
@@ -100,6 +110,7 @@ def create_app(
         max_pixels=max_pixels,
         max_json=max_json,
         max_decodes=max_decodes,
+        results_ttl=results_ttl,
     )
     app = FastAPI(
         title="lookalike",
@@ -108,6 +119,7 @@ def create_app(
         "query image, a stored image or a vector.",
         docs_url=None,
         redoc_url=None,
+        lifespan=expiry.lifespan,
     )
     app.state.server = ServerState(catalog=cat, settings=settings, metrics=Metrics(cat))
     app.state.catalog = cat

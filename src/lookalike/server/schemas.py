@@ -301,7 +301,7 @@ class AddImageResponse(BaseModel):
 
 
 class Deleted(BaseModel):
-    """Result of ``DELETE /images/{image_id}``."""
+    """Result of ``DELETE /images/{image_id}`` and ``DELETE /results/{query_id}``: the id."""
 
     deleted: str
 

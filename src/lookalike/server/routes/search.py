@@ -9,7 +9,8 @@
 Both answer :class:`~lookalike.server.schemas.SearchResponse`; the OpenAPI document shows
 one operation with both request bodies (:func:`lookalike.server.openapi.document`).
 ``save=true`` writes rows, so it needs the write token when the server has one; what was
-saved is read back with ``GET /results/{query_id}`` (the document links the two). A search
+saved is read back with ``GET /results/{query_id}`` and deleted with ``DELETE`` (write
+token) or when it expires (:mod:`lookalike.server.expiry`); the document links them. A search
 the catalog cannot answer in its present state (it is empty; the ANN index asked for was not
 built) is a 409, checked before an upload is decoded. Uploads are decoded and embedded under
 the server's decode slots (at most ``max_decodes`` at once).
@@ -25,11 +26,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ...catalog import Catalog
 from ...types import IndexKind
-from ..deps import READ, AccessDep, CatalogDep, StateDep, read_upload
+from ..deps import READ, WRITE, AccessDep, CatalogDep, StateDep, read_upload
 from ..routing import MediaTypeRoute
 from ..schemas import (
     ERRORS,
     LOOKUP_PATTERN,
+    Deleted,
     SearchOptions,
     SearchRequest,
     SearchResponse,
@@ -45,6 +47,11 @@ RESULT_LINKS = {
         "operationId": "get_results",
         "parameters": {"path.query_id": "$response.body#/query_id"},
         "description": "The hits a search with save=true saved (404 for any other search).",
+    },
+    "DeleteResults": {
+        "operationId": "delete_results",
+        "parameters": {"path.query_id": "$response.body#/query_id"},
+        "description": "Delete the hits a search with save=true saved.",
     },
 }
 ROUTE: dict[str, Any] = dict(
@@ -125,3 +132,16 @@ QueryId = Annotated[str, Path(min_length=1, max_length=128, pattern=LOOKUP_PATTE
 )
 def get_results(query_id: QueryId, cat: CatalogDep) -> dict[str, Any]:
     return search_response(cat.saved_results(query_id))
+
+
+@router.delete(
+    "/results/{query_id}",
+    operation_id="delete_results",
+    response_model=Deleted,
+    responses=ERRORS,
+    dependencies=WRITE,
+    summary="Delete the hits a search saved (they also expire: serve --results-ttl)",
+)
+def delete_results(query_id: QueryId, cat: CatalogDep) -> dict[str, str]:
+    cat.delete_results(query_id)
+    return {"deleted": query_id}
