@@ -90,6 +90,8 @@ class ServerRoute(APIRoute):
         return getattr(info, "media_type", None)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer the request; a method this route does not take is a 405 whose ``Allow``
+        names the methods of every route of the path (:func:`allowed_methods`)."""
         if self.methods and scope["method"] not in self.methods:
             allow = ", ".join(allowed_methods(scope))
             raise HTTPException(
