@@ -86,8 +86,8 @@ KINDS: dict[str, tuple[int, set[Any]]] = {
     "png_9400_write": (2, {415}),
     "deep_where": (2, {400, 422}),
     "deep_json": (2, {400, 422}),
-    "stock_2_70": (2, {400}),
-    "nan_price": (2, {400}),
+    "stock_2_70": (2, {400, 422}),
+    "nan_price": (2, {400, 422}),
     # 422: the schema's id pattern; 415: the catalog's own id check (U+007F, bidi overrides)
     "ctrl_char_id": (2, {400, 404, 415, 422}),
     "no_token_write": (2, {401}),

@@ -35,13 +35,14 @@ BROWSER_ARGS = [
 
 
 @pytest.fixture
-def server_url(cnn_catalog_copy):
+def server_url(cnn_catalog_copy, request):
+    """The page's server; ``create_app`` options may come as the fixture's (indirect) param."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(cnn_catalog_copy)
+    app = create_app(cnn_catalog_copy, **getattr(request, "param", {}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -122,3 +123,40 @@ def test_upload_search_explore_in_a_real_browser(server_url, page, demo_dir):
     )
     assert drawn > 84 * 10  # 84 dots of a few dozen pixels each
     page.screenshot(path=str(ARTIFACTS / "explore.png"), full_page=True)
+
+
+READ_TOKEN = "page-read-token"
+
+
+@pytest.mark.parametrize("server_url", [{"read_token": READ_TOKEN}], indirect=True)
+def test_the_page_asks_for_the_read_token_and_searches_with_it(server_url, page, demo_dir):
+    """With ``--read-token`` the page says it needs a token, then searches, shows thumbnails
+    and draws the map with the token typed once per tab (kept in sessionStorage)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(server_url + "/")
+    page.wait_for_selector("#status:has-text('needs an access token')")
+    assert page.eval_on_selector("#token", "e => e.classList.contains('need')")
+
+    page.fill("#token", "wrong")
+    page.dispatch_event("#token", "change")
+    page.wait_for_selector("#status:has-text('token was refused')")
+
+    page.fill("#token", READ_TOKEN)
+    page.dispatch_event("#token", "change")
+    page.wait_for_selector("#stats:has-text('84 images')")
+    page.wait_for_function("document.querySelectorAll('#opt-agg option').length > 0")
+    page.set_input_files("#file-input", str(demo_dir / "queries" / "motorcycle" / "q-01.jpg"))
+    page.wait_for_selector("#results .hit")
+    assert page.locator("#results .hit").first.get_attribute("data-listing") == "motorcycle"
+    page.wait_for_function(  # thumbnails come through fetch with the token
+        "[...document.querySelectorAll('#results .hit img')].every(i => i.complete && "
+        "i.naturalWidth > 0)"
+    )
+    assert not page.eval_on_selector("#token", "e => e.classList.contains('need')")
+    page.screenshot(path=str(ARTIFACTS / "search-read-token.png"), full_page=True)
+
+    page.reload()  # the same tab keeps the token
+    page.wait_for_selector("#stats:has-text('84 images')")
+    assert page.input_value("#token") == READ_TOKEN
+    page.click("#tab-explore")
+    page.wait_for_selector("#map-status:has-text('84 of 84 images')")

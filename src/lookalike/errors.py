@@ -33,6 +33,11 @@ class QueryError(LookalikeError):
     """A search request is malformed: bad ``where`` expression, unknown id, NaN in a vector, ..."""
 
 
+class AmbiguousIdError(QueryError):
+    """An image id without its listing id names images in several listings; the caller must
+    say which (HTTP answers 409: the same request was fine before the second listing had it)."""
+
+
 class SourceError(LookalikeError):
     """An ingest source (folder, list file, manifest) is missing or malformed; names file
     and row."""

@@ -12,7 +12,12 @@ from typing import Self
 import numpy as np
 from PIL import Image
 
-from ..errors import LookalikeError, ModelMismatchError, NotFoundError, QueryError
+from ..errors import (
+    AmbiguousIdError,
+    LookalikeError,
+    ModelMismatchError,
+    NotFoundError,
+)
 from ..extract import BaseExtractor, available_extractors, get_extractor
 from ..images import decode_image, read_bytes
 from ..store import Store
@@ -152,7 +157,7 @@ class CatalogBase:
             return keys
         keys = self._store.find_image(image_id)
         if len(keys) > 1:
-            raise QueryError(
+            raise AmbiguousIdError(
                 f"image id {image_id!r} is in {len(keys)} listings "
                 f"({', '.join(k[0] for k in keys[:5])}); give the listing id too"
             )

@@ -4,13 +4,15 @@ analysis columns, saved results and thumbnails."""
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import NotFoundError
+from ..errors import NotFoundError, QueryError
 from ..types import (
     Hit,
     ImageRecord,
@@ -114,6 +116,37 @@ class CatalogRows(CatalogBase):
             raise NotFoundError(f"no saved results for query {query_id!r}")
         hits = [Hit(r.listing_id, r.image_id, r.score, r.rank) for r in rows]
         return SearchResult(query_id, hits, saved=True)
+
+    def delete_results(self, query_id: str) -> None:
+        """Delete the hits saved under ``query_id``.
+
+        Raises:
+            NotFoundError: nothing is saved under that id.
+        """
+        if not self._store.delete_results(query_id=check_lookup_id(query_id, "query id")):
+            raise NotFoundError(f"no saved results for query {query_id!r}")
+
+    def prune_results(
+        self, older_than: float, *, limit: int | None = None, now: float | None = None
+    ) -> int:
+        """Delete the results of every search saved more than ``older_than`` seconds before
+        ``now`` (default: the present), oldest first, at most ``limit`` searches (None: all).
+        A search's hits go together (one transaction per call).
+
+        Returns:
+            The number of saved searches deleted.
+
+        Raises:
+            QueryError: ``older_than`` is negative or not finite, or ``limit`` is below 1.
+        """
+        if not math.isfinite(older_than) or older_than < 0:
+            raise QueryError(
+                f"older_than must be a finite number of seconds >= 0, not {older_than}"
+            )
+        if limit is not None and limit < 1:
+            raise QueryError(f"limit must be at least 1, not {limit}")
+        cutoff = (time.time() if now is None else now) - older_than
+        return self._store.delete_results(before=cutoff, limit=limit)
 
     def save_calibration(self, calibration: dict[str, Any]) -> None:
         """Store a near-duplicate calibration (``lookalike.analytics.calibrate``) with the

@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -271,6 +272,20 @@ def parse_threshold(text: str) -> float | None:
     if not -1.0 <= value <= 1.0:
         usage_error(f"--threshold: {value} is not a cosine in [-1, 1]")
     return value
+
+
+#: Seconds per unit of an age (``--older-than 7d``, ``--results-ttl 12h``).
+AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
+
+
+def parse_age(text: str, option: str) -> float:
+    """An age such as ``7d``, ``12h``, ``30m``, ``90s``, ``2w`` or ``3600`` (seconds), in
+    seconds; a usage error (exit 2, naming ``option``) otherwise."""
+    m = _AGE.fullmatch(text.lower())
+    if m is None or m.group(2) not in AGE_UNITS:
+        usage_error(f"{option}: {text!r} is not an age such as 7d, 12h, 30m, 90s or 2w")
+    return float(m.group(1)) * AGE_UNITS[m.group(2)]
 
 
 P = ParamSpec("P")

@@ -27,11 +27,13 @@ from .common import (
     ProgressOpt,
     command,
     opened,
+    parse_age,
     parse_threshold,
     print_hit_lines,
     print_json,
     print_results,
     say,
+    usage_error,
     warn,
 )
 
@@ -274,14 +276,48 @@ def _one(
 
 @command(commands)
 def results(
-    query_id: Annotated[str, typer.Argument(help="A query_id printed by search --save.")],
     catalog: CatalogOpt,
+    query_id: Annotated[
+        str | None, typer.Argument(help="A query_id printed by search --save.")
+    ] = None,
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Delete the hits saved under QUERY_ID.")
+    ] = False,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            help="Without QUERY_ID: delete the results of every search saved longer ago than "
+            "this age (7d, 12h, 30m, 90s, 2w; a number is seconds).",
+        ),
+    ] = None,
     fmt: FormatOpt = OutputFormat.TABLE,
 ) -> None:
-    """Show the hits a search saved with --save."""
+    """Show the hits a search saved with --save (QUERY_ID), delete them (QUERY_ID --delete), or
+    prune old saved results (--older-than 7d). `lookalike serve` prunes on its own
+    (--results-ttl, default 7 days)."""
+    if (query_id is None) == (older_than is None) or (delete and query_id is None):
+        usage_error("give QUERY_ID (to show, or with --delete to delete), or --older-than AGE")
+    if older_than is not None:
+        age = parse_age(older_than, "--older-than")
+        with opened(catalog) as cat:
+            n = cat.prune_results(age)
+        if fmt == OutputFormat.JSON:
+            print_json({"pruned": n, "older_than_s": age})
+        else:
+            say(f"pruned {n} saved search{'es' if n != 1 else ''} older than {older_than}")
+        return
+    assert query_id is not None
     with opened(catalog) as cat:
-        result = cat.saved_results(query_id)
-    if fmt == OutputFormat.JSON:
+        if delete:
+            cat.delete_results(query_id)
+        else:
+            result = cat.saved_results(query_id)
+    if delete:
+        if fmt == OutputFormat.JSON:
+            print_json({"deleted": query_id})
+        else:
+            say(f"deleted the results of {query_id}")
+    elif fmt == OutputFormat.JSON:
         print_json(result.to_dict())
     else:
         print_hit_lines(result)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .common import CatalogOpt, EngineOpt, command, fail, opened, warn
+from .common import CatalogOpt, EngineOpt, command, fail, opened, parse_age, warn
 
 commands = typer.Typer()
 
@@ -88,6 +88,15 @@ def serve(
             "number of cores)."
         ),
     ] = None,
+    results_ttl: Annotated[
+        str,
+        typer.Option(
+            help="How long saved search results (save=true, search --save) are kept: 7d, 12h, "
+            "30m, 90s, 2w or seconds; 0 keeps them forever. The server deletes older ones "
+            "while it runs (at start, then every quarter of this age, at most every 10 min); "
+            "`lookalike results --older-than AGE` does it by hand.",
+        ),
+    ] = "7d",
     create: Annotated[
         bool,
         typer.Option(help="Create the catalog when it does not exist (default: refuse)."),
@@ -103,6 +112,7 @@ def serve(
 
     from ..server import create_app
 
+    ttl = parse_age(results_ttl, "--results-ttl")
     if not create and "://" not in catalog and not os.path.exists(catalog):
         fail(f"no catalog at {catalog} (give --create to start an empty one)")
     sock = _bind(host, port)
@@ -116,13 +126,14 @@ def serve(
             )
             if value is not None
         }
-        app = create_app(cat, token=token, read_token=read_token, **limits)
+        app = create_app(cat, token=token, read_token=read_token, results_ttl=ttl, **limits)
         if token is None and not _loopback(host):
             warn(f"lookalike: warning: writes are open to anyone who reaches {host} (no --token)")
         warn(
             f"lookalike: serving {catalog} on http://{host}:{port}/"
             + (" (writes need the bearer token)" if token else "")
             + (" (reads need a bearer token)" if read_token else "")
+            + (f" (saved results kept {results_ttl})" if ttl else " (saved results kept)")
         )
         config = uvicorn.Config(app, log_level="warning", access_log=access_log)
         if access_log:

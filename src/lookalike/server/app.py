@@ -10,7 +10,8 @@ Where things live: the routers in :mod:`lookalike.server.routes` (``search``, ``
 ``listings``, ``facts``), the dependencies in :mod:`~lookalike.server.deps`, the state they
 read in :mod:`~lookalike.server.state`, every request/response schema in
 :mod:`~lookalike.server.schemas`, the error table in :mod:`~lookalike.server.errors`, the
-route classes, body limit and OpenAPI merge in :mod:`~lookalike.server.routing`, the
+route classes, body limit and 405s in :mod:`~lookalike.server.routing`, the OpenAPI
+document in :mod:`~lookalike.server.openapi`, the
 Prometheus metrics in :mod:`~lookalike.server.metrics`, the page in ``server/static``.
 
 Endpoints (OpenAPI at ``/openapi.json``, Swagger UI at ``/docs``, its assets served from
@@ -43,13 +44,14 @@ from fastapi.staticfiles import StaticFiles
 
 from ..catalog import Catalog, open_catalog
 from ..images import MAX_UPLOAD_PIXELS
-from . import errors, routing
+from . import errors, expiry, openapi, routing
 from .metrics import Metrics, count_requests
 from .routes import ROUTERS
 from .state import (
     DEFAULT_MAX_DECODES,
     DEFAULT_MAX_JSON,
     DEFAULT_MAX_UPLOAD,
+    DEFAULT_RESULTS_TTL,
     MAP_MAX_POINTS,
     ServerState,
     Settings,
@@ -59,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_DECODES",
     "DEFAULT_MAX_JSON",
     "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_RESULTS_TTL",
     "MAP_MAX_POINTS",
     "MAX_UPLOAD_PIXELS",
     "STATIC",
@@ -77,6 +80,7 @@ def create_app(
     max_pixels: int = MAX_UPLOAD_PIXELS,
     max_json: int = DEFAULT_MAX_JSON,
     max_decodes: int = DEFAULT_MAX_DECODES,
+    results_ttl: float = DEFAULT_RESULTS_TTL,
 ) -> FastAPI:
     """Build the FastAPI application over ``catalog``.
 
@@ -90,7 +94,14 @@ def create_app(
         max_pixels: largest uploaded image, pixels (415 above, from the header).
         max_json: largest non-multipart body (JSON), bytes (413 above).
         max_decodes: uploads decoded and embedded at once.
+        results_ttl: seconds saved search results are kept (default 7 days); older ones are
+            deleted while the server runs (:mod:`lookalike.server.expiry`); 0 keeps them.
+
+    Raises:
+        ValueError: ``results_ttl`` is negative.
     """
+    if not results_ttl >= 0:
+        raise ValueError(f"results_ttl must be >= 0 seconds, not {results_ttl}")
     cat = catalog if isinstance(catalog, Catalog) else open_catalog(catalog)
     settings = Settings(
         token=token,
@@ -99,6 +110,7 @@ def create_app(
         max_pixels=max_pixels,
         max_json=max_json,
         max_decodes=max_decodes,
+        results_ttl=results_ttl,
     )
     app = FastAPI(
         title="lookalike",
@@ -107,6 +119,7 @@ def create_app(
         "query image, a stored image or a vector.",
         docs_url=None,
         redoc_url=None,
+        lifespan=expiry.lifespan,
     )
     app.state.server = ServerState(catalog=cat, settings=settings, metrics=Metrics(cat))
     app.state.catalog = cat
@@ -120,10 +133,10 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
 
-    def openapi() -> dict[str, Any]:
-        return routing.openapi(app)
+    def document() -> dict[str, Any]:
+        return openapi.document(app)
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = document  # type: ignore[method-assign]
 
     app.add_api_route("/", _index, include_in_schema=False)
     app.add_api_route("/docs", _docs, include_in_schema=False)

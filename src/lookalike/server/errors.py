@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
+    AmbiguousIdError,
     BrokerError,
     ImageError,
     LookalikeError,
@@ -29,9 +30,11 @@ from ..errors import (
 )
 
 #: Project exception -> HTTP status. The most specific class along the exception's MRO wins
-#: (``StoreBusyError`` before ``StoreError`` before ``LookalikeError``).
+#: (``StoreBusyError`` before ``StoreError`` before ``LookalikeError``). An ambiguous image id
+#: is a 409, not a 400: the request was valid before a second listing held that id.
 STATUS: dict[type[LookalikeError], int] = {
     NotFoundError: 404,
+    AmbiguousIdError: 409,
     ImageError: 415,
     ModelMismatchError: 409,
     QueryError: 400,
@@ -106,7 +109,8 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     if loc[:1] == ["body"] and len(loc) > 1:  # "agg: ...", whether sent as JSON or a form
         loc = loc[1:]
     where = ".".join(str(p) for p in loc)
-    return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return error_response(422, f"{where}: {message}")
 
 
 def install(app: FastAPI) -> None:

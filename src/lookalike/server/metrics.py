@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 class Metrics:
     """Request counts by method/route/status, latency histograms (seconds) by method/route,
-    and the catalog's image count."""
+    the catalog's image count, and the saved searches deleted as expired."""
 
     def __init__(self, catalog: Any) -> None:
         self.registry = CollectorRegistry()
@@ -31,6 +31,11 @@ class Metrics:
             ["method", "route"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.pruned = Counter(
+            "lookalike_saved_results_pruned",
+            "Saved search results deleted because they outlived --results-ttl.",
+            registry=self.registry,
         )
         images = Gauge(
             "lookalike_catalog_images", "Images stored in the catalog.", registry=self.registry

@@ -11,6 +11,9 @@ OpenAPI document of an operation that takes more than one media type.
   slack for a multipart upload, ``max_json`` for anything else) from its Content-Length
   before reading, or while it streams (chunked), before it is spooled to disk.
 * :class:`CatchAll`: an exception nothing else answered becomes the JSON 500, logged once.
+
+A method no route of a path takes is a 405 whose ``Allow`` header lists the methods every
+route of that path takes (Starlette names only the first route's).
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.openapi.utils import get_openapi
+from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -63,7 +65,7 @@ class ServerRoute(APIRoute):
         form = self.body_field is not None and media_type(self._body_media()) == (
             "multipart/form-data"
         )
-        need = self._needs()
+        need = self.needs()
 
         async def translated(request: Request) -> Response:
             if need is not None:
@@ -87,7 +89,17 @@ class ServerRoute(APIRoute):
         info = getattr(self.body_field, "field_info", None)
         return getattr(info, "media_type", None)
 
-    def _needs(self) -> Access:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer the request; a method this route does not take is a 405 whose ``Allow``
+        names the methods of every route of the path (:func:`allowed_methods`)."""
+        if self.methods and scope["method"] not in self.methods:
+            allow = ", ".join(allowed_methods(scope))
+            raise HTTPException(
+                405, f"{scope['method']} is not allowed here; use {allow}", {"Allow": allow}
+            )
+        await super().handle(scope, receive, send)
+
+    def needs(self) -> Access:
         """The access this route's dependencies ask for (write before read)."""
         found = {dep.call for dep in self.dependant.dependencies}
         if require_token in found:
@@ -95,6 +107,19 @@ class ServerRoute(APIRoute):
         if require_read in found:
             return "read"
         return None
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """The methods the routes of the request's path take (HEAD with GET), sorted (routers are
+    included without a prefix)."""
+    methods: set[str] = set()
+    for context in iter_route_contexts(scope["app"].routes):
+        route = context.original_route
+        if isinstance(route, APIRoute) and route.methods:
+            match, _ = APIRoute.matches(route, scope)  # the path alone, not the media type
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
 
 
 class MediaTypeRoute(ServerRoute):
@@ -202,41 +227,3 @@ class CatchAll:
             if not started:
                 response = error_response(500, f"internal error ({type(exc).__name__})")
                 await response(scope, receive, send)
-
-
-def openapi(app: FastAPI) -> dict[str, Any]:
-    """The OpenAPI document of ``app``, with the :class:`MediaTypeRoute` operations that share
-    a path and method merged into one operation whose request body lists every media type
-    (FastAPI alone keeps only the last); the first declared route gives the operation's id,
-    summary and description. Cached on ``app.openapi_schema``."""
-    if app.openapi_schema:
-        return app.openapi_schema
-
-    def document(routes: list[Any]) -> dict[str, Any]:
-        return get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=routes
-        )
-
-    schema = document(app.routes)
-    shared: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if isinstance(route, MediaTypeRoute) and route.include_in_schema and route.body_field:
-            for path, item in document([context])["paths"].items():
-                for method, operation in item.items():
-                    shared.setdefault((path, method), []).append(operation)
-    for (path, method), operations in shared.items():
-        if len(operations) < 2:
-            continue
-        merged = operations[0]
-        merged["requestBody"] = {
-            "required": all(op["requestBody"].get("required", False) for op in operations),
-            "content": {
-                media: body
-                for op in operations
-                for media, body in op["requestBody"]["content"].items()
-            },
-        }
-        schema["paths"][path][method] = merged
-    app.openapi_schema = schema
-    return schema

@@ -10,14 +10,32 @@ thumbnail URLs.
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import File, UploadFile
-from pydantic import BaseModel, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    model_validator,
+)
 
+from ..catalog.validate import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ATTR_NAME_LENGTH,
+    MAX_ATTR_TEXT_LENGTH,
+    check_listing_attrs,
+)
+from ..errors import QueryError
 from ..types import (
+    MAX_ID_LENGTH,
     Aggregation,
     CodeKind,
     EngineKind,
@@ -29,9 +47,33 @@ from ..types import (
 )
 from .errors import STATUS
 
-#: A listing or image id: 1-1024 characters, no control characters.
-ID_PATTERN = r"^[^\x00-\x1f]+$"
-Id = Annotated[str, Field(min_length=1, max_length=1024, pattern=ID_PATTERN)]
+# ------------------------------------------------------------------------------------ text
+# The patterns spell every character out (no ``\s``, no look-around): the document's readers
+# (ECMA-262 regexes), the fuzzers (Python ``re``) and pydantic (Rust ``regex``) read them alike.
+
+#: Control characters (Unicode category ``Cc``), a regex class body.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+#: Characters no id may contain: ``Cc`` and the bidi override/isolate characters
+#: (:data:`lookalike.types.BIDI_CONTROLS`).
+_NOT_IN_ID = _CONTROL + r"\u202a-\u202e\u2066-\u2069"
+#: The white space ``str.strip`` removes, less the control characters (``str.isspace``).
+_SPACE = r"\x20\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+#: A listing or image id as every write takes it (:func:`lookalike.types.id_problem`): not only
+#: white space, no control or bidi override/isolate character; 1-1024 characters.
+ID_PATTERN = rf"^[^{_NOT_IN_ID}]*[^{_SPACE}{_NOT_IN_ID}][^{_NOT_IN_ID}]*$"
+#: An id to look up: anything a store can be asked about (no NUL), so rows stored before the
+#: id rule stay reachable (:func:`lookalike.catalog.validate.check_lookup_id`).
+LOOKUP_PATTERN = r"^[^\x00]+$"
+#: A listing attribute name (:func:`lookalike.catalog.validate.check_attr_name`).
+NAME_PATTERN = rf"^[^{_CONTROL}]*[^{_SPACE}{_CONTROL}][^{_CONTROL}]*$"
+#: A text attribute value: no control characters.
+TEXT_PATTERN = rf"^[^{_CONTROL}]*$"
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+LookupId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=LOOKUP_PATTERN)]
+#: ``format`` of a ``where`` string: the grammar of :mod:`lookalike.engine.filters`.
+WHERE_FORMAT = "lookalike-where"
+#: Media types an uploaded image part may declare (anything Pillow decodes is read).
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 
 def thumbnail_url(image_id: str, listing_id: str) -> str:
@@ -43,40 +85,152 @@ def thumbnail_url(image_id: str, listing_id: str) -> str:
 # ------------------------------------------------------------------------------------ search
 
 
+#: Largest magnitude of a query vector's component: float32's range (3.4028e38), rounded down.
+VECTOR_MAX = 3.4e38
+#: A query vector needs one component at least this large in magnitude: its norm is then above
+#: the catalog's ``MIN_QUERY_NORM`` (1e-6) after float32 rounding, so it has a direction.
+VECTOR_MIN_PEAK = 1e-5
+
+
+def _blank_is_none(where: str | None) -> str | None:
+    return where if where is None or where.strip() else None
+
+
+def _has_peak(vector: list[float] | None) -> list[float] | None:
+    if vector is not None and not any(abs(x) >= VECTOR_MIN_PEAK for x in vector):
+        raise ValueError(
+            f"a query vector needs a component of magnitude >= {VECTOR_MIN_PEAK:g} "
+            "(an all-zero vector has no direction)"
+        )
+    return vector
+
+
 class SearchOptions(BaseModel):
     """Search options (JSON body of ``POST /search``; form fields with an upload). They mean
-    what the arguments of ``Catalog.search`` mean."""
+    what the arguments of ``Catalog.search`` mean; a blank ``where`` is no filter. An unknown
+    field is a 422 (a misspelt option is not silently ignored)."""
 
-    k: int | None = Field(None, ge=1, le=10_000, description="Hits (default 10).")
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | None = Field(None, ge=1, le=10_000, description="Hits (default 10).", examples=[10])
     group_by: GroupBy | None = Field(None, description="One hit per listing.")
     agg: Aggregation = Field(Aggregation.MAX, description="Per-listing score when grouped.")
     top_n: int = Field(3, ge=1, le=64, description="n of sum-top-n.")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, description="Only score > this.")
-    where: str | None = Field(None, max_length=2000, description='e.g. "stock_level > 0".')
-    save: bool = Field(False, description="Write the hits to query_results.")
-    index: IndexKind | None = Field(None, description="Where candidates come from.")
+    where: Annotated[str | None, AfterValidator(_blank_is_none)] = Field(
+        None,
+        examples=["stock_level > 0"],
+        max_length=2000,
+        description='Filter on listing attributes, e.g. "stock_level > 0" (the grammar of '
+        "lookalike.engine.filters; format lookalike-where). An unknown attribute or a syntax "
+        "error is a 400.",
+    )
+    save: bool = Field(
+        False,
+        description="Write the hits to query_results (needs the write token when the server "
+        "has one); read them back with GET /results/{query_id}.",
+    )
+    index: IndexKind | None = Field(
+        None,
+        description="Where candidates come from; an ANN kind (ivf, ivfpq, hnsw) that was not "
+        "built is a 409.",
+    )
 
     def search_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Catalog.search``."""
         return self.model_dump()
 
 
+def _options_schema(schema: dict[str, Any]) -> None:
+    """``where`` strings have the :data:`WHERE_FORMAT` format."""
+    for option in schema["properties"]["where"].get("anyOf", []):
+        if option.get("type") == "string":
+            option["format"] = WHERE_FORMAT
+
+
+def _form_schema(schema: dict[str, Any]) -> None:
+    """A form field cannot carry null: an optional field is left out instead, so the
+    multipart schema declares no ``null`` alternatives (nor null defaults)."""
+    _options_schema(schema)
+    for prop in schema.get("properties", {}).values():
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if len(options) == 1:
+            prop.update(options[0])
+        elif options:
+            prop["anyOf"] = options
+        if prop.get("default", 0) is None:
+            del prop["default"]
+
+
 class SearchUpload(SearchOptions):
     """``POST /search`` with multipart/form-data: the query image and the options."""
 
-    image: UploadFile = File(description="The query image.")
+    model_config = ConfigDict(json_schema_extra=_form_schema)
+
+    image: UploadFile = File(
+        description="The query image (JPEG, PNG, WebP, GIF, BMP, ...: what Pillow decodes); "
+        "an empty file is a 400, one that is no image a 415.",
+        json_schema_extra={"format": "binary", "minLength": 1},
+    )
 
     def search_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"image"})
 
 
+def _one_query(schema: dict[str, Any]) -> None:
+    """Exactly one of ``image_id`` and ``vector``; neither may be null."""
+    _options_schema(schema)
+    props = schema["properties"]
+    for name in ("image_id", "vector"):
+        props[name].pop("default", None)
+    schema["oneOf"] = [{"required": ["image_id"]}, {"required": ["vector"]}]
+
+
 class SearchRequest(SearchOptions):
     """``POST /search`` with JSON: a stored image (``image_id``, ``listing_id`` when ids
-    repeat) or a ``vector`` as the query; exactly one of them."""
+    repeat) or a ``vector`` as the query; exactly one of them.
 
-    image_id: str | None = Field(None, max_length=1024)
-    listing_id: str | None = Field(None, max_length=1024)
-    vector: list[float] | None = Field(None, max_length=65_536)
+    The OpenAPI document gives ``vector`` the catalog's dimension (``minItems`` =
+    ``maxItems`` = d) once the catalog has a model; another length is a 400."""
+
+    model_config = ConfigDict(json_schema_extra=_one_query)
+
+    image_id: LookupId = Field(  # type: ignore[assignment]  # absent is None; null is refused
+        None, description="A stored image's id.", examples=["truck-17/front.jpg"]
+    )
+    listing_id: LookupId | None = Field(None, description="Its listing, when ids repeat.")
+    vector: Annotated[
+        list[Annotated[float, Field(ge=-VECTOR_MAX, le=VECTOR_MAX)]],
+        Field(max_length=65_536),
+        AfterValidator(_has_peak),
+    ] = Field(
+        None,  # type: ignore[arg-type]  # absent is None; null is refused (no | None)
+        description=f"A query vector (normalized by the server); one component at least "
+        f"needs a magnitude >= {VECTOR_MIN_PEAK:g}.",
+        json_schema_extra={
+            "contains": {"anyOf": [{"minimum": VECTOR_MIN_PEAK}, {"maximum": -VECTOR_MIN_PEAK}]}
+        },
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_query(cls, data: Any) -> Any:
+        """Exactly one query, and JSON's own types: a number sent as text or a bool, or
+        ``save`` sent as 0/1 or text, is refused (pydantic alone would convert them; a form
+        carries every option as text, so the multipart options are converted)."""
+        if not isinstance(data, dict):
+            return data
+        if ("image_id" in data) == ("vector" in data):
+            raise ValueError("give exactly one of image_id and vector")
+        for name in ("k", "top_n", "threshold"):
+            if isinstance(data.get(name), bool | str):
+                raise ValueError(f"{name} must be a JSON number, not {data[name]!r}")
+        if "save" in data and not isinstance(data["save"], bool):
+            raise ValueError(f"save must be true or false, not {data['save']!r}")
+        vector = data.get("vector")
+        if isinstance(vector, list) and any(isinstance(x, bool | str) for x in vector):
+            raise ValueError("vector must hold JSON numbers only")
+        return data
 
     def search_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"image_id", "listing_id", "vector"})
@@ -109,11 +263,17 @@ def search_response(result: SearchResult) -> dict[str, Any]:
 
 
 class ImageUpload(BaseModel):
-    """``POST /images``: one image and its key."""
+    """``POST /images``: one image and its key (no other field)."""
 
-    image: UploadFile = File(description="The image file.")
-    listing_id: Id
-    image_id: Id
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile = File(
+        description="The image file (JPEG, PNG, WebP, GIF, BMP, ...: what Pillow decodes); an "
+        "empty file is a 400, one that is no image a 415.",
+        json_schema_extra={"format": "binary", "minLength": 1},
+    )
+    listing_id: Id = Field(examples=["truck-17"])
+    image_id: Id = Field(examples=["truck-17/front.jpg"])
 
 
 class ImageInfo(BaseModel):
@@ -141,9 +301,93 @@ class AddImageResponse(BaseModel):
 
 
 class Deleted(BaseModel):
-    """Result of ``DELETE /images/{image_id}``."""
+    """Result of ``DELETE /images/{image_id}`` and ``DELETE /results/{query_id}``: the id."""
 
     deleted: str
+
+
+# ------------------------------------------------------------------------------------ listings
+
+
+#: A JSON attribute value; null removes the attribute.
+AttrValue = bool | int | float | str | None
+
+
+def _http_problem(name: str, value: Any) -> str | None:
+    """What the HTTP API refuses beyond the catalog's rules (JSON has types the catalog would
+    convert): a number outside int64, float or not; a ``stock_level`` that is not a JSON number
+    or not whole; an ``etag`` that is not text."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"listing attribute {name!r}: {value} is refused; numbers must be finite"
+    if number and not INT64_MIN <= value < 2**63:  # 2**63 also for a float: exact in Python
+        return f"listing attribute {name!r}: {value} is outside the int64 range"
+    whole = number and not (isinstance(value, float) and not value.is_integer())
+    if name == "stock_level" and value is not None and not whole:
+        return f"listing attribute 'stock_level' must be a whole number or null, not {value!r}"
+    if name == "etag" and value is not None and not isinstance(value, str):
+        return f"listing attribute 'etag' must be text or null, not {value!r}"
+    return None
+
+
+def listing_attrs_schema() -> dict[str, Any]:
+    """The JSON Schema of :class:`ListingAttrs`, written out: pydantic would give the value
+    schema to a ``patternProperties`` of the name pattern, which other names escape. (The
+    OpenAPI document puts it back as it is: FastAPI's document model turns the int64 bounds
+    into floats, 2**63 - 1 into 2**63.)"""
+    text = {"type": "string", "maxLength": MAX_ATTR_TEXT_LENGTH, "pattern": TEXT_PATTERN}
+    number = {"minimum": INT64_MIN, "maximum": INT64_MAX}
+    value = [text, {"type": "number", **number}, {"type": "boolean"}, {"type": "null"}]
+    return {
+        "type": "object",
+        "title": "ListingAttrs",
+        "description": inspect.cleandoc(ListingAttrs.__doc__ or ""),
+        "propertyNames": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_ATTR_NAME_LENGTH,
+            "pattern": NAME_PATTERN,
+            "not": {"const": "listing_id"},
+        },
+        "properties": {
+            "stock_level": {"anyOf": [{"type": "integer", **number}, {"type": "null"}]},
+            "etag": {"anyOf": [text, {"type": "null"}]},
+        },
+        "additionalProperties": {"anyOf": value},
+    }
+
+
+def _attrs_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update(listing_attrs_schema())
+
+
+class ListingAttrs(RootModel[dict[str, AttrValue]]):
+    """The body of ``PUT /listings/{id}``: attribute name -> value (null removes it).
+
+    Names: 1-128 characters, not only white space, no control character, not ``listing_id``.
+    Values: text (at most 4096 characters, no control character), a number in the int64 range
+    (integers and finite floats alike), a bool, or null; ``stock_level`` is a whole number and
+    ``etag`` text (the catalog's rules, :mod:`lookalike.catalog.validate`, and
+    :func:`_http_problem`). Anything else is a
+    422 naming the attribute and the rule."""
+
+    model_config = ConfigDict(json_schema_extra=_attrs_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("the body must be a JSON object: attribute name -> value")
+        for name, value in data.items():
+            problem = _http_problem(name, value)
+            if problem is not None:
+                raise ValueError(problem)
+        try:
+            check_listing_attrs(data)
+        except QueryError as exc:
+            raise ValueError(str(exc)) from None
+        return data
 
 
 # ------------------------------------------------------------------------------------ facts

@@ -38,6 +38,8 @@ MAX_FIELDS = 32
 DEFAULT_MAX_JSON = 2 * 2**20
 #: Default number of uploads decoded and embedded at once (more wait their turn): the cores.
 DEFAULT_MAX_DECODES = os.cpu_count() or 1
+#: Default retention of saved search results (``save=true``), seconds: 7 days.
+DEFAULT_RESULTS_TTL = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Settings:
         max_pixels: largest uploaded image, pixels (415 above, read from the header).
         max_json: largest body that is not a multipart upload, bytes (413 above).
         max_decodes: uploads decoded and embedded at once; more wait their turn.
+        results_ttl: seconds a saved search result is kept; the server deletes older ones
+            (:mod:`lookalike.server.expiry`); 0 keeps them forever.
     """
 
     token: str | None = None
@@ -61,6 +65,7 @@ class Settings:
     max_pixels: int = MAX_UPLOAD_PIXELS
     max_json: int = DEFAULT_MAX_JSON
     max_decodes: int = DEFAULT_MAX_DECODES
+    results_ttl: float = DEFAULT_RESULTS_TTL
 
     @property
     def max_body(self) -> int:

@@ -117,6 +117,18 @@ class Store(Protocol):
         """Every saved query result, by query and rank."""
         ...
 
+    def delete_results(
+        self,
+        *,
+        query_id: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete the results saved under ``query_id``, or those of every query saved before
+        ``before`` (Unix seconds; oldest first, at most ``limit`` queries); one transaction.
+        Returns the number of queries deleted (:mod:`lookalike.store.results`)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...

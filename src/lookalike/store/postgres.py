@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import LookalikeError
 from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from . import results
 from .records import RECORD_COLUMNS, record_from_row
 
 LISTING_COLUMNS = ("stock_level", "etag")
@@ -80,6 +81,7 @@ class PostgresStore:
         self.uri = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1@", url)  # never show a password
         self.folder = state_folder(url)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._results_indexed = False  # the query_results created_at index (store/results.py)
         try:
             self.pool = ConnectionPool(
                 url,
@@ -514,6 +516,21 @@ class PostgresStore:
                 "FROM query_results ORDER BY query_id, rank"
             )
             return [SavedHit(*r) for r in cur.fetchall()]
+
+    def delete_results(
+        self,
+        *,
+        query_id: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete saved results (see :func:`lookalike.store.results.delete_results`)."""
+        with self._tx() as cur:
+            if before is not None and not self._results_indexed:
+                results.ensure_index(cur, postgres=True)
+            n = results.delete_results(cur, True, query_id=query_id, before=before, limit=limit)
+        self._results_indexed = self._results_indexed or before is not None
+        return n
 
     def close(self) -> None:
         """Close the pool."""

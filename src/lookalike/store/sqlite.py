@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import LookalikeError, NotFoundError
 from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from . import results
 from .records import RECORD_COLUMNS, record_from_row
 
 DB_NAME = "catalog.db"
@@ -541,6 +542,19 @@ class SqliteStore:
                 "FROM query_results ORDER BY query_id, rank"
             ).fetchall()
         return [SavedHit(*r) for r in rows]
+
+    def delete_results(
+        self,
+        *,
+        query_id: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete saved results (see :func:`lookalike.store.results.delete_results`)."""
+        with self._write() as cur:
+            if before is not None:
+                results.ensure_index(cur, postgres=False)
+            return results.delete_results(cur, False, query_id=query_id, before=before, limit=limit)
 
     def close(self) -> None:
         """Close the connection."""

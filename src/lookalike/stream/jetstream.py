@@ -23,9 +23,15 @@ The consumer (:class:`StreamIngest`):
   ``retry_delay``) until its JetStream delivery count reaches ``max_deliver``, then
   dead-lettered with the reason and a ``Dead-Deliveries`` header, and acknowledged. A project
   error that is not the store's (``QueryError``: a bad attribute value) is dead-lettered at
-  once: retrying cannot help. When every message of a batch fails with a store error and the
-  store does not answer a probe (an outage, or ``busy``), nothing is counted against the
-  messages: the whole batch is redelivered;
+  once: retrying cannot help;
+* tells **the store is unavailable** from **this message fails**: when a write fails with a
+  store error, the store is unavailable if the error is ``busy`` after waiting for another
+  writer's lock (at least :data:`LOCK_WAIT_S`: SQLite waits up to its busy timeout) or the
+  store does not answer a read. Then nothing is bisected (no second wait) and nothing is
+  counted against the messages: the ones not written are redelivered, however often, until
+  the store is back. Otherwise the store works and the failure is the message's own, whatever
+  its kind (even a ``busy`` that waited for no one, which would otherwise come back
+  forever): it is isolated and counted as above;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
   exits.
 
@@ -111,6 +117,10 @@ DEFAULT_MAX_DELIVER = 5
 DEFAULT_RETRY_DELAY = 1.0
 #: Header of a dead letter: the deliveries of the message before it was dead-lettered.
 DEAD_DELIVERIES = "Dead-Deliveries"
+#: Seconds a write that failed ``busy`` must have waited to count as another writer's lock
+#: (the store is busy) rather than a failure of the batch itself (SQLite waits up to its
+#: 60 s busy timeout before it answers "database is locked").
+LOCK_WAIT_S = 5.0
 
 
 @dataclass
@@ -255,21 +265,19 @@ class StreamIngest:
                 events.append((msg, parse_message(msg.headers, msg.data, self.max_payload)))
             except BadMessageError as exc:
                 dead.append((msg, str(exc)))
-        written_dead, failures = await asyncio.to_thread(self._write_isolating, events)
+        written_dead, failures, unavailable = await asyncio.to_thread(self._write_isolating, events)
         dead += written_dead
-        if failures and len(failures) == len(events) and await self._store_down(failures):
+        if unavailable:  # the store's fault, not the messages': redeliver, count nothing
             reason = _reason(failures[0][1])
-            log.error("write failed (%s); batch of %d will be redelivered", reason, len(msgs))
-            for msg in msgs:
-                with contextlib.suppress(Exception):  # unacked messages come back anyway
-                    await msg.nak(delay=self.retry_delay)
-            return
+            log.error("write failed (%s); %d message(s) will be redelivered", reason, len(failures))
         retry: list[Any] = []
         for msg, problem in failures:
             reason = _reason(problem)
             err = translate(problem)
             n = msg.metadata.num_delivered
-            if isinstance(err, LookalikeError) and not isinstance(err, StoreError):
+            if unavailable:
+                retry.append(msg)
+            elif isinstance(err, LookalikeError) and not isinstance(err, StoreError):
                 dead.append((msg, reason))  # the message's own fault: retrying cannot help
             elif n >= self.max_deliver:
                 dead.append((msg, f"write failed on {n} deliveries: {reason}"))
@@ -312,43 +320,49 @@ class StreamIngest:
         if self.on_batch:
             self.on_batch(self.counts)
 
-    async def _store_down(self, failures: list[tuple[Any, Exception]]) -> bool:
-        """Whether a batch whose every message failed met a store outage (then nothing is
-        the messages' fault): every failure is a store error, and the store is busy or does
-        not answer a read."""
-        errors = [translate(exc) for _, exc in failures]
-        if not all(isinstance(err, StoreError) for err in errors):
+    def _store_unavailable(self, err: LookalikeError | None, waited: float) -> bool:
+        """Whether a write that failed with ``err`` after ``waited`` seconds met an
+        unavailable store: ``busy`` after waiting for a lock, or no answer to a read."""
+        if not isinstance(err, StoreError):
             return False
-        if any(isinstance(err, StoreBusyError) for err in errors):
+        if isinstance(err, StoreBusyError) and waited >= LOCK_WAIT_S:
             return True
         try:
-            await asyncio.to_thread(lambda: self.catalog.settings)
+            _ = self.catalog.settings
         except Exception:
             return True
         return False
 
     def _write_isolating(
         self, events: list[tuple[Any, Event]]
-    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, Exception]]]:
+    ) -> tuple[list[tuple[Any, str]], list[tuple[Any, Exception]], bool]:
         """:meth:`_write` the events; when that raises, bisect until every failing message
-        stands alone, so that the others are written.
+        stands alone, so that the others are written; unless the store is unavailable
+        (:meth:`_store_unavailable`), then stop at once.
 
         Returns:
-            ``(dead, failed)``: messages to dead-letter with their reason (bad images), and
-            ``(message, exception)`` for each message whose write raised.
+            ``(dead, failed, unavailable)``: messages to dead-letter with their reason (bad
+            images); ``(message, exception)`` for each message not written; whether that was
+            because the store is unavailable.
         """
         before = dataclasses.replace(self.counts)
+        t0 = time.monotonic()
         try:
-            return self._write(events), []
+            return self._write(events), [], False
         except Exception as exc:
             for f in dataclasses.fields(self.counts):  # the failed attempt counted nothing
                 setattr(self.counts, f.name, getattr(before, f.name))
-            if len(events) == 1 or isinstance(translate(exc), StoreBusyError):
-                return [], [(msg, exc) for msg, _ in events]
+            failed = [(msg, exc) for msg, _ in events]
+            if self._store_unavailable(translate(exc), time.monotonic() - t0):
+                return [], failed, True
+            if len(events) == 1:
+                return [], failed, False
             mid = len(events) // 2
-            dead_a, failed_a = self._write_isolating(events[:mid])
-            dead_b, failed_b = self._write_isolating(events[mid:])
-            return dead_a + dead_b, failed_a + failed_b
+            dead_a, failed_a, unavailable = self._write_isolating(events[:mid])
+            if unavailable:  # the rest would wait for the store as well
+                return dead_a, failed_a + failed[mid:], True
+            dead_b, failed_b, unavailable = self._write_isolating(events[mid:])
+            return dead_a + dead_b, failed_a + failed_b, unavailable
 
     def _write(self, events: list[tuple[Any, Event]]) -> list[tuple[Any, str]]:
         """Apply events in order (runs of images in one batch write); returns dead ones."""

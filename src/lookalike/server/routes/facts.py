@@ -24,7 +24,7 @@ from ..state import MAP_MAX_POINTS
 router = APIRouter(route_class=ServerRoute, tags=["facts"], responses=ERRORS)
 
 
-@router.get("/stats", summary="Catalog facts")
+@router.get("/stats", operation_id="stats", summary="Catalog facts")
 def stats(cat: CatalogDep, access: AccessDep) -> dict[str, Any]:
     out = cat.stats()
     if access is None and isinstance(out.get("catalog"), str):
@@ -32,13 +32,14 @@ def stats(cat: CatalogDep, access: AccessDep) -> dict[str, Any]:
     return out
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", operation_id="healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     response_class=PlainTextResponse,
     dependencies=READ,
     summary="Prometheus metrics: requests, latencies, catalog size",
@@ -57,6 +58,7 @@ def _map_with_thumbnails(cat: Catalog, limit: int) -> dict[str, Any]:
 
 @router.get(
     "/map",
+    operation_id="map",
     response_model=MapResponse,
     dependencies=READ,
     summary="2-D map of the collection (built once per change, sampled per limit)",
@@ -70,6 +72,7 @@ def get_map(
 
 @router.get(
     "/options",
+    operation_id="options",
     response_model=Options,
     dependencies=READ,
     summary="Choices a client may offer",

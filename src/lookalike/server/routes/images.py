@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query
+from fastapi import APIRouter, Form, Path, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -24,11 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from ...catalog import Catalog
 from ...catalog.validate import check_id
 from ...errors import ImageError, NotFoundError
-from ...types import WriteStatus
+from ...types import MAX_ID_LENGTH, WriteStatus
 from ..deps import READ, WRITE, Access, AccessDep, CatalogDep, StateDep, read_upload
 from ..routing import ServerRoute
 from ..schemas import (
     ERRORS,
+    LOOKUP_PATTERN,
     AddImageResponse,
     Deleted,
     ImageInfo,
@@ -37,12 +38,48 @@ from ..schemas import (
 )
 
 router = APIRouter(route_class=ServerRoute, tags=["images"], responses=ERRORS)
-ListingQuery = Annotated[str | None, Query(description="The listing, when ids repeat.")]
+#: A stored image's id in a path (it may contain ``/``); looked up as it is.
+ImageId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=LOOKUP_PATTERN)]
+ListingQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=LOOKUP_PATTERN,
+        description="The listing, when ids repeat.",
+    ),
+]
+
+
+def _link(operation: str, description: str) -> dict[str, Any]:
+    return {
+        "operationId": operation,
+        "parameters": {
+            "path.image_id": "$response.body#/image_id",
+            "query.listing_id": "$response.body#/listing_id",
+        },
+        "description": description,
+    }
+
+
+#: Where an added image's key leads (OpenAPI links of ``POST /images``).
+IMAGE_LINKS = {
+    "GetImage": _link("get_image", "The added image's metadata."),
+    "GetThumbnail": _link("get_thumbnail", "The added image's thumbnail."),
+    "DeleteImage": _link("delete_image", "Delete the added image."),
+    "GetListing": {
+        "operationId": "get_listing",
+        "parameters": {"path.listing_id": "$response.body#/listing_id"},
+        "description": "The added image's listing.",
+    },
+}
 
 
 @router.post(
     "/images",
+    operation_id="add_image",
     response_model=AddImageResponse,
+    responses={200: {"links": IMAGE_LINKS}},
     dependencies=WRITE,
     summary="Add or replace one image",
 )
@@ -60,6 +97,15 @@ async def add_image(
     if status == WriteStatus.FAILED:
         raise ImageError(reason)
     return {"listing_id": form.listing_id, "image_id": form.image_id, "status": status}
+
+
+#: The answer of a thumbnail route: a JPEG.
+JPEG: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A JPEG thumbnail.",
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 def _thumbnail(cat: Catalog, image_id: str, listing_id: str | None) -> FileResponse:
@@ -90,23 +136,27 @@ def _info(cat: Catalog, image_id: str, listing_id: str | None, access: Access) -
 
 @router.get(
     "/thumbnails/{image_id:path}",
+    operation_id="get_thumbnail",
     response_class=FileResponse,
+    responses=JPEG,
     dependencies=READ,
     summary="JPEG thumbnail of a stored image",
 )
-def get_thumbnail(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
+def get_thumbnail(image_id: ImageId, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
     return _thumbnail(cat, image_id, listing_id)
 
 
 @router.get(
     "/images/{image_id:path}/thumbnail",
+    operation_id="get_thumbnail_old",
     response_class=FileResponse,
+    include_in_schema=False,
     summary="JPEG thumbnail of a stored image (older route; see /thumbnails/{image_id})",
     description="The thumbnail of `image_id` when it is stored; otherwise the metadata of an "
     "image whose id is `{image_id}/thumbnail`, so such ids are not shadowed.",
 )
 def get_thumbnail_old(
-    image_id: str, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
+    image_id: ImageId, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
 ) -> Any:
     try:
         return _thumbnail(cat, image_id, listing_id)
@@ -120,21 +170,29 @@ def get_thumbnail_old(
 
 
 @router.get(
-    "/images/{image_id:path}", response_model=ImageInfo, summary="A stored image's metadata"
+    "/images/{image_id:path}",
+    operation_id="get_image",
+    response_model=ImageInfo,
+    responses={200: {"content": {"image/jpeg": {"schema": {"type": "string"}}}}},
+    summary="A stored image's metadata",
+    description="The metadata of a stored image. `GET /images/{id}/thumbnail` is also the "
+    "older thumbnail route (not listed): it answers the JPEG thumbnail of `{id}` when that "
+    "image is stored, else the metadata of the image whose id ends in `/thumbnail`.",
 )
 def get_image(
-    image_id: str, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
+    image_id: ImageId, cat: CatalogDep, access: AccessDep, listing_id: ListingQuery = None
 ) -> Any:
     return _info(cat, image_id, listing_id, access)
 
 
 @router.delete(
     "/images/{image_id:path}",
+    operation_id="delete_image",
     response_model=Deleted,
     dependencies=WRITE,
     summary="Delete a stored image",
 )
-def delete_image(image_id: str, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
+def delete_image(image_id: ImageId, cat: CatalogDep, listing_id: ListingQuery = None) -> Any:
     if cat.delete(image_id, listing_id) == 0:
         raise NotFoundError(f"no image {image_id!r}")
     return {"deleted": image_id}

@@ -16,11 +16,53 @@ function fillSelect(select, values) {
   if (values.includes(keep)) select.value = keep;
 }
 
-const ready = api("/options").then((o) => {
-  vocab = o;
-  fillSelect($("opt-agg"), o.aggregations);
-  $("opt-group").disabled = o.group_by.length === 0;
-}).catch((err) => { $("status").textContent = "error: " + err.message; });
+// ------------------------------------------------------------------ access token
+// A server started with --read-token answers reads only to "Authorization: Bearer <token>".
+// The token typed in the header is kept for this tab (sessionStorage) and sent with every
+// request; images are then fetched with it too (an <img> cannot send a header).
+const TOKEN_KEY = "lookalike-token";
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+$("token").value = token;
+
+function withToken(init = {}) {
+  if (!token) return init;
+  return { ...init, headers: { ...(init.headers || {}), Authorization: "Bearer " + token } };
+}
+
+function needToken(refused) {
+  $("token").classList.add("need");
+  return new Error(refused ? "the access token was refused; check it (top right)"
+    : "this server needs an access token: enter it at the top right");
+}
+
+async function showImage(img, url) {
+  if (!token) { img.src = url; return; }
+  const res = await fetch(url, withToken());
+  if (!res.ok) return;
+  const blob = URL.createObjectURL(await res.blob());
+  img.addEventListener("load", () => URL.revokeObjectURL(blob), { once: true });
+  img.src = blob;
+}
+
+$("token").addEventListener("change", () => {
+  token = $("token").value.trim();
+  if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
+  $("token").classList.remove("need");
+  ready = loadOptions();
+  loadStats();
+  map.loaded = false;
+  if (lastQuery) runSearch(lastQuery); else $("status").textContent = "";
+});
+
+function loadOptions() {
+  return api("/options").then((o) => {
+    vocab = o;
+    fillSelect($("opt-agg"), o.aggregations);
+    $("opt-group").disabled = o.group_by.length === 0;
+  }).catch((err) => { $("status").textContent = "error: " + err.message; });
+}
+
+let ready = loadOptions();
 
 function options() {
   const o = { k: Number($("opt-k").value) || 12 };
@@ -35,8 +77,9 @@ function options() {
 }
 
 async function api(path, init) {
-  const res = await fetch(path, init);
+  const res = await fetch(path, withToken(init));
   const body = await res.json().catch(() => ({}));
+  if (res.status === 401) throw needToken(Boolean(token));
   if (!res.ok) throw new Error(body.error ? body.error.message : res.statusText);
   return body;
 }
@@ -80,7 +123,7 @@ function render(hits) {
     card.dataset.listing = h.listing_id;
     card.title = `search by ${h.image_id}`;
     const img = document.createElement("img");
-    img.loading = "lazy"; img.src = h.thumbnail_url; img.alt = h.image_id;
+    img.loading = "lazy"; img.alt = h.image_id; showImage(img, h.thumbnail_url);
     const meta = document.createElement("div");
     meta.className = "meta";
     const score = document.createElement("span");
@@ -93,7 +136,7 @@ function render(hits) {
     meta.append(score, listing, sub);
     card.append(img, meta);
     card.addEventListener("click", () => {
-      $("query-preview").src = h.thumbnail_url; $("query-preview").hidden = false;
+      showImage($("query-preview"), h.thumbnail_url); $("query-preview").hidden = false;
       runSearch({ kind: "id", image_id: h.image_id, listing_id: h.listing_id });
     });
     grid.append(card);
@@ -207,7 +250,9 @@ canvas.addEventListener("mousemove", (ev) => {
   const p = nearest(ev), tip = $("map-tip");
   if (!p) { tip.hidden = true; return; }
   tip.hidden = false;
-  tip.querySelector("img").src = p.thumbnail_url;
+  if (tip.dataset.key !== p.thumbnail_url) { // fetch each point's thumbnail once per hover
+    tip.dataset.key = p.thumbnail_url; showImage(tip.querySelector("img"), p.thumbnail_url);
+  }
   tip.querySelector("span").textContent = `${p.listing_id} · ${p.image_id}`;
   tip.style.left = (ev.offsetX + 12) + "px"; tip.style.top = (ev.offsetY + 12) + "px";
 });
@@ -215,12 +260,15 @@ canvas.addEventListener("click", (ev) => {
   const p = nearest(ev);
   if (!p) return;
   $("tab-search").click();
-  $("query-preview").src = p.thumbnail_url; $("query-preview").hidden = false;
+  showImage($("query-preview"), p.thumbnail_url); $("query-preview").hidden = false;
   runSearch({ kind: "id", image_id: p.image_id, listing_id: p.listing_id });
 });
 
 // ------------------------------------------------------------------ stats
-api("/stats").then((s) => {
-  $("stats").textContent = `${s.images} images · ${s.listings ?? 0} listings` +
-    (s.model ? ` · ${s.model.name} d=${s.model.dim}` : "");
-}).catch(() => {});
+function loadStats() {
+  api("/stats").then((s) => {
+    $("stats").textContent = `${s.images} images · ${s.listings ?? 0} listings` +
+      (s.model ? ` · ${s.model.name} d=${s.model.dim}` : "");
+  }).catch(() => {});
+}
+loadStats();
