@@ -328,3 +328,15 @@ def test_a_blank_where_is_no_filter_and_a_near_zero_vector_is_refused(client):
     assert r.status_code == 422 and "magnitude" in r.json()["error"]["message"]
     r = client.post("/search", json={"vector": [1e-5] + [0.0] * 1279})
     assert r.status_code == 200
+
+
+def test_search_hits_carry_the_score_band(client, demo_dir):
+    from lookalike.analytics import BANDS
+
+    r = client.post("/search", json={"image_id": "chelsea/chelsea-01.jpg", "k": 5})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert hits[0]["band"] == "same image" and all(h["band"] in BANDS for h in hits)
+    up = upload_search(client, demo_dir / "queries" / "rocket" / "q-01.jpg", k=10)
+    bands = [h["band"] for h in up.json()["hits"]]
+    assert bands[0] in ("same image", "near copy", "similar") and "unrelated" in bands

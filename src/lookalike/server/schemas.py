@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import File, UploadFile
@@ -238,9 +239,14 @@ class SearchRequest(SearchOptions):
 
 @dataclass
 class HitOut(Hit):
-    """A :class:`lookalike.types.Hit` as HTTP answers it: with its thumbnail's URL."""
+    """A :class:`lookalike.types.Hit` as HTTP answers it: with its thumbnail's URL and the
+    score's band (``same image``, ``near copy``, ``similar``, ``unrelated``;
+    :mod:`lookalike.analytics.bands`)."""
 
     thumbnail_url: str = field(kw_only=True)
+    band: Literal["same image", "near copy", "similar", "unrelated"] | None = field(
+        default=None, kw_only=True
+    )
 
 
 class SearchResponse(BaseModel):
@@ -251,11 +257,16 @@ class SearchResponse(BaseModel):
     hits: list[HitOut]
 
 
-def search_response(result: SearchResult) -> dict[str, Any]:
-    """``result.to_dict()`` with ``thumbnail_url`` added to every hit."""
+def search_response(
+    result: SearchResult, band: Callable[[float], str] | None = None
+) -> dict[str, Any]:
+    """``result.to_dict()`` with ``thumbnail_url`` (and, given ``band``, the score's band)
+    added to every hit."""
     out = result.to_dict()
     for hit in out["hits"]:
         hit["thumbnail_url"] = thumbnail_url(hit["image_id"], hit["listing_id"])
+        if band is not None:
+            hit["band"] = band(hit["score"])
     return out
 
 

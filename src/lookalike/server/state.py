@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..analytics import ScoreBands, score_bands
 from ..catalog import Catalog
 from ..images import MAX_UPLOAD_PIXELS
 from .metrics import Metrics
@@ -112,6 +114,35 @@ class MapCache:
         return {**body, "points": [points[i] for i in keep]}
 
 
+class BandsCache:
+    """The catalog's score bands (:func:`lookalike.analytics.score_bands`), measured at most
+    once per ``ttl`` seconds or when the stored calibration changes: the "similar" limit
+    samples the vectors, too slow to redo per search and slow to drift."""
+
+    def __init__(self, ttl: float = 60.0) -> None:
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._stamp: tuple[Any, ...] | None = None
+        self._at = 0.0
+        self._bands: ScoreBands | None = None
+
+    def get(self, cat: Catalog) -> ScoreBands:
+        """The bands of ``cat`` (cached).
+
+        Raises:
+            LookalikeError: the catalog is empty.
+        """
+        with self._lock:
+            cal = cat.calibration() or {}
+            model = cat.model
+            stamp = (model.tag if model else None, cal.get("created_at"))
+            now = time.monotonic()
+            if self._bands is None or stamp != self._stamp or now - self._at > self.ttl:
+                self._bands = score_bands(cat)
+                self._stamp, self._at = stamp, now
+            return self._bands
+
+
 class Slots:
     """At most ``n`` holders at once (an asyncio semaphore per event loop, so one app may be
     served by several loops, as test clients do): bounds concurrent decodes + model calls."""
@@ -141,6 +172,7 @@ class ServerState:
     settings: Settings
     metrics: Metrics
     map_cache: MapCache = field(default_factory=lambda: MapCache(MAP_MAX_POINTS))
+    bands: BandsCache = field(default_factory=BandsCache)
     decodes: Slots = field(init=False)
 
     def __post_init__(self) -> None:

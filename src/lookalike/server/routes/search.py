@@ -96,7 +96,8 @@ async def search_upload(
     data = await read_upload(form.image, state.settings)
     async with state.decodes.hold():
         result = await run_in_threadpool(state.catalog.search, data, **form.search_kwargs())
-    return search_response(result)
+    band = await run_in_threadpool(state.bands.get, state.catalog)
+    return search_response(result, band.band)
 
 
 @router.post("/search", operation_id="search_json", **ROUTE)
@@ -110,7 +111,8 @@ def search_json(
         query: dict[str, Any] = {"image_id": req.image_id, "listing_id": req.listing_id}
     else:
         query = {"vector": np.asarray(req.vector)}
-    return search_response(cat.search(**query, **req.search_kwargs()))
+    result = cat.search(**query, **req.search_kwargs())
+    return search_response(result, state.bands.get(cat).band)
 
 
 @router.post("/search", include_in_schema=False)

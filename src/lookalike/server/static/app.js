@@ -128,6 +128,7 @@ function render(hits) {
     meta.className = "meta";
     const score = document.createElement("span");
     score.className = "score"; score.textContent = h.score.toFixed(3);
+    if (h.band) { score.textContent += ` · ${h.band}`; score.title = "score band (lookalike calibrate)"; }
     const listing = document.createElement("div");
     listing.className = "listing"; listing.textContent = h.listing_id;
     const sub = document.createElement("div");
