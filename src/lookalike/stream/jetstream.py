@@ -241,8 +241,10 @@ class StreamIngest:
                     if idle_exit is not None and time.monotonic() - last_message > idle_exit:
                         break
                     continue
-                last_message = time.monotonic()
                 await self._handle(js, msgs)
+                # idle time starts when the batch is done: a long batch (a model call, a
+                # bisected write) is not idleness, and its retries are due right after it
+                last_message = time.monotonic()
         finally:
             # every processed message is acked already: flush and close (draining a pull
             # subscription waits for its 30 s drain timeout)
