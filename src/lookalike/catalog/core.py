@@ -345,14 +345,15 @@ def _where_mask(cache: VectorCache, where: str | None) -> np.ndarray | None:
     if not where:
         return None
     expr = parse_where(where)
-    known = {"listing_id"}.union(*cache.listings.attrs) if len(cache.listings) else {"listing_id"}
+    listings = cache.listings
+    known = listings.names()
     unknown = sorted(expr.names() - known)
     if unknown:
         raise QueryError(
             f"where: unknown listing attribute(s) {', '.join(unknown)}; known: "
             f"{', '.join(sorted(known))}"
         )
-    return expr.mask(cache.listings)
+    return listings.where_mask(where, expr)
 
 
 def _result(cache: VectorCache, raw: RawHits, spec: SearchSpec) -> SearchResult:

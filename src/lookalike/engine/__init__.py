@@ -8,6 +8,7 @@ listing numbers and listing attributes. Its modules:
 * ``checks.py``: validation of specs, queries and listing masks (:func:`check_spec`, ...);
 * ``ranking.py``: the search semantics (thresholds, aggregation, tie order), shared by all;
 * ``filters.py``: ``where`` expressions over listing attributes (:func:`parse_where`);
+* ``columns.py``: listing attributes as typed columns, the vectorized comparisons of ``where``;
 * ``numpy_engine.py``: :class:`NumpyEngine`, the reference (oracle) implementation;
 * ``codes.py``, ``refine.py``, ``fast.py``: the compiled engine :class:`FastEngine` (int8 /
   float16 / float32 codes scanned by ``_kernels.c``, exact re-scoring with a proof);

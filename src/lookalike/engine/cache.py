@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..types import Changes, Key, ListingRecord
+from .columns import AttributeColumn, ColumnReader, ListingIdColumn
+from .filters import Expr, parse_where
 
 #: Compact (drop dead rows and re-cluster) once this fraction of the rows is dead.
 COMPACT_DEAD_FRACTION = 0.25
+#: ``where`` masks kept per listing table (distinct expressions at the current version).
+MASK_CACHE_SIZE = 64
 
 
 def key_hash(key: tuple[str, str]) -> int:
@@ -37,58 +41,95 @@ def key_hash(key: tuple[str, str]) -> int:
 
 
 class ListingTable:
-    """Listing ids <-> dense listing numbers, and each listing's live attributes.
+    """Listing ids <-> dense listing numbers, and each listing's live attributes as typed
+    columns (:mod:`lookalike.engine.columns`).
 
     Numbers are assigned on first sight (from a feature row or a listing record) and never
-    reused: ``ids[number]`` is the listing id, ``attrs[number]`` its attributes.
+    reused: ``ids[number]`` is the listing id. ``where`` masks are cached per expression and
+    :attr:`version` (:meth:`where_mask`).
+
+    Attributes:
+        version: bumped on every change of the attributes or the listings.
     """
 
     def __init__(self) -> None:
-        self.ids: list[str] = []
+        self._ids: list[str] = []
         self.number_of: dict[str, int] = {}
-        self.attrs: list[dict[str, Any]] = []
-        self._columns: dict[str, np.ndarray] = {}
+        self._columns: dict[str, AttributeColumn] = {}
+        self.version = 0
+        self._masks: dict[tuple[str, int], npt.NDArray[np.bool_]] = {}
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._ids)
+
+    @property
+    def ids(self) -> list[str]:
+        """Listing ids by listing number."""
+        return self._ids
 
     def number(self, listing_id: str) -> int:
         """The listing number of ``listing_id``, assigning the next one if it is new."""
         c = self.number_of.get(listing_id)
         if c is None:
-            c = len(self.ids)
+            c = len(self._ids)
             self.number_of[listing_id] = c
-            self.ids.append(listing_id)
-            self.attrs.append({})
-            self._columns.clear()
+            self._ids.append(listing_id)
+            self.version += 1
         return c
 
-    def numbers(self, listing_ids: Sequence[str]) -> np.ndarray:
+    def numbers(self, listing_ids: Sequence[str]) -> npt.NDArray[np.int32]:
         """``(n,) int32`` listing numbers of ``listing_ids`` (new ones assigned)."""
         n = len(listing_ids)
         return np.fromiter((self.number(x) for x in listing_ids), dtype=np.int32, count=n)
 
     def update(self, records: Sequence[ListingRecord]) -> None:
-        """Replace the attributes of the listings in ``records``."""
-        for rec in records:
-            self.attrs[self.number(rec.listing_id)] = dict(rec.attrs)
-        if records:
-            self._columns.clear()
+        """Replace the attributes of the listings in ``records`` (an attribute a record does not
+        name is removed from its listing); a listing named twice keeps its last record."""
+        if not records:
+            return
+        last = {rec.listing_id: rec.attrs for rec in records}
+        numbers = np.fromiter((self.number(x) for x in last), dtype=np.int64, count=len(last))
+        attrs = list(last.values())
+        names = set(self._columns).union(*attrs)
+        for name in names:
+            col = self._columns.get(name)
+            if col is None:
+                col = self._columns[name] = AttributeColumn()
+            held = np.fromiter((name in a for a in attrs), dtype=bool, count=len(attrs))
+            col.set_many(numbers, [a.get(name) for a in attrs], held)
+        self.version += 1
 
-    def column(self, name: str) -> np.ndarray:
-        """``(len(self),) object`` array of attribute ``name`` per listing number (None if unset).
+    def names(self) -> set[str]:
+        """Attribute names some listing has (``listing_id`` included)."""
+        return {"listing_id"} | {name for name, col in self._columns.items() if col.holders}
 
-        ``listing_id`` is a column too. Cached until the next change.
+    def attribute(self, name: str) -> ColumnReader:
+        """The column of attribute ``name`` (``listing_id`` included; an attribute no listing
+        has reads as missing everywhere)."""
+        if name == "listing_id":
+            return ListingIdColumn(self._ids, self.number_of)
+        return self._columns.get(name) or AttributeColumn()
+
+    def where_mask(self, where: str, expr: Expr | None = None) -> npt.NDArray[np.bool_]:
+        """``(len(self),) bool``: the listings that pass ``where``, cached per (expression text,
+        :attr:`version`) for the next query (treat the array as read-only).
+
+        Args:
+            where: the expression text (the cache key).
+            expr: ``parse_where(where)``, if the caller parsed it already.
+
+        Raises:
+            QueryError: a malformed expression (:func:`~lookalike.engine.filters.parse_where`).
         """
-        col = self._columns.get(name)
-        if col is None:
-            col = np.empty(len(self.ids), dtype=object)
-            if name == "listing_id":
-                col[:] = self.ids
-            else:
-                col[:] = [a.get(name) for a in self.attrs]
-            self._columns[name] = col
-        return col
+        key = (where, self.version)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = (expr or parse_where(where)).mask(self)
+            mask.flags.writeable = False
+            if len(self._masks) >= MASK_CACHE_SIZE:
+                self._masks.clear()
+            self._masks[key] = mask
+        return mask
 
 
 class VectorCache:
