@@ -284,30 +284,35 @@ class Catalog(CatalogWrites, CatalogRows):
         return results
 
     def stats(self) -> dict[str, Any]:
-        """Catalog facts: model, image and listing counts, engine memory (bytes).
+        """Catalog facts, read from the store without loading any vector.
 
         Keys: ``catalog``, ``images``, ``model`` (``name``, ``version``, ``dim``; None when
-        empty), ``listings``, ``engine``, ``codes`` (the code kind the scan reads),
-        ``cache_rows``, ``cache_bytes`` (the float32 vector cache), ``codes_bytes`` (the
-        quantized codes).
+        empty), ``listings`` (listings with an image), and the engine's
+        (:meth:`~lookalike.catalog.engines.EngineSet.facts`): ``engine``, ``codes`` (the code
+        kind the scan reads), ``engine_loaded`` (whether this process holds the vector cache),
+        ``cache_rows``, ``cache_bytes`` (the float32 vector cache) and ``codes_bytes`` (the
+        quantized codes), the last three None until a search loaded the engine.
         """
         model = self._store.model()
         out: dict[str, Any] = {"catalog": self.uri, "images": self._store.count()}
         if model is None:
             out["model"] = None
             return out
-        engine = self.engine
-        cache = engine.cache
         out.update(
             model={"name": model.name, "version": model.version, "dim": model.dim},
-            listings=int(np.unique(cache.row_listing[cache.alive]).size),
-            engine=engine.name,
-            codes=str(engine.code_kind),
-            cache_rows=cache.n_rows,
-            cache_bytes=cache.nbytes(),
-            codes_bytes=engine.nbytes(),
+            listings=self._store.count_listings(),
         )
+        settings = self.settings
+        with self._lock:
+            out.update(self._engines.facts(settings))
         return out
+
+    @property
+    def engine_loaded(self) -> bool:
+        """Whether this catalog object has built its vector cache (read from the store on the
+        first search or other use of the vectors; ``stats``, listings and saved results never
+        need it)."""
+        return self._engines.loaded
 
 
 #: A query vector whose L2 norm is below this cannot be normalized: ``search`` refuses it.

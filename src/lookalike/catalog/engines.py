@@ -10,8 +10,9 @@ attributes refreshed), so writes by other processes appear in the next search.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from ..engine import SearchEngine, VectorCache, make_engine
+from ..engine import SearchEngine, VectorCache, engine_name, make_engine
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
 from ..errors import LookalikeError, QueryError
 from ..store import Store
@@ -42,6 +43,38 @@ class EngineSet:
         self._cache: VectorCache | None = None
         self._exact: SearchEngine | None = None
         self._ann: dict[str, AnnEngine] = {}
+        self.loads = 0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the vector cache has been built in this process (commands that need no
+        vectors, such as ``stats``, never build it)."""
+        return self._cache is not None
+
+    def facts(self, settings: dict[str, str]) -> dict[str, Any]:
+        """The engine's part of ``Catalog.stats``, read without loading anything: ``engine``
+        and ``codes`` (the loaded engine's, else what would be built), ``engine_loaded``, and
+        when loaded ``cache_rows``, ``cache_bytes`` (float32 cache) and ``codes_bytes``
+        (None when not loaded)."""
+        exact, cache = self._exact, self._cache
+        if exact is None or cache is None:
+            name = engine_name(self.engine_kind)
+            return {
+                "engine": name,
+                "codes": settings["codes"] if name == "fast" else "float32",
+                "engine_loaded": False,
+                "cache_rows": None,
+                "cache_bytes": None,
+                "codes_bytes": None,
+            }
+        return {
+            "engine": exact.name,
+            "codes": str(exact.code_kind),
+            "engine_loaded": True,
+            "cache_rows": cache.n_rows,
+            "cache_bytes": cache.nbytes(),
+            "codes_bytes": exact.nbytes(),
+        }
 
     def reset(self) -> None:
         """Drop the exact engine (settings changed); it is rebuilt on the next :meth:`sync`."""
@@ -63,6 +96,7 @@ class EngineSet:
             )
         if self._cache is None or self._cache.dim != model.dim:
             self._cache = VectorCache(model.dim)
+            self.loads += 1
             self._exact = None
             self._ann.clear()
         if self._exact is None:

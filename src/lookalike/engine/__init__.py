@@ -102,6 +102,25 @@ def make_engine(
     return FastEngine(cache, codes=codes, rerank=rerank)
 
 
+def engine_name(engine: str = "auto") -> str:
+    """The name (``numpy``, ``fast`` or ``torch``) of the engine :func:`make_engine` builds for
+    ``engine``, without building it (nothing is loaded: ``lookalike stats`` reports it).
+
+    Raises:
+        LookalikeError: unknown engine.
+    """
+    if engine not in ENGINES:
+        raise LookalikeError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == EngineKind.NUMPY:
+        return EngineKind.NUMPY.value
+    ok, _ = kernels_available()
+    if engine == EngineKind.TORCH or (engine == EngineKind.AUTO and ok and _cuda()):
+        return EngineKind.TORCH.value
+    if engine == EngineKind.FAST or ok:
+        return EngineKind.FAST.value
+    return EngineKind.NUMPY.value
+
+
 def _cuda() -> bool:
     from ..devices import cuda_available
 
@@ -122,6 +141,7 @@ __all__ = [
     "check_listing_mask",
     "check_queries",
     "check_spec",
+    "engine_name",
     "kernels_available",
     "make_engine",
     "parse_where",
