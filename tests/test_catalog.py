@@ -175,7 +175,7 @@ def test_empty_catalog_search_is_a_clear_error(tmp_path):
 def test_engine_picks_up_another_process_writes(vec_catalog):
     """Incremental sync: rows written and deleted by another process appear in the next search."""
     cat, _keys, _vectors, *_ = vec_catalog
-    assert cat.stats()["cache_rows"] == 60
+    assert cat.vector_cache().n_rows == 60
     code = textwrap.dedent(f"""
         import numpy as np, lookalike
         from lookalike.types import ModelInfo

@@ -28,13 +28,12 @@ from ..types import (
     choices,
 )
 from .classifier import Classifier
+from .engines import DEFAULT_SETTINGS as DEFAULT_SETTINGS  # re-exported
 from .engines import EngineSet
 from .validate import catalog_name, check_lookup_id
 
 DEFAULT_EXTRACTOR = "cnn"
 DEFAULT_K = 10
-#: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).
-DEFAULT_SETTINGS: dict[str, str] = {"codes": "int8", "rerank": "4", "index": "auto"}
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
 """A query or an image to add: a file path, a URL, encoded bytes, or a PIL image."""
@@ -137,8 +136,7 @@ class CatalogBase:
 
     def close(self) -> None:
         """Save ANN indexes that followed new writes, and close the store."""
-        with self._lock:
-            self._engines.save_dirty()
+        self._engines.save_dirty()
         self._store.close()
 
     def __enter__(self) -> Self:

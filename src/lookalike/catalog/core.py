@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import SearchEngine, VectorCache, check_queries, parse_where
+from ..engine import SearchEngine, VectorCache, check_queries, check_spec
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
 from ..errors import LookalikeError, QueryError
 from ..extract import l2_normalize
@@ -32,7 +32,8 @@ from ..types import (
     SearchSpec,
     choices,
 )
-from .base import DEFAULT_K, DEFAULT_SETTINGS, ImageInput
+from .base import DEFAULT_K, ImageInput
+from .engines import SearchRequest, parsed_where
 from .rows import CatalogRows
 from .writes import CatalogWrites
 
@@ -62,8 +63,7 @@ class Catalog(CatalogWrites, CatalogRows):
     @property
     def settings(self) -> dict[str, str]:
         """The catalog's search settings (stored values over :data:`DEFAULT_SETTINGS`)."""
-        stored = self._store.settings()
-        return {key: stored.get(key, default) for key, default in DEFAULT_SETTINGS.items()}
+        return self._engines.settings()
 
     def configure(
         self, *, codes: str | None = None, rerank: int | None = None, index: str | None = None
@@ -99,19 +99,18 @@ class Catalog(CatalogWrites, CatalogRows):
                     f"unknown index {index!r}; use one of {', '.join(choices(IndexKind))}"
                 )
             self._store.set_setting("index", index)
-        with self._lock:
-            self._engines.reset()
+        self._engines.reset()
         return self.settings
 
     def vector_cache(self) -> VectorCache:
-        """The in-RAM vector cache, synced with the store (incremental): ``cache.vectors``
-        ``(n_rows, d) float32``, ``cache.keys``, ``cache.alive``. Treat it as read-only.
+        """An immutable snapshot of the in-RAM vector cache, synced with the store first
+        (incremental): ``cache.vectors`` ``(n_rows, d) float32``, ``cache.keys``,
+        ``cache.alive``. Later writes never change it (the next call returns a newer one).
 
         Raises:
             QueryError: the catalog is empty.
         """
-        with self._lock:
-            return self._engines.sync(self.settings)
+        return self._engines.snapshot()
 
     def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
         """The live vectors of the (synced) vector cache, in cache order, as ``(keys,
@@ -123,14 +122,15 @@ class Catalog(CatalogWrites, CatalogRows):
             yield [cache.keys[r] for r in rows], cache.vectors[rows]
 
     def search_engine(self, index: str | None = None) -> SearchEngine:
-        """The synced engine that answers a search with ``index=`` (see :meth:`search`).
+        """The synced engine that answers a search with ``index=`` (see :meth:`search`), for
+        batch jobs that call it directly (the analytics): it is shared with :meth:`search`, so
+        use it from one thread, with no concurrent searches; its rows refer to
+        ``engine.cache``.
 
         Raises:
             QueryError: the catalog is empty, unknown index, or the ANN index is not built.
         """
-        with self._lock:
-            self._engines.sync(self.settings)
-            return self._engines.choose(index or self.settings["index"])
+        return self._engines.engine(index)
 
     @property
     def engine(self) -> SearchEngine:
@@ -140,9 +140,8 @@ class Catalog(CatalogWrites, CatalogRows):
     def ann_engine(self, kind: str) -> AnnEngine | None:
         """The synced ANN engine of ``kind`` (``ivf``, ``ivfpq``, ``hnsw``), or None when no
         such index was built."""
-        with self._lock:
-            self._engines.sync(self.settings)
-            return self._engines.ann(kind)
+        self._engines.engine(IndexKind.EXACT)
+        return self._engines.ann(kind)
 
     def build_index(self, kind: str = IndexKind.HNSW, **params: int) -> AnnIndex:
         """Build (train and fill) an ANN index of every stored vector and save it.
@@ -159,9 +158,7 @@ class Catalog(CatalogWrites, CatalogRows):
             p = AnnParams(kind=kind, **params)
         except TypeError as exc:
             raise LookalikeError(f"bad index parameter: {exc}") from None
-        with self._lock:
-            self._engines.sync(self.settings)
-            return self._engines.build(p)
+        return self._engines.build(p)
 
     # ------------------------------------------------------------------ search
 
@@ -265,16 +262,20 @@ class Catalog(CatalogWrites, CatalogRows):
         normalize: bool,
         index: str | None,
     ) -> list[SearchResult]:
+        """Check the request here, then scan it with the concurrent ones (``EngineSet.search``:
+        one batch per group of compatible options, no catalog-wide lock held)."""
         if options["k"] is None and options["threshold"] is None:
             options["k"] = DEFAULT_K
-        with self._lock:
-            cache = self._engines.sync(self.settings)
-            engine = self._engines.choose(index or self.settings["index"])
-            q = check_queries(q, cache.dim)
-            if normalize:
-                q = _normalize_queries(q)
-            spec = SearchSpec(listing_mask=_where_mask(cache, where), **options)
-            results = [_result(cache, raw, spec) for raw in engine.search(q, spec)]
+        q = check_queries(q, self._engines.current().dim)
+        if normalize:
+            q = _normalize_queries(q)
+        spec = check_spec(SearchSpec(**options))
+        if where:
+            parsed_where(where)  # a syntax error is this caller's alone
+        if index is not None and index not in choices(IndexKind):
+            raise QueryError(f"unknown index {index!r}; use one of {', '.join(choices(IndexKind))}")
+        answer = self._engines.search(SearchRequest(q, spec, where or None, index))
+        results = [_result(answer.snapshot, raw, spec) for raw in answer.hits]
         if save:
             for res in results:
                 self.save_results(
@@ -284,30 +285,39 @@ class Catalog(CatalogWrites, CatalogRows):
         return results
 
     def stats(self) -> dict[str, Any]:
-        """Catalog facts: model, image and listing counts, engine memory (bytes).
+        """Catalog facts, read from the store without loading any vector.
 
         Keys: ``catalog``, ``images``, ``model`` (``name``, ``version``, ``dim``; None when
-        empty), ``listings``, ``engine``, ``codes`` (the code kind the scan reads),
-        ``cache_rows``, ``cache_bytes`` (the float32 vector cache), ``codes_bytes`` (the
-        quantized codes).
+        empty), ``listings`` (listings with an image), and the engine's
+        (:meth:`~lookalike.catalog.engines.EngineSet.facts`): ``engine``, ``codes`` (the code
+        kind the scan reads), ``engine_loaded`` (whether this process holds the vector cache),
+        ``cache_rows``, ``cache_bytes`` (the float32 vector cache) and ``codes_bytes`` (the
+        quantized codes), the last three None until a search loaded the engine.
         """
         model = self._store.model()
         out: dict[str, Any] = {"catalog": self.uri, "images": self._store.count()}
         if model is None:
             out["model"] = None
             return out
-        engine = self.engine
-        cache = engine.cache
         out.update(
             model={"name": model.name, "version": model.version, "dim": model.dim},
-            listings=int(np.unique(cache.row_listing[cache.alive]).size),
-            engine=engine.name,
-            codes=str(engine.code_kind),
-            cache_rows=cache.n_rows,
-            cache_bytes=cache.nbytes(),
-            codes_bytes=engine.nbytes(),
+            listings=self._store.count_listings(),
         )
+        out.update(self._engines.facts(self.settings))
         return out
+
+    def coalescing(self) -> dict[str, int]:
+        """How concurrent searches were served: ``batches`` (scans) and ``requests`` (calls of
+        :meth:`search` / :meth:`search_batch`) so far; their ratio is the mean batch size."""
+        co = self._engines.coalescer
+        return {"batches": co.batches, "requests": co.requests}
+
+    @property
+    def engine_loaded(self) -> bool:
+        """Whether this catalog object has built its vector cache (read from the store on the
+        first search or other use of the vectors; ``stats``, listings and saved results never
+        need it)."""
+        return self._engines.loaded
 
 
 #: A query vector whose L2 norm is below this cannot be normalized: ``search`` refuses it.
@@ -334,25 +344,6 @@ def _normalize_queries(q: np.ndarray) -> np.ndarray:
         q = q.astype(np.float64)
         q[big] /= np.abs(q[big]).max(axis=1, keepdims=True)
     return l2_normalize(q)
-
-
-def _where_mask(cache: VectorCache, where: str | None) -> np.ndarray | None:
-    """``(n_listings,) bool`` mask of the listings that pass ``where``, or None for no filter.
-
-    Raises:
-        QueryError: a malformed expression, or an attribute no listing has (catches typos).
-    """
-    if not where:
-        return None
-    expr = parse_where(where)
-    known = {"listing_id"}.union(*cache.listings.attrs) if len(cache.listings) else {"listing_id"}
-    unknown = sorted(expr.names() - known)
-    if unknown:
-        raise QueryError(
-            f"where: unknown listing attribute(s) {', '.join(unknown)}; known: "
-            f"{', '.join(sorted(known))}"
-        )
-    return expr.mask(cache.listings)
 
 
 def _result(cache: VectorCache, raw: RawHits, spec: SearchSpec) -> SearchResult:

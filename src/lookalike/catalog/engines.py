@@ -1,22 +1,46 @@
-"""The catalog's engines: one vector cache synced from the store, the exact engine over it, and
-the ANN engines built or loaded for it; which one answers a search (``index=``).
+"""The catalog's engines: one vector cache synced from the store, immutable snapshots of it, the
+exact engine and the ANN engines over the newest snapshot; which one answers a search
+(``index=``); and the coalescing of concurrent searches into batches.
 
-:class:`EngineSet` is owned by one :class:`~lookalike.catalog.Catalog` and used under its lock.
-It keeps the in-RAM :class:`~lookalike.engine.VectorCache` in step with the store through the
-store's change sequence (new rows appended, deleted or replaced rows masked, listing
-attributes refreshed), so writes by other processes appear in the next search.
+:class:`EngineSet` is owned by one :class:`~lookalike.catalog.Catalog`. Two locks, never held
+together and neither for long except the second:
+
+* the **sync lock** guards the live :class:`~lookalike.engine.VectorCache`, which follows the
+  store's change sequence (new rows appended, deleted or replaced rows masked, listing
+  attributes refreshed), so writes by other processes appear in the next search. After every
+  sync that changed something it publishes an immutable snapshot (:meth:`VectorCache.snapshot`,
+  O(1), copy-on-write);
+* the **scan lock** guards the engines: before each scan the newest snapshot is adopted by the
+  cache object the engines are bound to, so derived structures (codes, ANN indexes) follow it
+  incrementally, and a scan reads one consistent snapshot while new writes are applied to the
+  live cache and published beside it.
+
+Searches through :meth:`EngineSet.search` go through a
+:class:`~lookalike.engine.coalesce.Coalescer`: concurrent ones are scanned as one batch per
+group of compatible options (``k``, ``threshold``, ``group_by``, ``agg``, ``top_n``,
+``where``, ``index``), each request keeping its own. The catalog-wide lock is not held.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..engine import SearchEngine, VectorCache, make_engine
+import numpy as np
+
+from ..engine import Expr, SearchEngine, VectorCache, engine_name, make_engine, parse_where
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
+from ..engine.coalesce import Coalescer
 from ..errors import LookalikeError, QueryError
 from ..store import Store
-from ..types import CodeKind, IndexKind, choices
+from ..types import CodeKind, IndexKind, RawHits, SearchSpec, choices
 from .validate import catalog_name
+
+#: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).
+DEFAULT_SETTINGS: dict[str, str] = {"codes": "int8", "rerank": "4", "index": "auto"}
 
 #: ``index="auto"`` searches a built ANN index once an exact scan would read more than this
 #: many bytes of codes (1.5 GB: about 50 ms at the 30 GB/s the int8 scan reaches on the build
@@ -24,34 +48,116 @@ from .validate import catalog_name
 ANN_AUTO_BYTES = 1.5e9
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One call of ``Catalog.search`` / ``search_batch`` on its way to a batch scan.
+
+    Attributes:
+        queries: ``(nq, d) float32`` checked (and normalized) query vectors.
+        spec: the options; its ``listing_mask`` is unset (the batch sets it from ``where``).
+        where: the filter's text (parsed already, so it is well-formed), or None.
+        index: ``IndexKind`` value, or None for the catalog's setting.
+    """
+
+    queries: np.ndarray
+    spec: SearchSpec
+    where: str | None
+    index: str | None
+
+    def group(self) -> tuple[Any, ...]:
+        """Requests with equal groups are scanned together."""
+        s = self.spec
+        return (s.k, s.threshold, s.group_by, s.agg, s.top_n, self.where, self.index)
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """The hits of one :class:`SearchRequest` and the snapshot their rows refer to."""
+
+    hits: list[RawHits]
+    snapshot: VectorCache
+
+
 class EngineSet:
-    """The vector cache, the exact engine and the ANN engines of one catalog.
+    """The vector cache, its snapshots, the exact engine and the ANN engines of one catalog
+    (module docstring). Thread-safe.
 
     Args:
-        store: the catalog's store (read only here: changes, listings).
+        store: the catalog's store (read only here: changes, listings, settings).
         engine_kind: exact engine (:class:`~lookalike.types.EngineKind`).
         ann_folder: where ANN indexes are saved (``<catalog>/ann``).
 
-    Not thread-safe on its own: the catalog calls it under its lock.
+    Attributes:
+        loads: how many times the vector cache was built from the store (1 per process,
+            unless the collection's dimension changed).
+        coalescer: serves :meth:`search` (its ``batches`` and ``requests`` count them).
     """
 
     def __init__(self, store: Store, engine_kind: str, ann_folder: Path) -> None:
         self.store = store
         self.engine_kind = engine_kind
         self.ann_folder = ann_folder
-        self._cache: VectorCache | None = None
+        self._sync_lock = threading.Lock()
+        self._scan_lock = threading.RLock()
+        self._cache: VectorCache | None = None  # the live cache (sync lock)
+        self._snapshot: VectorCache | None = None  # newest published snapshot
+        self._bound: VectorCache | None = None  # what the engines read (scan lock)
         self._exact: SearchEngine | None = None
         self._ann: dict[str, AnnEngine] = {}
+        self._built: dict[str, Any] | None = None  # facts of the built engine
+        self.loads = 0
+        self.coalescer: Coalescer[SearchRequest, SearchAnswer] = Coalescer(self._run_batch)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the vector cache has been built in this process (commands that need no
+        vectors, such as ``stats``, never build it)."""
+        return self._cache is not None
+
+    def facts(self, settings: dict[str, str]) -> dict[str, Any]:
+        """The engine's part of ``Catalog.stats``, read without loading anything and without
+        waiting for a running scan: ``engine`` and ``codes`` (the built engine's, else what
+        would be built), ``engine_loaded`` (the vector cache is built), ``cache_rows`` and
+        ``cache_bytes`` (the newest snapshot's float32 cache) and ``codes_bytes`` (after the
+        last scan); None for what is not built."""
+        snap, built = self._snapshot, self._built
+        if built is None:
+            name = engine_name(self.engine_kind)
+            built = {
+                "engine": name,
+                "codes": settings["codes"] if name == "fast" else "float32",
+                "codes_bytes": None,
+            }
+        return {
+            "engine": built["engine"],
+            "codes": built["codes"],
+            "engine_loaded": self.loaded,
+            "cache_rows": snap.n_rows if snap is not None else None,
+            "cache_bytes": snap.nbytes() if snap is not None else None,
+            "codes_bytes": built["codes_bytes"],
+        }
+
+    def _note_built(self) -> None:
+        """Record the built engine's facts for :meth:`facts` (caller holds the scan lock)."""
+        exact = self._exact
+        if exact is not None:
+            self._built = {
+                "engine": exact.name,
+                "codes": str(exact.code_kind),
+                "codes_bytes": exact.nbytes(),
+            }
 
     def reset(self) -> None:
-        """Drop the exact engine (settings changed); it is rebuilt on the next :meth:`sync`."""
-        self._exact = None
+        """Drop the exact engine (settings changed); it is rebuilt before the next scan."""
+        with self._scan_lock:
+            self._exact = None
+            self._built = None
 
-    def sync(self, settings: dict[str, str]) -> VectorCache:
-        """Bring the cache up to date with the store (incremental) and return it.
-
-        Args:
-            settings: the catalog's settings (``codes``, ``rerank``) for a new exact engine.
+    def snapshot(self) -> VectorCache:
+        """Bring the live cache up to date with the store (incremental) and return the newest
+        immutable snapshot of it (read it freely: later writes never change it).
 
         Raises:
             QueryError: the catalog is empty (no model yet).
@@ -61,58 +167,114 @@ class EngineSet:
             raise QueryError(
                 f"catalog {catalog_name(self.store.uri)!r} is empty; index some images first"
             )
-        if self._cache is None or self._cache.dim != model.dim:
-            self._cache = VectorCache(model.dim)
+        with self._sync_lock:
+            cache = self._cache
+            if cache is None or cache.dim != model.dim:
+                cache = self._cache = VectorCache(model.dim)
+                self._snapshot = None
+                self.loads += 1
+            cache.apply(self.store.changes_since(cache.seq))
+            seq, listings = self.store.listings_since(cache.listing_seq)
+            cache.update_listings(seq, listings)
+            snap = self._snapshot
+            if snap is None or (snap.version, snap.listings.version) != (
+                cache.version,
+                cache.listings.version,
+            ):
+                snap = self._snapshot = cache.snapshot()
+            return snap
+
+    def current(self) -> VectorCache:
+        """The newest published snapshot, synced first only if there is none yet (for checks
+        that need the dimension, not the newest rows).
+
+        Raises:
+            QueryError: the catalog is empty.
+        """
+        return self._snapshot or self.snapshot()
+
+    def _bind(self, snap: VectorCache, settings: dict[str, str]) -> None:
+        """Make the engines read ``snap`` (caller holds the scan lock)."""
+        bound = self._bound
+        if bound is None or bound.dim != snap.dim:
+            bound = self._bound = VectorCache(snap.dim)
             self._exact = None
             self._ann.clear()
+        bound.adopt(snap)
         if self._exact is None:
             self._exact = make_engine(
-                self._cache,
-                self.engine_kind,
-                codes=settings["codes"],
-                rerank=int(settings["rerank"]),
+                bound, self.engine_kind, codes=settings["codes"], rerank=int(settings["rerank"])
             )
-        cache = self._cache
-        cache.apply(self.store.changes_since(cache.seq))
-        seq, listings = self.store.listings_since(cache.listing_seq)
-        cache.update_listings(seq, listings)
-        return cache
+
+    def settings(self) -> dict[str, str]:
+        """The catalog's search settings (stored values over :data:`DEFAULT_SETTINGS`)."""
+        stored = self.store.settings()
+        return {key: stored.get(key, default) for key, default in DEFAULT_SETTINGS.items()}
+
+    # ------------------------------------------------------------------ engines
+
+    def engine(self, choice: str | None = None) -> SearchEngine:
+        """The engine that answers a search with ``index=choice`` (default: the setting),
+        reading the newest snapshot.
+
+        The engine is shared with :meth:`search`: use it from one thread at a time, as the
+        analytics do, with no concurrent searches; concurrent callers use :meth:`search`.
+
+        Raises:
+            QueryError: the catalog is empty, unknown choice, or the ANN index is not built.
+        """
+        snap = self.snapshot()
+        settings = self.settings()
+        with self._scan_lock:
+            self._bind(snap, settings)
+            engine = self._choose(choice or settings["index"])
+            self._note_built()
+            return engine
 
     @property
     def exact(self) -> SearchEngine:
-        """The exact engine (after :meth:`sync`)."""
+        """The exact engine (after :meth:`engine` or a search)."""
         if self._exact is None:
             raise LookalikeError("engine used before the catalog synced it")
         return self._exact
 
     def ann(self, kind: str) -> AnnEngine | None:
         """The ANN engine of ``kind`` (loaded from ``ann_folder`` on first use), or None when
-        no such index was built.
+        no such index was built (after :meth:`engine`).
 
         Raises:
             LookalikeError: the saved index has another dimension than the collection.
         """
-        eng = self._ann.get(kind)
-        if eng is None:
-            ann = AnnIndex.load(self.ann_folder, kind)
-            if ann is None:
-                return None
-            cache = self.exact.cache
-            if ann.dim != cache.dim:
-                raise LookalikeError(f"{self.ann_folder}/{kind}.faiss has d={ann.dim}; rebuild it")
-            eng = self._ann[kind] = AnnEngine(cache, ann)
-        return eng
+        with self._scan_lock:
+            eng = self._ann.get(kind)
+            if eng is None:
+                ann = AnnIndex.load(self.ann_folder, kind)
+                if ann is None:
+                    return None
+                cache = self.exact.cache
+                if ann.dim != cache.dim:
+                    raise LookalikeError(
+                        f"{self.ann_folder}/{kind}.faiss has d={ann.dim}; rebuild it"
+                    )
+                eng = self._ann[kind] = AnnEngine(cache, ann)
+            return eng
 
     def build(self, params: AnnParams) -> AnnIndex:
-        """Train and fill an ANN index over the (synced) cache, save it and use it."""
-        cache = self.exact.cache
-        ann = AnnIndex.build(cache, params)
-        ann.save(self.ann_folder)
-        self._ann[params.kind] = AnnEngine(cache, ann)
-        return ann
+        """Train and fill an ANN index over the newest snapshot, save it and use it."""
+        snap = self.snapshot()
+        settings = self.settings()
+        with self._scan_lock:
+            self._bind(snap, settings)
+            cache = self.exact.cache
+            ann = AnnIndex.build(cache, params)
+            ann.save(self.ann_folder)
+            self._ann[params.kind] = AnnEngine(cache, ann)
+            self._note_built()
+            return ann
 
-    def choose(self, choice: str) -> SearchEngine:
-        """The engine that answers a search with ``index=choice`` (after :meth:`sync`).
+    def _choose(self, choice: str) -> SearchEngine:
+        """The engine that answers a search with ``index=choice`` (caller holds the scan lock,
+        engines bound).
 
         ``exact``: the exact engine; an ANN kind: that index (an error if not built);
         ``auto``: an ANN index, if one is built and an exact scan would read at least
@@ -147,6 +309,92 @@ class EngineSet:
 
     def save_dirty(self) -> None:
         """Save the ANN indexes that followed new writes since they were built or loaded."""
-        for eng in self._ann.values():
-            if eng.ann.dirty:
-                eng.ann.save(self.ann_folder)
+        with self._scan_lock:
+            for eng in self._ann.values():
+                if eng.ann.dirty:
+                    eng.ann.save(self.ann_folder)
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, request: SearchRequest) -> SearchAnswer:
+        """Answer one request, scanned in one batch with the concurrent ones (module
+        docstring); it sees every write committed before the call.
+
+        Raises:
+            QueryError: unknown attribute in ``where``, unknown index or index not built, the
+                catalog is empty.
+        """
+        return self.coalescer.submit(request)
+
+    def _run_batch(self, requests: list[SearchRequest]) -> list[SearchAnswer | BaseException]:
+        """Serve a batch: sync once, then one engine call per group of compatible requests."""
+        settings = self.settings()
+        snap = self.snapshot()
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(req.group(), []).append(i)
+        out: list[SearchAnswer | BaseException] = [QueryError("not served")] * len(requests)
+        with self._scan_lock:
+            self._bind(snap, settings)
+            for members in groups.values():
+                first = requests[members[0]]
+                try:
+                    engine = self._choose(first.index or settings["index"])
+                    spec = first.spec
+                    if first.where is not None:
+                        spec = _with_mask(spec, where_mask(snap, first.where))
+                    queries = [requests[i].queries for i in members]
+                    hits = engine.search(
+                        np.concatenate(queries) if len(queries) > 1 else queries[0], spec
+                    )
+                except Exception as exc:
+                    for i in members:
+                        out[i] = exc
+                    continue
+                start = 0
+                for i, q in zip(members, queries, strict=True):
+                    out[i] = SearchAnswer(hits[start : start + len(q)], snap)
+                    start += len(q)
+            self._note_built()
+        return out
+
+
+def _with_mask(spec: SearchSpec, mask: np.ndarray) -> SearchSpec:
+    return SearchSpec(
+        k=spec.k,
+        threshold=spec.threshold,
+        group_by=spec.group_by,
+        agg=spec.agg,
+        top_n=spec.top_n,
+        listing_mask=mask,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def parsed_where(where: str) -> Expr:
+    """:func:`~lookalike.engine.parse_where`, remembered for the next query (expressions are
+    immutable).
+
+    Raises:
+        QueryError: a malformed expression.
+    """
+    return parse_where(where)
+
+
+def where_mask(cache: VectorCache, where: str) -> np.ndarray:
+    """``(n_listings,) bool`` mask of the listings of ``cache`` that pass ``where`` (cached per
+    expression and listing version).
+
+    Raises:
+        QueryError: a malformed expression, or an attribute no listing has (catches typos).
+    """
+    expr = parsed_where(where)
+    listings = cache.listings
+    known = listings.names()
+    unknown = sorted(expr.names() - known)
+    if unknown:
+        raise QueryError(
+            f"where: unknown listing attribute(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    return listings.where_mask(where, expr)

@@ -325,15 +325,18 @@ def results(
 
 @command(commands)
 def stats(catalog: CatalogOpt, fmt: FormatOpt = OutputFormat.TABLE) -> None:
-    """Catalog facts: model, number of images and listings, engine memory."""
+    """Catalog facts: model, number of images and listings, engine (read from the store: no
+    vector is loaded)."""
     with opened(catalog) as cat:
         facts = cat.stats()
     if fmt == OutputFormat.JSON:
         print_json(facts)
         return
     for key, value in facts.items():
-        if key == "cache_bytes":
+        if key in ("cache_bytes", "codes_bytes") and value is not None:
             value = f"{value} ({value / 2**20:.1f} MiB)"
+        if value is None:
+            value = "-"
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         say(f"{key:>12}: {value}")

@@ -8,6 +8,7 @@ listing numbers and listing attributes. Its modules:
 * ``checks.py``: validation of specs, queries and listing masks (:func:`check_spec`, ...);
 * ``ranking.py``: the search semantics (thresholds, aggregation, tie order), shared by all;
 * ``filters.py``: ``where`` expressions over listing attributes (:func:`parse_where`);
+* ``columns.py``: listing attributes as typed columns, the vectorized comparisons of ``where``;
 * ``numpy_engine.py``: :class:`NumpyEngine`, the reference (oracle) implementation;
 * ``codes.py``, ``refine.py``, ``fast.py``: the compiled engine :class:`FastEngine` (int8 /
   float16 / float32 codes scanned by ``_kernels.c``, exact re-scoring with a proof);
@@ -102,6 +103,25 @@ def make_engine(
     return FastEngine(cache, codes=codes, rerank=rerank)
 
 
+def engine_name(engine: str = "auto") -> str:
+    """The name (``numpy``, ``fast`` or ``torch``) of the engine :func:`make_engine` builds for
+    ``engine``, without building it (nothing is loaded: ``lookalike stats`` reports it).
+
+    Raises:
+        LookalikeError: unknown engine.
+    """
+    if engine not in ENGINES:
+        raise LookalikeError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == EngineKind.NUMPY:
+        return EngineKind.NUMPY.value
+    ok, _ = kernels_available()
+    if engine == EngineKind.TORCH or (engine == EngineKind.AUTO and ok and _cuda()):
+        return EngineKind.TORCH.value
+    if engine == EngineKind.FAST or ok:
+        return EngineKind.FAST.value
+    return EngineKind.NUMPY.value
+
+
 def _cuda() -> bool:
     from ..devices import cuda_available
 
@@ -122,6 +142,7 @@ __all__ = [
     "check_listing_mask",
     "check_queries",
     "check_spec",
+    "engine_name",
     "kernels_available",
     "make_engine",
     "parse_where",

@@ -23,21 +23,21 @@ exhaust the parser's stack or time; past them :func:`parse_where` raises ``Query
 Semantics: a comparison with a missing attribute (or one of another type: a number compared
 with a string that does not parse as a number) is false; ``not`` negates the result of its
 operand. Numbers compare numerically (a string attribute such as ``"12"`` is read as 12 when
-compared with a number).
+compared with a number); text compares with text, ``true``/``false`` with bools
+(:mod:`lookalike.engine.columns` gives the details). Expressions are evaluated as vectorized
+masks over the listing table's typed columns.
 """
 
 from __future__ import annotations
 
-import math
-import operator
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..errors import QueryError
+from .columns import ColumnReader
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -55,24 +55,14 @@ MAX_WHERE_LENGTH = 4096
 #: Deepest nesting accepted: parentheses and ``not`` count one level each.
 MAX_WHERE_DEPTH = 32
 
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "=": operator.eq,
-    "==": operator.eq,
-    "!=": operator.ne,
-    "<>": operator.ne,
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
 _KEYWORDS = {"and", "or", "not", "in", "is", "null", "true", "false"}
 
 
 class Columns(Protocol):
     """Where expressions read attribute columns through this (see ``ListingTable``)."""
 
-    def column(self, name: str) -> np.ndarray:
-        """``(n_listings,) object`` array of attribute ``name`` (None where unset)."""
+    def attribute(self, name: str) -> ColumnReader:
+        """The typed column of attribute ``name`` (``listing_id`` included)."""
         ...
 
     def __len__(self) -> int: ...
@@ -82,25 +72,13 @@ class Expr:
     """A parsed expression; :meth:`mask` evaluates it for every listing at once."""
 
     def mask(self, table: Columns) -> np.ndarray:  # pragma: no cover - abstract
-        """``(n_listings,) bool``: True where the listing satisfies the expression."""
+        """``(n_listings,) bool``: True where the listing satisfies the expression (vectorized
+        over the table's typed columns, :mod:`lookalike.engine.columns`)."""
         raise NotImplementedError
 
     def names(self) -> set[str]:  # pragma: no cover - abstract
         """Attribute names the expression reads."""
         raise NotImplementedError
-
-
-def _as_number(value: Any) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return math.nan
 
 
 @dataclass(frozen=True)
@@ -113,24 +91,7 @@ class Compare(Expr):
 
     def mask(self, table: Columns) -> np.ndarray:
         """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
-        col = table.column(self.name)
-        fn = _OPS[self.op]
-        if isinstance(self.value, (bool, str)):
-            kind = type(self.value)
-            return np.fromiter(
-                (
-                    isinstance(v, kind)
-                    and not (kind is str and isinstance(v, bool))
-                    and bool(fn(v, self.value))
-                    for v in col
-                ),
-                dtype=bool,
-                count=len(col),
-            )
-        nums = np.fromiter((_as_number(v) for v in col), dtype=np.float64, count=len(col))
-        known = ~np.isnan(nums)
-        with np.errstate(invalid="ignore"):
-            return known & fn(nums, float(self.value))
+        return table.attribute(self.name).compare(self.op, self.value, len(table))
 
     def names(self) -> set[str]:
         """Attribute names read (see :meth:`Expr.names`)."""
@@ -146,10 +107,7 @@ class In(Expr):
 
     def mask(self, table: Columns) -> np.ndarray:
         """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
-        out = np.zeros(len(table), dtype=bool)
-        for v in self.values:
-            out |= Compare(self.name, "=", v).mask(table)
-        return out
+        return table.attribute(self.name).equal_any(self.values, len(table))
 
     def names(self) -> set[str]:
         """Attribute names read (see :meth:`Expr.names`)."""
@@ -164,8 +122,7 @@ class IsNull(Expr):
 
     def mask(self, table: Columns) -> np.ndarray:
         """``(n_listings,) bool`` (see :meth:`Expr.mask`)."""
-        col = table.column(self.name)
-        return np.fromiter((v is None for v in col), dtype=bool, count=len(col))
+        return table.attribute(self.name).is_null(len(table))
 
     def names(self) -> set[str]:
         """Attribute names read (see :meth:`Expr.names`)."""

@@ -85,6 +85,10 @@ class Store(Protocol):
         """Number of rows in ``features``."""
         ...
 
+    def count_listings(self) -> int:
+        """Number of distinct ``listing_id`` in ``features`` (listings with an image)."""
+        ...
+
     def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
         """Merge ``attrs`` into a listing (a value of None removes that attribute)."""
         ...

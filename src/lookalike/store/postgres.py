@@ -373,6 +373,12 @@ class PostgresStore:
             cur.execute("SELECT COUNT(*) FROM features")
             return int(cur.fetchone()[0])
 
+    def count_listings(self) -> int:
+        """Number of distinct ``listing_id`` in ``features``."""
+        with self._tx(read_only=True) as cur:
+            cur.execute("SELECT COUNT(DISTINCT listing_id) FROM features")
+            return int(cur.fetchone()[0])
+
     def all_sha256(self) -> dict[Key, str]:
         """SHA-256 of every stored image."""
         with self._tx(read_only=True) as cur:

@@ -416,6 +416,12 @@ class SqliteStore:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
 
+    def count_listings(self) -> int:
+        """Number of distinct ``listing_id`` in ``features`` (a scan of the primary key)."""
+        with self._lock:
+            sql = "SELECT COUNT(DISTINCT listing_id) FROM features"
+            return int(self._conn.execute(sql).fetchone()[0])
+
     # ------------------------------------------------------------------ listings
 
     def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
