@@ -190,13 +190,15 @@ class CatalogWatch(CatalogBase):
     def watch_add_stored(
         self, name: str, keys: Sequence[Key], threshold: float
     ) -> list[WatchEntry]:
-        """Add stored images (their vectors; entry id ``listing_id/image_id``) to watchlist
-        ``name`` (see :meth:`watch_add`).
+        """Add stored images (their vectors; entry id: the image id, or ``listing_id/image_id``
+        when the same image id comes from several listings) to watchlist ``name`` (see
+        :meth:`watch_add`).
 
         Raises:
             NotFoundError: a key is not stored. Otherwise as :meth:`watch_add`.
         """
         vectors = []
+        ids = [iid for _, iid in keys]
         for lid, iid in keys:
             rec = self._store.get((lid, iid))
             if rec is None:
@@ -207,7 +209,7 @@ class CatalogWatch(CatalogBase):
         return self.watch_add(
             name,
             np.stack(vectors),
-            [f"{lid}/{iid}" for lid, iid in keys],
+            [iid if ids.count(iid) == 1 else f"{lid}/{iid}" for lid, iid in keys],
             threshold,
             sources=[f"{lid}/{iid}" for lid, iid in keys],
             refs=list(keys),

@@ -29,6 +29,7 @@ threshold, ``lookalike.analytics.calibrate.near_duplicate_threshold``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from ..catalog import Catalog, match_event_id
-from ..errors import NotFoundError
-from ..types import Key, MatchRecord, SearchResult
+from ..errors import NotFoundError, QueryError
+from ..images import iter_sources, read_bytes
+from ..types import Key, MatchRecord, SearchResult, WatchEntry
 
 #: Subject of the match-on-arrival events (``lookalike stream --match-subject``).
 DEFAULT_MATCH_SUBJECT = "lookalike.matches"
@@ -46,6 +48,8 @@ DEFAULT_MATCH_SUBJECT = "lookalike.matches"
 WATCH_SUBJECT_PREFIX = "lookalike.watch"
 #: Hits reported per matching image (``--match-k``).
 DEFAULT_MATCH_K = 5
+#: Images embedded per model call when a watchlist is made from files.
+EMBED_BATCH = 32
 #: Extra hits asked of the one batched search, so that removing the image itself and the
 #: other images of its listing still leaves ``k``; an image whose listing has more is asked
 #: again on its own, with a larger ``k``.
@@ -245,3 +249,41 @@ def watch_events(cat: Catalog, records: Sequence[MatchRecord]) -> list[MatchEven
         }
         events.append(MatchEvent(event_id, body, list(rows)))
     return events
+
+
+def add_to_watchlist(
+    cat: Catalog,
+    name: str,
+    threshold: float,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    stored: Sequence[Key] = (),
+) -> list[WatchEntry]:
+    """Add images to watchlist ``name`` (created on first use): image files, folders, list
+    files or manifests (``inputs``; entry id = the image id ``lookalike index`` would give,
+    e.g. ``truck-17/front.jpg``), embedded with the catalog's extractor in batches; and stored
+    images by key (``stored``; their stored vectors, entry id the image id).
+
+    Returns:
+        The watchlist's entries afterwards.
+
+    Raises:
+        SourceError: an input does not exist. ImageError: an image cannot be read.
+        QueryError: nothing to add, or as ``Catalog.watch_add``. NotFoundError: a stored key
+            is not stored.
+    """
+    sources = list(iter_sources(list(inputs))) if inputs else []
+    if not sources and not stored:
+        raise QueryError("give at least one image (a file, a folder) or a stored image")
+    entries: list[WatchEntry] = []
+    for start in range(0, len(sources), EMBED_BATCH):
+        chunk = sources[start : start + EMBED_BATCH]
+        entries = cat.watch_add_images(
+            name,
+            [read_bytes(s.location) for s in chunk],
+            [s.image_id for s in chunk],
+            threshold,
+            sources=[os.path.basename(s.location.rstrip("/")) or s.location for s in chunk],
+        )
+    if stored:
+        entries = cat.watch_add_stored(name, list(stored), threshold)
+    return entries
