@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -355,3 +356,239 @@ def test_watch_commands(demo_dir, cnn_catalog_copy, tmp_path):
         assert done.returncode == 1, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+@pytest.fixture
+def client(cnn_catalog_copy):
+    from fastapi.testclient import TestClient
+
+    from lookalike.server import create_app
+
+    app = create_app(cnn_catalog_copy, token="s3cret")
+    with TestClient(app) as c:
+        c.headers["Authorization"] = "Bearer s3cret"
+        yield c
+    app.state.catalog.close()
+
+
+def test_watchlist_endpoints(client, demo_dir):
+    moon = (demo_dir / "photos" / "moon" / "moon-05.jpg").read_bytes()
+    body = {"name": "moon", "entries": [{"image_id": "moon/moon-05.jpg"}]}
+    assert client.post("/watchlists", json=body, headers={"Authorization": ""}).status_code == 401
+    res = client.post("/watchlists", json=body)
+    assert res.status_code == 200, res.text
+    (entry,) = res.json()["entries"]
+    assert entry["entry_id"] == "moon/moon-05.jpg" and entry["threshold"] == THRESHOLD
+    assert entry["thumbnail_url"].startswith("/thumbnails/moon/moon-05.jpg")
+    with lookalike.open_catalog(client.app.state.catalog.uri) as cat:
+        v = cat.get_image_vector("coins/coins-02.jpg")
+    res = client.post(
+        "/watchlists",
+        json={
+            "name": "mixed",
+            "threshold": 0.9,
+            "entries": [{"entry_id": "c", "vector": v.tolist()}],
+        },
+    )
+    assert res.status_code == 200 and res.json()["entries"][0]["threshold"] == 0.9
+    files = {"image": ("m.jpg", moon, "image/jpeg")}
+    res = client.post("/watchlists/mixed/images", data={"entry_id": "up"}, files=files)
+    assert res.status_code == 200, res.text
+    assert [e["entry_id"] for e in res.json()["entries"]] == ["c", "up"]
+    listed = client.get("/watchlists").json()["watchlists"]
+    assert [(w["name"], len(w["entries"])) for w in listed] == [("mixed", 2), ("moon", 1)]
+
+    # an upload of the same photo fires both watchlists; its hits name it
+    res = client.post(
+        "/images",
+        data={"listing_id": "up", "image_id": "up/1.jpg"},
+        files={"image": ("x.jpg", moon, "image/jpeg")},
+    )
+    assert res.status_code == 200, res.text
+    hits = client.get("/watchlists/moon/hits").json()["hits"]
+    assert [(h["image_id"], h["entry_id"]) for h in hits] == [("up/1.jpg", "moon/moon-05.jpg")]
+    assert hits[0]["hit_thumbnail_url"].startswith("/thumbnails/moon/moon-05.jpg")
+    assert [h["entry_id"] for h in client.get("/watchlists/mixed/hits").json()["hits"]] == ["up"]
+
+    assert client.delete("/watchlists/mixed/up").json() == {"removed": 1}
+    assert client.delete("/watchlists/mixed").json() == {"removed": 1}
+    # hostile and wrong input: clear 4xx, never a 500
+    for method, path, kwargs, status in [
+        ("delete", "/watchlists/mixed", {}, 404),
+        ("get", "/watchlists/nothing", {}, 404),
+        ("get", "/watchlists/bad.name", {}, 422),
+        ("post", "/watchlists", {"json": {"name": "a b", "entries": [{"image_id": "x"}]}}, 422),
+        ("post", "/watchlists", {"json": {"name": "n", "entries": []}}, 422),
+        ("post", "/watchlists", {"json": {"name": "n", "entries": [{"image_id": "no"}]}}, 404),
+        ("post", "/watchlists", {"json": {"name": "n", "entries": [{"vector": [1.0]}]}}, 422),
+        (
+            "post",
+            "/watchlists",
+            {"json": {"name": "n", "entries": [{"entry_id": "e", "vector": [1.0, 2.0]}]}},
+            409,
+        ),
+        (
+            "post",
+            "/watchlists",
+            {"json": {"name": "n", "threshold": 2, "entries": [{"image_id": "x"}]}},
+            422,
+        ),
+        (
+            "post",
+            "/watchlists/n/images",
+            {"data": {"entry_id": "e"}, "files": {"image": ("a.jpg", b"nope", "image/jpeg")}},
+            415,
+        ),
+        ("get", "/watchlists/moon/hits?limit=0", {}, 422),
+        ("get", "/live?watchlist=a.b", {}, 422),
+    ]:
+        res = getattr(client, method)(path, **kwargs)
+        assert res.status_code == status, (path, res.status_code, res.text)
+        assert "error" in res.json()
+
+
+def test_live_streams_uploads_and_matches_over_sse(cnn_catalog_copy, demo_dir):
+    """A real uvicorn: a client of /live sees an uploaded image and its watchlist match (as
+    written), a filtered client only the match, and the backlog on connect."""
+    import httpx
+
+    from lookalike.server import create_app
+
+    with lookalike.open_catalog(cnn_catalog_copy) as cat:
+        cat.watch_add_stored("camera", [("camera", "camera/camera-02.jpg")], THRESHOLD)
+    with serving(create_app(cnn_catalog_copy)) as url:
+        seen: dict[str, list[tuple[str, dict]]] = {"all": [], "camera": []}
+
+        def listen(name: str, query: str, until: str) -> None:
+            headers = {"Accept": "text/event-stream"}
+            with httpx.stream("GET", url + "/live" + query, headers=headers, timeout=30) as res:
+                assert res.headers["content-type"].startswith("text/event-stream")
+                kind = ""
+                for line in res.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: "):
+                        seen[name].append((kind, json.loads(line[6:])))
+                        if kind == until:
+                            return
+
+        threads = [
+            threading.Thread(target=listen, args=("all", "", "match")),
+            threading.Thread(target=listen, args=("camera", "?watchlist=camera", "match")),
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        data = (demo_dir / "photos" / "camera" / "camera-02.jpg").read_bytes()
+        res = httpx.post(
+            url + "/images",
+            data={"listing_id": "cam2", "image_id": "cam2/a.jpg"},
+            files={"image": ("a.jpg", data, "image/jpeg")},
+        )
+        assert res.status_code == 200
+        for t in threads:
+            t.join(30)
+        assert [k for k, _ in seen["all"]] == ["image", "match"]
+        assert seen["all"][0][1]["image_id"] == "cam2/a.jpg"
+        assert seen["all"][1][1]["watchlist"] == "camera"
+        assert [k for k, _ in seen["camera"]] == ["match"]
+        # a new client gets the recent matches first; without Accept: text/event-stream,
+        # only those (a poll that ends)
+        seen["all"].clear()
+        listen("all", "?backlog=5", "match")
+        assert seen["all"][0][1]["image_id"] == "cam2/a.jpg"
+        polled = httpx.get(url + "/live?backlog=5", timeout=30)
+        assert polled.text.count("event: match") == 1 and "cam2/a.jpg" in polled.text
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on a real uvicorn on a free loopback port; its URL."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.catalog.close()
+
+
+CHROMIUM = shutil.which("chromium")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic"]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed")
+def test_the_live_tab_in_a_real_browser(cnn_catalog_copy, demo_dir):
+    """Debian's chromium (Playwright): the Live tab shows uploads as they arrive with their
+    watchlist matches and thumbnails, and its filter keeps one watchlist's matches only."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from lookalike.server import create_app
+
+    with lookalike.open_catalog(cnn_catalog_copy) as cat:
+        cat.watch_add_stored("camera", [("camera", "camera/camera-01.jpg")], THRESHOLD)
+        cat.watch_add_stored("coins", [("coins", "coins/coins-01.jpg")], THRESHOLD)
+
+    def upload(url: str, listing: str, name: str, photo: str) -> None:
+        data = (demo_dir / "photos" / photo).read_bytes()
+        res = httpx.post(
+            url + "/images",
+            data={"listing_id": listing, "image_id": f"{listing}/{name}"},
+            files={"image": (name, data, "image/jpeg")},
+        )
+        assert res.status_code == 200, res.text
+
+    with serving(create_app(cnn_catalog_copy)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.goto(url + "/")
+            page.click("#tab-live")
+            page.wait_for_selector("#live-status:has-text('connected')")
+            assert page.locator("#live-watchlist option").count() == 3
+            upload(url, "u1", "a.jpg", "camera/camera-01.jpg")  # fires watchlist camera
+            upload(url, "u2", "b.jpg", "chelsea/chelsea-01.jpg")  # fires nothing
+            card = page.locator('.arrival[data-image="u1/a.jpg"]')
+            card.locator('.match[data-watchlist="camera"]').wait_for()
+            page.wait_for_selector('.arrival[data-image="u2/b.jpg"]')
+            assert page.locator('.arrival[data-image="u2/b.jpg"] .match').count() == 0
+            page.wait_for_function(
+                "[...document.querySelectorAll('.arrival img')].every(i => i.complete && "
+                "i.naturalWidth > 0)"
+            )
+            first = page.locator(".arrival").first.get_attribute("data-image")
+            assert first == "u2/b.jpg"  # newest first
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "live.png"), full_page=True)
+
+            # filtered to watchlist coins: the recent camera match is not shown, a coins one is
+            page.select_option("#live-watchlist", "coins")
+            page.wait_for_selector("#live-status:has-text('connected · coins')")
+            upload(url, "u3", "c.jpg", "camera/camera-01.jpg")
+            upload(url, "u4", "d.jpg", "coins/coins-01.jpg")
+            page.locator(
+                '.arrival[data-image="u4/d.jpg"] .match[data-watchlist="coins"]'
+            ).wait_for()
+            assert page.locator('.arrival[data-image="u3/c.jpg"]').count() == 0
+            assert page.locator('.match[data-watchlist="camera"]').count() == 0
+        finally:
+            browser.close()
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

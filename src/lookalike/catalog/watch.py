@@ -26,19 +26,22 @@ still to publish, :meth:`mark_published` takes it out.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ModelMismatchError, NotFoundError, QueryError
 from ..extract import l2_normalize
-from ..types import Key, MatchRecord, WatchEntry
+from ..types import Key, MatchRecord, WatchEntry, WriteStatus
 from .base import CatalogBase, ImageInput
 from .validate import check_id
+
+log = logging.getLogger(__name__)
 
 #: A watchlist name: it is a token of the NATS subject ``lookalike.watch.<name>``.
 WATCH_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -97,10 +100,39 @@ class _WatchMatrix:
     thresholds: np.ndarray
 
 
+#: Receives ``(key, status)`` of the images a catalog object wrote (``added``/``updated``).
+WriteListener = Callable[[list[tuple[Key, WriteStatus]]], None]
+
+
 class CatalogWatch(CatalogBase):
     """The watchlist part of :class:`~lookalike.catalog.Catalog` (see the module docstring)."""
 
     _watch: _WatchMatrix | None = None
+    _listeners: tuple[WriteListener, ...] = ()
+
+    # ------------------------------------------------------------------ write listeners
+
+    def add_write_listener(self, listener: WriteListener) -> None:
+        """Call ``listener`` with ``[((listing_id, image_id), status), ...]`` after each
+        ``add``/``add_many`` of this catalog object that stored new images (``added`` or
+        ``updated``), in the writing thread (the HTTP server's live view uses it). A listener
+        must be quick and must not raise (what it raises is logged and ignored)."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def remove_write_listener(self, listener: WriteListener) -> None:
+        """Stop calling ``listener`` (no error when it was not added)."""
+        with self._lock:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _notify_written(self, written: list[tuple[Key, WriteStatus]]) -> None:
+        kept = (WriteStatus.ADDED, WriteStatus.UPDATED)
+        stored: list[tuple[Key, WriteStatus]] = [(k, s) for k, s in written if s in kept]
+        for listener in self._listeners if stored else ():
+            try:
+                listener(stored)
+            except Exception:
+                log.exception("a write listener failed")
 
     # ------------------------------------------------------------------ entries
 
@@ -188,30 +220,41 @@ class CatalogWatch(CatalogBase):
         return self.watch_add(name, self.embed(images), entry_ids, threshold, sources=sources)
 
     def watch_add_stored(
-        self, name: str, keys: Sequence[Key], threshold: float
+        self,
+        name: str,
+        keys: Sequence[Key],
+        threshold: float,
+        entry_ids: Sequence[str | None] | None = None,
     ) -> list[WatchEntry]:
-        """Add stored images (their vectors; entry id: the image id, or ``listing_id/image_id``
-        when the same image id comes from several listings) to watchlist ``name`` (see
-        :meth:`watch_add`).
+        """Add stored images (their vectors) to watchlist ``name`` (see :meth:`watch_add`).
+
+        Args:
+            entry_ids: per key, its entry id, or None for the default: the image id, or
+                ``listing_id/image_id`` when the same image id comes from several listings.
 
         Raises:
             NotFoundError: a key is not stored. Otherwise as :meth:`watch_add`.
         """
+        if not keys:
+            raise QueryError("give at least one stored image")
         vectors = []
-        ids = [iid for _, iid in keys]
         for lid, iid in keys:
             rec = self._store.get((lid, iid))
             if rec is None:
                 raise NotFoundError(f"no image {iid!r} in listing {lid!r}")
             vectors.append(rec.vector)
-        if not vectors:
-            raise QueryError("give at least one stored image")
+        ids = [iid for _, iid in keys]
+        chosen = [
+            (entry_ids[i] if entry_ids and entry_ids[i] else None)
+            or (iid if ids.count(iid) == 1 else f"{lid}/{iid}")
+            for i, (lid, iid) in enumerate(keys)
+        ]
         return self.watch_add(
             name,
             np.stack(vectors),
-            [iid if ids.count(iid) == 1 else f"{lid}/{iid}" for lid, iid in keys],
+            chosen,
             threshold,
-            sources=[f"{lid}/{iid}" for lid, iid in keys],
+            sources=[f"stored {iid}" for _, iid in keys],
             refs=list(keys),
         )
 

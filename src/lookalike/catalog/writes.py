@@ -198,6 +198,12 @@ class CatalogWrites(CatalogWatch):
                 out.append((WriteStatus.UNCHANGED, ""))
             else:
                 out.append((WriteStatus.UPDATED if key in known else WriteStatus.ADDED, ""))
+        self._notify_written(
+            [
+                ((p.source.listing_id, p.source.image_id), st)
+                for p, (st, _) in zip(prepared, out, strict=True)
+            ]
+        )
         return out
 
     def add_vectors(
