@@ -2,8 +2,9 @@
 
 A store keeps the three tables of ``DESIGN.md``: ``features`` (one row per
 ``(listing_id, image_id)``, vector as a float32 blob), ``listings`` (live attributes such as
-``stock_level``) and ``query_results``. It knows nothing of models or images: it stores bytes,
-keys and a change sequence.
+``stock_level``) and ``query_results``, plus ``watchlists`` and ``matches``
+(:mod:`lookalike.store.watch`). It knows nothing of models or images: it stores bytes, keys
+and a change sequence.
 
 **Change sequence.** Every write transaction takes the next value of a per-catalog counter;
 rows it writes (and tombstones of rows it deletes) carry that value. An engine that has applied

@@ -240,8 +240,8 @@ class StreamIngest:
             js = nc.jetstream()
             await ensure_stream(js, self.stream, [stream_subject(self.subject)])
             await ensure_stream(js, f"{self.stream}_DEAD", [self.dead_letter])
-            if self.match is not None or self.relay:
-                await ensure_event_streams(js, *([self.match.subject] if self.match else []))
+            subject = self.match.subject if self.match is not None else None
+            await ensure_event_streams(js, subject, watch=self.relay)
             if self.match is not None:
                 await asyncio.to_thread(self.match.check)
             config = ConsumerConfig(

@@ -95,11 +95,15 @@ async def ensure_capture(js: Any, subject: str, stream: str) -> str:
     return await ensure_stream(js, stream, [subject])
 
 
-async def ensure_event_streams(js: Any, match_subject: str = DEFAULT_MATCH_SUBJECT) -> None:
-    """Make sure the match subject and ``lookalike.watch.>`` are captured (see the module
-    docstring)."""
-    await ensure_capture(js, match_subject, MATCH_STREAM)
-    await ensure_capture(js, f"{WATCH_SUBJECT_PREFIX}.>", WATCH_STREAM)
+async def ensure_event_streams(
+    js: Any, match_subject: str | None = DEFAULT_MATCH_SUBJECT, watch: bool = True
+) -> None:
+    """Make sure the match subject (when given) and, with ``watch``, ``lookalike.watch.>``
+    are captured (see the module docstring)."""
+    if match_subject is not None:
+        await ensure_capture(js, match_subject, MATCH_STREAM)
+    if watch:
+        await ensure_capture(js, f"{WATCH_SUBJECT_PREFIX}.>", WATCH_STREAM)
 
 
 async def publish_events(js: Any, events: Sequence[tuple[str, MatchEvent]]) -> tuple[int, int]:
@@ -298,7 +302,7 @@ class WatchRelay:
             raise broker_error(exc, f"cannot connect to NATS at {self.url}") from None
         try:
             js = nc.jetstream()
-            await ensure_event_streams(js)
+            await ensure_event_streams(js, None)
             while True:
                 try:
                     a, d = await relay_outbox(self.catalog, js)
