@@ -62,8 +62,9 @@ THRESHOLD = 0.936  # the cnn extractor's measured near-duplicate threshold
 
 
 def shapes_jpeg(seed: int) -> bytes:
-    """A JPEG of random coloured rectangles and ellipses: like nothing in the catalog, and
-    unlike each other (random-noise images all look alike to a CNN: cosine ~0.98)."""
+    """A JPEG of random coloured shapes and lines over a random gradient: like nothing in the
+    catalog, and unlike each other (random-noise images all look alike to a CNN: cosine
+    ~0.98)."""
     from PIL import ImageDraw
 
     r = np.random.default_rng(seed)
@@ -71,13 +72,24 @@ def shapes_jpeg(seed: int) -> bytes:
     def colour() -> tuple[int, ...]:
         return tuple(int(x) for x in r.integers(0, 256, 3))
 
-    im = Image.new("RGB", (320, 240), colour())
+    w, h = int(r.integers(240, 400)), int(r.integers(200, 320))
+    a, b = np.array(colour(), np.float32), np.array(colour(), np.float32)
+    ramp = np.linspace(0, 1, w, dtype=np.float32)[None, :, None]
+    im = Image.fromarray(np.broadcast_to(a + (b - a) * ramp, (h, w, 3)).astype(np.uint8))
     draw = ImageDraw.Draw(im)
-    for _ in range(12):
-        for shape in (draw.rectangle, draw.ellipse):
-            x0, y0 = int(r.integers(0, 300)), int(r.integers(0, 220))
-            w, h = int(r.integers(10, 120)), int(r.integers(10, 120))
-            shape([x0, y0, x0 + w, y0 + h], fill=colour())
+    for _ in range(int(r.integers(5, 30))):
+        x0, y0 = int(r.integers(0, w)), int(r.integers(0, h))
+        x1, y1 = x0 + int(r.integers(5, w // 2)), y0 + int(r.integers(5, h // 2))
+        kind = int(r.integers(0, 4))
+        if kind == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=colour())
+        elif kind == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=colour())
+        elif kind == 2:
+            draw.line([x0, y0, x1, y1], fill=colour(), width=int(r.integers(1, 12)))
+        else:
+            pts = [(int(r.integers(0, w)), int(r.integers(0, h))) for _ in range(3)]
+            draw.polygon(pts, fill=colour())
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()

@@ -592,3 +592,30 @@ def test_the_live_tab_in_a_real_browser(cnn_catalog_copy, demo_dir):
 
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def test_the_relay_sends_each_event_whole_across_outbox_pages(tmp_path):
+    """An event whose rows straddle two outbox pages is sent once, with all its matches."""
+    from lookalike.stream.recognition import relay_outbox
+
+    class FakeJetStream:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, dict, str]] = []
+
+        async def publish(self, subject, payload, headers, timeout):
+            self.sent.append((subject, json.loads(payload), headers["Nats-Msg-Id"]))
+
+    with lookalike.open_catalog(tmp_path / "cat", extractor="colorhist") as cat:
+        refs = unit(np.random.default_rng(7), 3, 512)
+        cat.watch_add("wl", refs, ["a", "b", "c"], -1.0)  # everything matches all three
+        cat.add_vectors(["l", "l"], ["i1", "i2"], refs[:2])
+        assert len(cat.outbox()) == 6
+        js = FakeJetStream()
+        assert asyncio.run(relay_outbox(cat, js, limit=4)) == (2, 0)
+        assert [(s, len(b["matches"])) for s, b, _ in js.sent] == [
+            ("lookalike.watch.wl", 3),
+            ("lookalike.watch.wl", 3),
+        ]
+        assert [b["image_id"] for _, b, _ in js.sent] == ["i1", "i2"]
+        assert js.sent[0][1]["matches"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+        assert cat.outbox() == []

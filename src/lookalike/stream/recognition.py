@@ -144,13 +144,17 @@ async def relay_outbox(cat: Catalog, js: Any, limit: int = RELAY_BATCH) -> tuple
         rows = await asyncio.to_thread(cat.outbox, limit)
         if not rows:
             return accepted, duplicates
+        full = len(rows) >= limit
+        if full:  # the last event may go on in the next page: send it whole, next round
+            head = [r for r in rows if r.event_id != rows[-1].event_id]
+            rows = head or rows
         events = await asyncio.to_thread(watch_events, cat, rows)
         a, d = await publish_events(
             js, [(watch_subject(e.records[0].watchlist), e) for e in events]
         )
         accepted, duplicates = accepted + a, duplicates + d
         await asyncio.to_thread(cat.mark_published, [r.id for r in rows])
-        if len(rows) < limit:
+        if not full:
             return accepted, duplicates
 
 
