@@ -122,10 +122,17 @@ class Listener:
         await self.nc.subscribe("lookalike.watch.>", cb=on)
         await self.nc.flush()
 
-    async def wait_for(self, ids: set[str], timeout: float) -> None:
+    async def wait_for(self, ids: set[str], timeout: float, quiet: float | None = None) -> None:
+        """Until every id arrived, ``timeout`` seconds passed, or (with ``quiet``) no event
+        came for ``quiet`` seconds (the consumer is done: what is missing is lost)."""
         deadline = time.monotonic() + timeout
+        seen, last = len(self.first), time.monotonic()
         while not ids <= self.first.keys() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            if len(self.first) != seen:
+                seen, last = len(self.first), time.monotonic()
+            elif quiet is not None and time.monotonic() - last > quiet:
+                return
 
 
 async def stored_counts(url: str, stream: str) -> Counter[str]:
@@ -196,8 +203,9 @@ async def steady(
     prefix: str = "arr",
 ) -> dict[str, Any]:
     """Publish ``rate x seconds`` images at a steady rate (9 in 10 re-posts of demo photos, 1
-    in 10 random shapes) under keys ``<prefix>-<i>``; with a listener, wait (60 s at most) for
-    the events expected. Returns the publish times by match event id (``sent``), by watchlist
+    in 10 random shapes) under keys ``<prefix>-<i>``; with a listener, wait for the events
+    expected, until 30 s pass without one (the consumer has caught up: what is missing is
+    lost). Returns the publish times by match event id (``sent``), by watchlist
     event id (``watch``), the event ids of the shapes (``noise``), and by image key
     (``keys``)."""
     nc = await connect(url)
@@ -227,7 +235,7 @@ async def steady(
         if f"{p.parent.name}/{p.name}" in watched:
             watch_sent[match_event_id(lid, iid, sha256_hex(data), "demo")] = t
     if listener is not None:
-        await listener.wait_for(set(sent) | set(watch_sent), 60)
+        await listener.wait_for(set(sent) | set(watch_sent), 1800, quiet=30)
         await asyncio.sleep(1.0)
     await nc.close()
     return {"sent": sent, "watch": watch_sent, "noise": noise_ids, "keys": by_key}
@@ -245,9 +253,9 @@ def peer(
         try:
             got = asyncio.run(steady(url, args, photos, set(), None, prefix="peer"))
             keys = got["keys"]
-            deadline = time.monotonic() + 60
             stored: dict[tuple[str, str], float] = {}
-            while len(stored) < len(keys) and time.monotonic() < deadline:
+            last, seen = time.monotonic(), 0
+            while len(stored) < len(keys) and time.monotonic() - last < 30:
                 time.sleep(0.5)
                 with sqlite3.connect(cat_path / "catalog.db", timeout=30) as conn:
                     rows = conn.execute(
@@ -255,6 +263,8 @@ def peer(
                         "WHERE listing_id LIKE 'peer-%'"
                     ).fetchall()
                 stored = {(r[0], r[1]): r[2] for r in rows}
+                if len(stored) != seen:
+                    last, seen = time.monotonic(), len(stored)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -366,6 +376,11 @@ def main() -> None:
                 match_p50_s=round(float(np.percentile(lat, 50)), 3),
                 match_p99_s=round(float(np.percentile(lat, 99)), 3),
                 match_max_s=round(float(lat.max()), 3),
+                match_events_per_s=round(
+                    len(lat)
+                    / max(max(first[e] for e in sent if e in first) - min(sent.values()), 1e-9),
+                    1,
+                ),
                 watch_events_expected=len(watch_sent),
                 watch_p50_s=round(float(np.percentile(wlat, 50)), 3) if len(wlat) else "-",
                 watch_p99_s=round(float(np.percentile(wlat, 99)), 3) if len(wlat) else "-",
