@@ -463,3 +463,109 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape shared by every face: ``{"query_id": ..., "hits": [...]}``."""
         return {"query_id": self.query_id, "hits": [h.to_dict() for h in self.hits]}
+
+
+# ---------------------------------------------------------------------- watchlists and matches
+
+
+@dataclass
+class WatchEntry:
+    """A ``watchlists`` row: one reference vector of a named watchlist (a standing query that
+    every image written to the catalog is compared with).
+
+    Attributes:
+        name: the watchlist (``[A-Za-z0-9_-]``, 1-64 characters: it is a NATS subject token
+            of ``lookalike.watch.<name>``).
+        entry_id: the entry within its watchlist (the id rule of :func:`id_problem`).
+        vector: ``(d,) float32``, L2-normalized.
+        threshold: an image matches the entry when ``score > threshold`` (cosine in [-1, 1]).
+        source: where the reference came from (a file name, a stored image, ``vector``).
+        ref_listing_id, ref_image_id: the stored image the entry was taken from (its
+            thumbnail shows the entry), or None.
+        created_at: Unix time in seconds (set by the store).
+    """
+
+    name: str
+    entry_id: str
+    vector: np.ndarray = field(repr=False)
+    threshold: float
+    source: str | None = None
+    ref_listing_id: str | None = None
+    ref_image_id: str | None = None
+    created_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict without the vector."""
+        return {
+            "name": self.name,
+            "entry_id": self.entry_id,
+            "threshold": round(float(self.threshold), 6),
+            "source": self.source,
+            "ref_listing_id": self.ref_listing_id,
+            "ref_image_id": self.ref_image_id,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass
+class MatchRecord:
+    """A ``matches`` row: an image written to the catalog matched a watchlist entry, or
+    (match on arrival) a stored catalog image. The table is also the outbox of the match
+    events: a row with ``published_at`` None is still to be published.
+
+    Attributes:
+        event_id: the idempotency key of the event the row belongs to (its ``Nats-Msg-Id``):
+            one event per arriving image and watchlist, or per arriving image for catalog
+            hits; derived from the image's key and SHA-256, so a replay gives the same id.
+        listing_id, image_id, sha256: the arriving image.
+        watchlist: the watchlist's name, or None for a catalog hit.
+        entry_id: the watchlist entry matched, or None for a catalog hit.
+        hit_listing_id, hit_image_id: the catalog image hit, or the stored image the
+            watchlist entry was taken from; None when there is none.
+        score: the inner product (cosine), float.
+        matched_at: Unix seconds when the match was found.
+        published_at: Unix seconds when its event was published, None while in the outbox.
+        seq: the store's change sequence of the write that recorded it (commit order; set
+            by the store).
+        id: the row's number in the store (set by the store).
+    """
+
+    event_id: str
+    listing_id: str
+    image_id: str
+    sha256: str
+    watchlist: str | None
+    entry_id: str | None
+    hit_listing_id: str | None
+    hit_image_id: str | None
+    score: float
+    matched_at: float
+    published_at: float | None = None
+    seq: int = 0
+    id: int = 0
+
+    @property
+    def target(self) -> str:
+        """What the row matched, unique within its event: the entry id of a watchlist
+        match, ``listing_id`` U+001F ``image_id`` of a catalog hit (ids hold no control
+        characters, so the two cannot collide)."""
+        if self.watchlist is not None:
+            return f"w\x1f{self.entry_id}"
+        return f"c\x1f{self.hit_listing_id}\x1f{self.hit_image_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every column."""
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "listing_id": self.listing_id,
+            "image_id": self.image_id,
+            "sha256": self.sha256,
+            "watchlist": self.watchlist,
+            "entry_id": self.entry_id,
+            "hit_listing_id": self.hit_listing_id,
+            "hit_image_id": self.hit_image_id,
+            "score": round(float(self.score), 6),
+            "matched_at": self.matched_at,
+            "published_at": self.published_at,
+        }

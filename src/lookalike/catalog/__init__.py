@@ -14,7 +14,8 @@ Modules: ``core`` (the :class:`Catalog` class: engine and search), ``base`` (sha
 model checks, embedding), ``writes`` (ingest, adds, deletes, listing attributes, the
 classifier), ``rows`` (reading stored rows, analysis columns, saved results, thumbnails),
 ``engines`` (vector cache sync and engine choice), ``ingest`` (the batch ingest pipeline),
-``thumbs`` (the thumbnail cache), ``classifier`` (the saved classifier at run time).
+``thumbs`` (the thumbnail cache), ``classifier`` (the saved classifier at run time),
+``watch`` (watchlists: standing queries checked on every write, and the matches outbox).
 """
 
 from .base import DEFAULT_EXTRACTOR, DEFAULT_K, DEFAULT_SETTINGS, ImageInput
@@ -22,15 +23,20 @@ from .classifier import Classifier
 from .core import Catalog, open_catalog
 from .engines import ANN_AUTO_BYTES
 from .ingest import IndexReport
+from .watch import MAX_WATCH_ENTRIES, WATCH_NAME, check_watch_name, match_event_id
 
 __all__ = [
     "ANN_AUTO_BYTES",
     "DEFAULT_EXTRACTOR",
     "DEFAULT_K",
     "DEFAULT_SETTINGS",
+    "MAX_WATCH_ENTRIES",
+    "WATCH_NAME",
     "Catalog",
     "Classifier",
     "ImageInput",
     "IndexReport",
+    "check_watch_name",
+    "match_event_id",
     "open_catalog",
 ]

@@ -44,10 +44,14 @@ from ..errors import ImageError
 from ..extract import BaseExtractor, get_extractor
 from ..images import ImageSource, decode_image, read_bytes, sha256_hex
 from ..store import Store
-from ..types import FeatureBatch, Key
+from ..types import FeatureBatch, Key, MatchRecord
 from .thumbs import make_thumbnail
 
 log = logging.getLogger(__name__)
+
+#: The watchlist check of a write batch: ``(keys, sha256s, (n, d) float32 vectors)`` -> the
+#: matches to record in the batch's transaction (``Catalog.watch_matches``).
+WatchCheck = Callable[[Sequence[Key], Sequence[str], np.ndarray], list[MatchRecord]]
 
 #: Below this many sources, decoding runs in the calling process (a pool costs ~1 s to start).
 INLINE_BELOW = 48
@@ -216,6 +220,7 @@ def write_prepared(
     items: Sequence[Prepared],
     labels: Sequence[dict | None] | None = None,
     label_fn: Callable[[np.ndarray], list[dict]] | None = None,
+    watch: WatchCheck | None = None,
 ) -> tuple[int, int]:
     """Embed the ``"ok"`` items in one batch and upsert them in one transaction.
 
@@ -224,6 +229,7 @@ def write_prepared(
             ``items``; entries of items that are not ``"ok"`` are ignored).
         label_fn: computes more metadata from the ``(m, d)`` vectors of the ``"ok"`` items
             (e.g. a classifier's prediction), merged into ``labels``.
+        watch: the watchlist check; its matches are recorded in the same transaction.
 
     Returns:
         ``(added, updated)``: new keys, and stored keys whose bytes changed.
@@ -238,17 +244,20 @@ def write_prepared(
         pairs = [(p, {**(lab or {}), **m}) for (p, lab), m in zip(pairs, more, strict=True)]
     keys = [(p.source.listing_id, p.source.image_id) for p in ok]
     known = store.existing(keys)
+    sha256s = [p.sha256 for p in ok]
+    matches = watch(keys, sha256s, vectors) if watch is not None else []
     store.upsert(
         FeatureBatch(
             listing_ids=[k[0] for k in keys],
             image_ids=[k[1] for k in keys],
             vectors=vectors,
-            sha256s=[p.sha256 for p in ok],
+            sha256s=sha256s,
             sources=[p.source.location for p in ok],
             widths=[p.width for p in ok],
             heights=[p.height for p in ok],
             labels=[lab for _, lab in pairs],
-        )
+        ),
+        matches=matches,
     )
     updated = sum(1 for k in keys if k in known)
     return len(keys) - updated, updated
@@ -310,6 +319,7 @@ def run_index(
     batch_size: int = 32,
     progress: bool = False,
     on_failure: Callable[[str, str], None] | None = None,
+    watch: WatchCheck | None = None,
 ) -> IndexReport:
     """Ingest ``sources`` into ``store`` with ``extractor`` (see the module docstring).
 
@@ -321,6 +331,7 @@ def run_index(
         batch_size: images per model call and per store transaction.
         progress: show a tqdm bar on stderr with images/s.
         on_failure: called with ``(location, reason)`` as each failure happens.
+        watch: the watchlist check of every batch (:func:`write_prepared`).
 
     Returns:
         :class:`IndexReport`.
@@ -354,7 +365,7 @@ def run_index(
     pending: list[Prepared] = []
 
     def flush() -> None:
-        added, updated = write_prepared(store, extractor, pending)
+        added, updated = write_prepared(store, extractor, pending, watch=watch)
         report.added += added
         report.updated += updated
         bar.update(len(pending), len(report.failed))

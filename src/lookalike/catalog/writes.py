@@ -24,11 +24,12 @@ from ..types import (
     WriteStatus,
     id_problem,
 )
-from .base import CatalogBase, ImageInput
+from .base import ImageInput
 from .classifier import Classifier, load_classifier, save_classifier
 from .ingest import IndexReport, Prepared, prepare_bytes, run_index, write_prepared
 from .thumbs import thumbnail_path
 from .validate import check_id, check_listing_attrs
+from .watch import CatalogWatch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _source_problem(source: ImageSource) -> str | None:
     return id_problem(source.listing_id, "listing id") or id_problem(source.image_id, "image id")
 
 
-class CatalogWrites(CatalogBase):
+class CatalogWrites(CatalogWatch):
     """The write half of :class:`~lookalike.catalog.Catalog`."""
 
     def index(
@@ -81,7 +82,13 @@ class CatalogWrites(CatalogBase):
                 refused.append((s.location, f"{s.location}: {problem}"))
                 log.warning("skipped %s", refused[-1][1])
         report = run_index(
-            self._store, ext, good, workers=workers, batch_size=batch_size, progress=progress
+            self._store,
+            ext,
+            good,
+            workers=workers,
+            batch_size=batch_size,
+            progress=progress,
+            watch=self.watch_matches,
         )
         report.failed[:0] = refused
         return report
@@ -176,7 +183,7 @@ class CatalogWrites(CatalogBase):
                     for top in clf.predict(vectors, k=1)
                 ]
 
-        write_prepared(self._store, ext, prepared, labels, label_fn)
+        write_prepared(self._store, ext, prepared, labels, label_fn, watch=self.watch_matches)
         for p in prepared:  # thumbnails for result pages (content-addressed, see thumbs.py)
             if p.thumbnail is not None and p.sha256:
                 path = thumbnail_path(self.folder, p.sha256)
@@ -191,6 +198,12 @@ class CatalogWrites(CatalogBase):
                 out.append((WriteStatus.UNCHANGED, ""))
             else:
                 out.append((WriteStatus.UPDATED if key in known else WriteStatus.ADDED, ""))
+        self._notify_written(
+            [
+                ((p.source.listing_id, p.source.image_id), st)
+                for p, (st, _) in zip(prepared, out, strict=True)
+            ]
+        )
         return out
 
     def add_vectors(
@@ -251,7 +264,8 @@ class CatalogWrites(CatalogBase):
             check_id(lid, "listing id")
             check_id(iid, "image id")
         self._claim(model)
-        return self._store.upsert(batch)
+        keys = list(zip(batch.listing_ids, batch.image_ids, strict=True))
+        return self._store.upsert(batch, self.watch_matches(keys, batch.sha256s, batch.vectors))
 
     def delete(self, image_id: str, listing_id: str | None = None) -> int:
         """Delete an image by ``image_id`` (and ``listing_id`` when ids repeat across listings).

@@ -8,6 +8,7 @@ modules, one per command group, and is the console-script entry point (:func:`ma
 * :mod:`.listing`: ``listing set | show | import``;
 * :mod:`.ann`: ``ann build``, ``bench``;
 * :mod:`.stream`: ``stream``, ``publish``;
+* :mod:`.watch`: ``watch add | list | remove | hits | relay``;
 * :mod:`.serve`: ``serve``;
 * :mod:`.lake`: ``export``, ``import``, ``spark extract | search | cluster | train``;
 * :mod:`.analyze`: ``train``, ``predict``, ``analyze clusters | outliers | map``, ``dedup``,
@@ -27,7 +28,7 @@ from typing import Annotated
 
 import typer
 
-from . import analyze, ann, lake, listing, search, serve, stream
+from . import analyze, ann, lake, listing, search, serve, stream, watch
 from .common import escape_help
 
 app = typer.Typer(
@@ -60,6 +61,7 @@ app.add_typer(ann.ann_app, name="ann")
 app.add_typer(ann.commands)
 app.add_typer(listing.listing_app, name="listing")
 app.add_typer(stream.commands)
+app.add_typer(watch.watch_app, name="watch")
 app.add_typer(serve.commands)
 app.add_typer(lake.commands)
 app.add_typer(lake.spark_app, name="spark")
@@ -74,6 +76,7 @@ GROUPS: tuple[typer.Typer, ...] = (
     ann.commands,
     listing.listing_app,
     stream.commands,
+    watch.watch_app,
     serve.commands,
     lake.commands,
     lake.spark_app,

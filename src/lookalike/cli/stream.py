@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LookalikeError
+from ..recognize.watch import DEFAULT_MATCH_K, DEFAULT_MATCH_SUBJECT, ArrivalMatching
 from ..stream.jetstream import (
     DEFAULT_ACK_WAIT,
     DEFAULT_BATCH_SIZE,
@@ -29,6 +30,7 @@ from ..stream.jetstream import (
     StreamCounts,
     StreamIngest,
 )
+from ..stream.recognition import MatchStep, default_match_threshold
 from .common import (
     EXIT_PARTIAL,
     KEY_VALUE_METAVAR,
@@ -40,6 +42,7 @@ from .common import (
     command,
     key_value,
     opened,
+    parse_threshold,
     print_json,
     say,
     warn,
@@ -89,6 +92,47 @@ def stream(
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many seconds without messages.")
     ] = None,
+    match: Annotated[
+        bool,
+        typer.Option(
+            "--match",
+            help="Match every arriving image against the catalog and publish an event per "
+            "image with a hit above --match-threshold (implied by the other --match-* options).",
+        ),
+    ] = False,
+    match_threshold: Annotated[
+        str | None,
+        typer.Option(
+            metavar="T|auto",
+            help="Match when a hit scores above T (a cosine); auto: the catalog's calibrated "
+            "near-duplicate threshold, else the extractor's.",
+        ),
+    ] = None,
+    match_k: Annotated[int, typer.Option(min=1, max=1000, help="Hits per event.")] = (
+        DEFAULT_MATCH_K
+    ),
+    match_where: Annotated[
+        str | None, typer.Option(help='Only hits whose listing passes, e.g. "stock_level > 0".')
+    ] = None,
+    match_subject: Annotated[
+        str, typer.Option(help="Subject of the match events (kept in stream LOOKALIKE_MATCHES).")
+    ] = DEFAULT_MATCH_SUBJECT,
+    match_only: Annotated[
+        bool,
+        typer.Option(
+            help="Match without storing: images are embedded, matched and forgotten; listing "
+            "updates and deletes are acknowledged and ignored."
+        ),
+    ] = False,
+    match_own_listing: Annotated[
+        bool, typer.Option(help="Report hits in the image's own listing too.")
+    ] = False,
+    relay: Annotated[
+        bool,
+        typer.Option(
+            help="Publish the catalog's watchlist matches (the outbox) to lookalike.watch.<name>."
+        ),
+    ] = True,
     fmt: FormatOpt = OutputFormat.TABLE,
 ) -> None:
     """Consume images, listing updates and deletes from NATS JetStream into the catalog.
@@ -99,11 +143,32 @@ def stream(
     dead-lettered, without holding up the others. SIGTERM / Ctrl-C finishes the batch in hand,
     then exits. On stderr: one line at start, counts every 10 s, one line per dead letter and
     per connection event; counts again at exit.
+
+    With --match (or any --match-* option) every arriving image is searched against the
+    catalog (itself and, unless --match-own-listing, its own listing excluded) and each image
+    with a hit above the threshold gives one JSON event on --match-subject, published before
+    the image is acknowledged, with Nats-Msg-Id derived from the image's key and SHA-256 (a
+    redelivery is dropped as a duplicate). Watchlist matches (lookalike watch) are published
+    to lookalike.watch.<name>.
     """
     import asyncio
     import signal
 
+    matching = match or match_only or match_own_listing or match_threshold is not None
+    matching = matching or match_where is not None or match_subject != DEFAULT_MATCH_SUBJECT
+    threshold = parse_threshold(match_threshold) if match_threshold is not None else None
     with opened(catalog, create=True) as cat:
+        step = None
+        if matching:
+            if threshold is None:
+                threshold, why = default_match_threshold(cat)
+                warn(f"stream: match threshold {threshold:.3f}: {why}")
+            step = MatchStep(
+                cat,
+                ArrivalMatching(threshold, match_k, match_where, match_own_listing),
+                subject=match_subject,
+                match_only=match_only,
+            )
         ingest = StreamIngest(
             cat,
             url=nats,
@@ -117,6 +182,8 @@ def stream(
             max_payload=max_payload,
             max_deliver=max_deliver,
             notify=lambda text: warn(f"stream: {text}"),
+            match=step,
+            relay=relay,
         )
 
         async def report_every(interval: float) -> None:
@@ -132,6 +199,7 @@ def stream(
             warn(
                 f"stream: consuming {subject} from stream {stream_name} at {nats} as durable "
                 f"{durable} into {cat.uri}; dead letters to {dead_letter}"
+                + (f"; match events to {match_subject}" if step is not None else "")
             )
             reporter = asyncio.create_task(report_every(PROGRESS_EVERY_S))
             try:

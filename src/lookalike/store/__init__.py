@@ -2,8 +2,9 @@
 
 A store keeps the three tables of ``DESIGN.md``: ``features`` (one row per
 ``(listing_id, image_id)``, vector as a float32 blob), ``listings`` (live attributes such as
-``stock_level``) and ``query_results``. It knows nothing of models or images: it stores bytes,
-keys and a change sequence.
+``stock_level``) and ``query_results``, plus ``watchlists`` and ``matches``
+(:mod:`lookalike.store.watch`). It knows nothing of models or images: it stores bytes, keys
+and a change sequence.
 
 **Change sequence.** Every write transaction takes the next value of a per-catalog counter;
 rows it writes (and tombstones of rows it deletes) carry that value. An engine that has applied
@@ -18,7 +19,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from ..types import (
+    Changes,
+    FeatureBatch,
+    ImageRecord,
+    Key,
+    ListingRecord,
+    MatchRecord,
+    ModelInfo,
+    SavedHit,
+    WatchEntry,
+)
 
 
 class Store(Protocol):
@@ -48,8 +59,9 @@ class Store(Protocol):
         """SHA-256 of those of ``keys`` that are stored."""
         ...
 
-    def upsert(self, batch: FeatureBatch) -> int:
-        """Insert or replace rows, all in one transaction; returns the number written."""
+    def upsert(self, batch: FeatureBatch, matches: Sequence[MatchRecord] = ()) -> int:
+        """Insert or replace rows, all in one transaction, recording ``matches`` (watchlist
+        matches of these rows) in the same transaction; returns the number written."""
         ...
 
     def delete(self, keys: Sequence[Key]) -> int:
@@ -131,6 +143,44 @@ class Store(Protocol):
         """Delete the results saved under ``query_id``, or those of every query saved before
         ``before`` (Unix seconds; oldest first, at most ``limit`` queries); one transaction.
         Returns the number of queries deleted (:mod:`lookalike.store.results`)."""
+        ...
+
+    # watchlists and matches (lookalike.store.watch)
+
+    def watch_seq(self) -> int:
+        """The watch sequence: bumped by every change of a watchlist."""
+        ...
+
+    def watch_entries(self, name: str | None = None) -> list[WatchEntry]:
+        """Every watchlist entry (or those of ``name``), by name and entry id."""
+        ...
+
+    def add_watch_entries(self, entries: Sequence[WatchEntry]) -> int:
+        """Insert or replace watchlist entries (one transaction); returns how many."""
+        ...
+
+    def remove_watch(self, name: str, entry_id: str | None = None) -> int:
+        """Remove a watchlist or one entry; returns the entries removed."""
+        ...
+
+    def record_matches(self, matches: Sequence[MatchRecord]) -> int:
+        """Record matches (idempotent by event and target); returns how many were new."""
+        ...
+
+    def matches(
+        self,
+        watchlist: str | None = None,
+        *,
+        after_seq: int = 0,
+        unpublished: bool = False,
+        limit: int = 1000,
+        newest: bool = False,
+    ) -> list[MatchRecord]:
+        """Recorded matches after ``after_seq``, oldest first (see :mod:`.watch`)."""
+        ...
+
+    def mark_published(self, ids: Sequence[int], when: float | None = None) -> None:
+        """Take matches out of the outbox (``published_at`` set)."""
         ...
 
     def close(self) -> None:

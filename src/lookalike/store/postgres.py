@@ -34,9 +34,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import LookalikeError
-from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from ..types import (
+    Changes,
+    FeatureBatch,
+    ImageRecord,
+    Key,
+    ListingRecord,
+    MatchRecord,
+    ModelInfo,
+    SavedHit,
+)
 from . import results
 from .records import RECORD_COLUMNS, record_from_row
+from .watch import PostgresWatch
 
 LISTING_COLUMNS = ("stock_level", "etag")
 _LOCK_ID = 0x6C6F6F6B  # advisory lock key for migrations ("look")
@@ -64,7 +74,7 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
-class PostgresStore:
+class PostgresStore(PostgresWatch):
     """:class:`~lookalike.store.Store` on PostgreSQL (see the module docstring).
 
     Args:
@@ -199,9 +209,10 @@ class PostgresStore:
             )
             return {(r[0], r[1]): r[2] for r in cur.fetchall()}
 
-    def upsert(self, batch: FeatureBatch) -> int:
+    def upsert(self, batch: FeatureBatch, matches: Sequence[MatchRecord] = ()) -> int:
         """Insert or replace ``batch``: binary COPY into a temporary table, then one
-        ``INSERT ... ON CONFLICT``, in one transaction. Returns the rows written."""
+        ``INSERT ... ON CONFLICT``, in one transaction (with ``matches`` recorded:
+        :mod:`.watch`). Returns the rows written."""
         from psycopg.types.json import Jsonb
 
         n = len(batch)
@@ -265,6 +276,7 @@ class PostgresStore:
                 "listing_id, %s FROM staging ON CONFLICT (listing_id) DO NOTHING",
                 (now,),
             )
+            self._insert_matches(cur, matches, seq)
         return n
 
     def delete(self, keys: Sequence[Key]) -> int:

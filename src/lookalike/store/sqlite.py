@@ -26,9 +26,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import LookalikeError, NotFoundError
-from ..types import Changes, FeatureBatch, ImageRecord, Key, ListingRecord, ModelInfo, SavedHit
+from ..types import (
+    Changes,
+    FeatureBatch,
+    ImageRecord,
+    Key,
+    ListingRecord,
+    MatchRecord,
+    ModelInfo,
+    SavedHit,
+)
 from . import results
 from .records import RECORD_COLUMNS, record_from_row
+from .watch import SQLITE_SCHEMA, SqliteWatch
 
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 1
@@ -96,7 +106,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-class SqliteStore:
+class SqliteStore(SqliteWatch):
     """:class:`~lookalike.store.Store` on SQLite. Thread-safe (one connection, one lock).
 
     Args:
@@ -126,8 +136,7 @@ class SqliteStore:
         with self._lock:
             self._conn.executescript(
                 "BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES "
-                f"('schema_version', '{SCHEMA_VERSION}'), ('seq', '0');"
-                "COMMIT;"
+                f"('schema_version', '{SCHEMA_VERSION}'), ('seq', '0');" + SQLITE_SCHEMA + "COMMIT;"
             )
         version = int(self._meta("schema_version") or 0)
         if version > SCHEMA_VERSION:
@@ -256,8 +265,9 @@ class SqliteStore:
                 found.update(((r[0], r[1]), r[2]) for r in rows)
         return found
 
-    def upsert(self, batch: FeatureBatch) -> int:
-        """Insert or replace ``batch`` in one transaction; returns the number of rows written."""
+    def upsert(self, batch: FeatureBatch, matches: Sequence[MatchRecord] = ()) -> int:
+        """Insert or replace ``batch`` (and record ``matches``: :mod:`.watch`) in one
+        transaction; returns the number of rows written."""
         if len(batch) == 0:
             return 0
         vectors = np.ascontiguousarray(batch.vectors, dtype="<f4")
@@ -294,6 +304,7 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO listings (listing_id, updated_at) VALUES (?, ?)",
                 [(lid, now) for lid in dict.fromkeys(batch.listing_ids)],
             )
+            self._insert_matches(cur, matches, seq)
         return len(batch)
 
     def delete(self, keys: Sequence[Key]) -> int:

@@ -33,7 +33,13 @@ The consumer (:class:`StreamIngest`):
   its kind (even a ``busy`` that waited for no one, which would otherwise come back
   forever): it is isolated and counted as above;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
-  exits.
+  exits;
+* **matches on arrival** (with ``match``, :class:`~lookalike.stream.recognition.MatchStep`):
+  searches the batch's images against the catalog in one batched search and publishes one
+  event per matching image *before* acknowledging the batch (``match_only``: embeds and
+  matches without writing); and **relays the outbox** of watchlist matches (``relay``: after
+  every batch, and twice a second while idle). See :mod:`lookalike.stream.recognition` for
+  the delivery guarantees of the events.
 
 Connection events (disconnected, reconnected, a failed connect attempt) are reported as one
 line each through ``notify`` (the CLI prints them), never as tracebacks; identical lines are
@@ -58,7 +64,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import LookalikeError, StoreBusyError, StoreError, translate
+from ..errors import LookalikeError, QueryError, StoreBusyError, StoreError, translate
 from .connection import (
     DEFAULT_STREAM,
     DEFAULT_URL,
@@ -77,6 +83,13 @@ from .publisher import (
     publish,
     publish_event,
     publish_images,
+)
+from .recognition import (
+    MatchStep,
+    ensure_event_streams,
+    publish_events,
+    relay_outbox,
+    subject_overlaps,
 )
 
 __all__ = [  # re-exported from .connection and .publisher, with the consumer
@@ -137,6 +150,9 @@ class StreamCounts:
     batches: int = 0
     redelivered: int = 0
     retried: int = 0
+    matched: int = 0
+    match_duplicates: int = 0
+    watch_events: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict (for JSON)."""
@@ -164,6 +180,11 @@ class StreamIngest:
         retry_delay: seconds before such a message is redelivered.
         notify: receives one line per dead letter and per connection event (the CLI prints
             them); default: a warning in the log.
+        match: match arriving images against the catalog and publish events (None: no).
+        relay: publish the catalog's outbox of watchlist matches.
+
+    Raises:
+        LookalikeError: bad sizes, or a match subject that this consumer would consume.
     """
 
     def __init__(
@@ -183,6 +204,8 @@ class StreamIngest:
         max_deliver: int = DEFAULT_MAX_DELIVER,
         retry_delay: float = DEFAULT_RETRY_DELAY,
         notify: Notify | None = None,
+        match: MatchStep | None = None,
+        relay: bool = True,
     ) -> None:
         if batch_size < 1 or max_in_flight < batch_size:
             raise LookalikeError("need 1 <= batch_size <= max_in_flight")
@@ -197,6 +220,14 @@ class StreamIngest:
         self.max_deliver, self.retry_delay = max_deliver, retry_delay
         self.notify: Notify = notify or (lambda text: log.warning("%s", text))
         self.counts = StreamCounts()
+        self.match, self.relay = match, relay
+        if match is not None and (
+            subject_overlaps(subject, match.subject) or subject_overlaps(dead_letter, match.subject)
+        ):
+            raise LookalikeError(
+                f"match subject {match.subject!r} overlaps the consumed subject {subject!r} "
+                f"or the dead-letter subject {dead_letter!r}; choose another"
+            )
 
     async def run(
         self, stop: asyncio.Event | None = None, idle_exit: float | None = None
@@ -219,6 +250,10 @@ class StreamIngest:
             js = nc.jetstream()
             await ensure_stream(js, self.stream, [stream_subject(self.subject)])
             await ensure_stream(js, f"{self.stream}_DEAD", [self.dead_letter])
+            subject = self.match.subject if self.match is not None else None
+            await ensure_event_streams(js, subject, watch=self.relay)
+            if self.match is not None:
+                await asyncio.to_thread(self.match.check)
             config = ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=self.ack_wait,
@@ -238,6 +273,7 @@ class StreamIngest:
                     await asyncio.sleep(0.5)
                     continue
                 if not msgs:
+                    await self._relay(js)
                     if idle_exit is not None and time.monotonic() - last_message > idle_exit:
                         break
                     continue
@@ -267,7 +303,13 @@ class StreamIngest:
                 events.append((msg, parse_message(msg.headers, msg.data, self.max_payload)))
             except BadMessageError as exc:
                 dead.append((msg, str(exc)))
-        written_dead, failures, unavailable = await asyncio.to_thread(self._write_isolating, events)
+        written_dead: list[tuple[Any, str]] = []
+        failures: list[tuple[Any, Exception]] = []
+        unavailable = False
+        if self.match is None or not self.match.match_only:
+            written_dead, failures, unavailable = await asyncio.to_thread(
+                self._write_isolating, events
+            )
         dead += written_dead
         if unavailable:  # the store's fault, not the messages': redeliver, count nothing
             reason = _reason(failures[0][1])
@@ -295,6 +337,9 @@ class StreamIngest:
                     if n == 1 and err is None
                     else None,  # a bug: its traceback once
                 )
+        matches, match_dead, match_retry = await self._match_events(events, dead, failures)
+        dead += match_dead
+        retry += match_retry
         retrying = {id(m) for m in retry}
         try:
             for msg, reason in dead:
@@ -308,6 +353,17 @@ class StreamIngest:
                 )
                 await js.publish(self.dead_letter, msg.data, headers=headers, timeout=30)
                 self.notify(f"dead letter from {msg.subject} ({_describe(msg)}): {reason}")
+            if matches:  # before the acks: at least once (a redelivery repeats the ids)
+                assert self.match is not None
+                accepted, dups = await publish_events(
+                    js, [(self.match.subject, e) for e in matches]
+                )
+                self.counts.matched += accepted
+                self.counts.match_duplicates += dups
+                try:
+                    await asyncio.to_thread(self.match.record, matches)
+                except Exception as exc:  # history only: the events are out
+                    log.warning("could not record the catalog matches: %s", _reason(exc))
             for msg in msgs:
                 if id(msg) in retrying:
                     await msg.nak(delay=self.retry_delay)
@@ -319,8 +375,46 @@ class StreamIngest:
             return
         self.counts.dead += len(dead)
         self.counts.retried += len(retry)
+        await self._relay(js)
         if self.on_batch:
             self.on_batch(self.counts)
+
+    async def _match_events(
+        self,
+        events: list[tuple[Any, Event]],
+        dead: list[tuple[Any, str]],
+        failures: list[tuple[Any, Exception]],
+    ) -> tuple[list[Any], list[tuple[Any, str]], list[Any]]:
+        """The match events of the batch's images that were written (or, match-only, all
+        its images): ``(events, messages to dead-letter, messages to retry)``. A failed
+        search retries the images (their events must go out before their acks); a bad
+        ``where`` (``QueryError``) stops the consumer."""
+        if self.match is None:
+            return [], [], []
+        bad = {id(m) for m, _ in dead} | {id(m) for m, _ in failures}
+        items = [(m, ev) for m, ev in events if ev.kind == "image" and id(m) not in bad]
+        if not items:
+            return [], [], []
+        try:
+            matches, match_dead = await asyncio.to_thread(self.match.events, items)
+        except Exception as exc:
+            if isinstance(translate(exc), QueryError):
+                raise
+            log.warning(
+                "matching failed (%s); %d image(s) will be redelivered", _reason(exc), len(items)
+            )
+            return [], [], [m for m, _ in items]
+        return matches, match_dead, []
+
+    async def _relay(self, js: Any) -> None:
+        """Publish the outbox (watchlist matches); a failure waits for the next round."""
+        if not self.relay:
+            return
+        try:
+            accepted, _ = await relay_outbox(self.catalog, js)
+            self.counts.watch_events += accepted
+        except Exception as exc:
+            log.warning("outbox relay failed (%s); retrying later", _reason(exc))
 
     def _store_unavailable(self, err: LookalikeError | None, waited: float) -> bool:
         """Whether a write that failed with ``err`` after ``waited`` seconds met an

@@ -273,3 +273,93 @@ function loadStats() {
   }).catch(() => {});
 }
 loadStats();
+
+// ------------------------------------------------------------------ live view
+// Server-sent events of GET /live: "image" (written by this server) and "match" (a row of the
+// matches table: a watchlist hit or a catalog near-duplicate, from any process). One card per
+// arriving image, its matches inside; the newest card first, at most LIVE_MAX cards.
+const LIVE_MAX = 100;
+const live = { source: null, cards: new Map() };
+
+function liveKey(listingId, imageId) { return listingId + "\u001f" + imageId; }
+
+function liveCard(listingId, imageId, thumb, note) {
+  const key = liveKey(listingId, imageId);
+  let card = live.cards.get(key);
+  if (!card) {
+    card = document.createElement("div");
+    card.className = "arrival";
+    card.dataset.listing = listingId; card.dataset.image = imageId;
+    const img = document.createElement("img");
+    img.src = thumb; img.alt = imageId;
+    const body = document.createElement("div");
+    const who = document.createElement("div");
+    who.className = "who"; who.textContent = `${listingId} · ${imageId}`;
+    const when = document.createElement("div");
+    when.className = "muted when";
+    const matches = document.createElement("div");
+    matches.className = "matches";
+    body.append(who, when, matches);
+    card.append(img, body);
+    live.cards.set(key, card);
+    $("live-feed").prepend(card);
+    while (live.cards.size > LIVE_MAX) {
+      const [oldest, el] = live.cards.entries().next().value;
+      live.cards.delete(oldest); el.remove();
+    }
+  }
+  if (note) card.querySelector(".when").textContent = note;
+  return card;
+}
+
+function liveMatch(m) {
+  const card = liveCard(m.listing_id, m.image_id, m.thumbnail_url, null);
+  if (card.querySelector(`.match[data-id="${m.id}"]`)) return;
+  const el = document.createElement("div");
+  el.className = "match"; el.dataset.id = m.id; el.dataset.watchlist = m.watchlist ?? "";
+  if (m.hit_thumbnail_url) {
+    const img = document.createElement("img");
+    img.src = m.hit_thumbnail_url; img.alt = m.hit_image_id;
+    el.append(img);
+  }
+  const tag = document.createElement("span");
+  tag.className = "tag"; tag.textContent = m.watchlist ? `watchlist ${m.watchlist}` : "near-duplicate";
+  const what = document.createElement("span");
+  what.textContent = `${m.entry_id ?? m.hit_image_id} ${m.score.toFixed(3)}`;
+  el.append(tag, what);
+  card.querySelector(".matches").append(el);
+  const when = card.querySelector(".when");
+  if (!when.textContent) when.textContent = new Date(m.matched_at * 1000).toLocaleTimeString();
+}
+
+function startLive() {
+  if (live.source) live.source.close();
+  const watchlist = $("live-watchlist").value;
+  const url = "/live" + (watchlist ? `?watchlist=${encodeURIComponent(watchlist)}` : "");
+  $("live-feed").replaceChildren(); live.cards.clear();
+  const es = new EventSource(url);
+  live.source = es;
+  es.onopen = () => { $("live-status").textContent = "connected" + (watchlist ? ` · ${watchlist}` : ""); };
+  es.onerror = () => { $("live-status").textContent = "reconnecting..."; };
+  es.addEventListener("image", (e) => {
+    const im = JSON.parse(e.data);
+    liveCard(im.listing_id, im.image_id, im.thumbnail_url, `${im.status} ${new Date(im.at * 1000).toLocaleTimeString()}`);
+  });
+  es.addEventListener("match", (e) => liveMatch(JSON.parse(e.data)));
+}
+
+async function loadWatchlists() {
+  try {
+    const body = await api("/watchlists");
+    const select = $("live-watchlist"), keep = select.value;
+    select.replaceChildren(new Option("everything", ""),
+      ...body.watchlists.map((w) => new Option(`watchlist ${w.name} (${w.entries.length})`, w.name)));
+    select.value = [...select.options].some((o) => o.value === keep) ? keep : "";
+  } catch (err) { $("live-status").textContent = "error: " + err.message; }
+}
+
+$("tab-live").addEventListener("click", async () => {
+  await loadWatchlists();
+  if (!live.source) startLive();
+});
+$("live-watchlist").addEventListener("change", startLive);
