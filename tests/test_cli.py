@@ -38,9 +38,9 @@ def quickstart_commands() -> list[list[str]]:
 def test_readme_starts_with_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/quickstart.sh" in readme
-    assert ".venv/bin/python -m pytest" in readme
+    assert "bash scripts/test.sh" in readme
     ci = (ROOT / ".ci" / "run").read_text()
-    assert ".venv/bin/python -m pytest" in ci
+    assert "bash scripts/test.sh" in ci
 
 
 def test_quickstart_commands_work_and_find_the_right_listing(tmp_path):

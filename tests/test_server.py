@@ -250,7 +250,10 @@ def test_openapi_declares_both_search_bodies_and_hits_are_types_hit(client):
     images = schema["paths"]["/images"]["post"]["requestBody"]["content"]
     assert set(images) == {"multipart/form-data"}
     hit = components["HitOut"]
-    assert list(hit["properties"]) == [f.name for f in dataclasses.fields(Hit)] + ["thumbnail_url"]
+    assert list(hit["properties"]) == [f.name for f in dataclasses.fields(Hit)] + [
+        "thumbnail_url",
+        "band",
+    ]
     assert "Hit" not in components  # no second hit model
 
 

@@ -206,7 +206,7 @@ def test_cli_spark_search_prints_the_local_json(demo_lake, demo_dir, cnn_catalog
     got = run(
         "spark", "search", query, "--features", str(demo_lake), "--master", "local[1]", *common
     )
-    want = run("search", query, "--catalog", str(cnn_catalog_dir), *common)
+    want = run("search", query, "--catalog", str(cnn_catalog_dir), "--no-bands", *common)
     assert got["hits"][0]["listing_id"] == "coins"
     strip = [{k: v for k, v in h.items() if k != "score"} for h in want["hits"]]
     assert [{k: v for k, v in h.items() if k != "score"} for h in got["hits"]] == strip
