@@ -208,3 +208,48 @@ def test_stats_reads_the_counts_from_a_fresh_header(catalog, monkeypatch):
             cat.delete(f"L08/{i}.jpg")
         facts = cat.stats()  # the store changed: counted by the store
         assert (facts["images"], facts["listings"]) == (294, 59)
+
+
+def test_two_writers_of_the_files_never_mix_their_rows(catalog, monkeypatch):
+    """Two catalogs on one folder (as two processes) map the files, each sees the other's
+    rows through the store, and each writes the files on close: the second finds them
+    changed under it and writes a new generation. The result maps and answers as the store."""
+    path, rng = catalog
+    a, b = lookalike.open_catalog(path), lookalike.open_catalog(path)
+    q = np.full(16, 0.25, np.float32)
+    a.search(vector=q, k=1)
+    b.search(vector=q, k=1)  # both mapped the same files
+    a.add_vectors(["xa"], ["xa/0.jpg"], q[None, :], model=MODEL, normalize=False)
+    b.add_vectors(["xb"], ["xb/0.jpg"], q[None, :] * 2, model=MODEL, normalize=False)
+    for cat in (a, b):  # each cache applies both rows, in its own order
+        assert {"xa/0.jpg", "xb/0.jpg"} <= set(cat.search(vector=q, k=5).image_ids)
+    gen = header(path)["generation"]
+    a.close()
+    assert header(path)["generation"] == gen and header(path)["n_rows"] == 302  # appended
+    b.close()
+    assert header(path)["generation"] != gen  # b's rows 300.. differ from a's: rewritten
+    queries = [q, *oracle.quantized(rng, 2, 16)]
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "files"
+        assert cat._engines.source.await_verified(30)
+    assert got == store_answers(path, queries, monkeypatch)
+
+
+def test_a_compaction_writes_a_new_generation(catalog, monkeypatch):
+    path, rng = catalog
+    gen = header(path)["generation"]
+    with lookalike.open_catalog(path) as cat:
+        cat.search(vector=np.ones(16), k=1)  # mapped
+        for i in range(20):  # a third of the rows: the cache compacts
+            for j in range(5):
+                cat.delete(f"L{i:02d}/{j}.jpg")
+        cat.search(vector=np.ones(16), k=1)
+    head = header(path)
+    assert head["generation"] != gen and head["n_rows"] == head["n_alive"] == 200
+    assert not (path / "engine" / gen).exists()  # the old generation is removed
+    queries = oracle.quantized(rng, 2, 16)
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "files"
+    assert got == store_answers(path, queries, monkeypatch)
