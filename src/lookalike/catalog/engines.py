@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from ..engine import (
     parse_where,
 )
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
-from ..engine.coalesce import Coalescer
+from ..engine.coalesce import BatchPolicy, Coalescer
 from ..errors import LookalikeError, QueryError
 from ..store import Store
 from ..types import CodeKind, IndexKind, ModelInfo, RawHits, SearchSpec, choices
@@ -154,6 +155,7 @@ class EngineSet:
         self._built: dict[str, Any] | None = None  # facts of the built engine
         self.loads = 0
         self.coalescer: Coalescer[SearchRequest, SearchAnswer] = Coalescer(self._run_batch)
+        self._policies: dict[tuple[Any, ...], BatchPolicy] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -484,6 +486,20 @@ class EngineSet:
         """
         return self.coalescer.submit(request)
 
+    def _scan(self, engine: SearchEngine, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
+        """``engine.search`` of ``(n, d)`` queries: as one batch, or one by one when that
+        measured cheaper per query (:class:`~lookalike.engine.coalesce.BatchPolicy`)."""
+        policy = self._policies.setdefault(_policy_key(spec), BatchPolicy())
+        n = len(queries)
+        batched = n == 1 or policy.batched(n)
+        t0 = time.perf_counter()
+        if batched:
+            hits = engine.search(queries, spec)
+        else:
+            hits = [engine.search(q, spec)[0] for q in queries]
+        policy.record(batched and n > 1, n, time.perf_counter() - t0)
+        return hits
+
     def _run_batch(self, requests: list[SearchRequest]) -> list[SearchAnswer | BaseException]:
         """Serve a batch: sync once, then one engine call per group of compatible requests."""
         settings = self.settings()
@@ -502,9 +518,8 @@ class EngineSet:
                     if first.where is not None:
                         spec = _with_mask(spec, where_mask(snap, first.where))
                     queries = [requests[i].queries for i in members]
-                    hits = engine.search(
-                        np.concatenate(queries) if len(queries) > 1 else queries[0], spec
-                    )
+                    stacked = np.concatenate(queries) if len(queries) > 1 else queries[0]
+                    hits = self._scan(engine, stacked, spec)
                 except Exception as exc:
                     for i in members:
                         out[i] = exc
@@ -516,6 +531,10 @@ class EngineSet:
             self._note_built()
         self.start_background()
         return out
+
+
+def _policy_key(spec: SearchSpec) -> tuple[Any, ...]:
+    return (spec.group_by, spec.k is None)
 
 
 def _with_mask(spec: SearchSpec, mask: np.ndarray) -> SearchSpec:
