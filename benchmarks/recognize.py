@@ -258,9 +258,9 @@ def peer(
             while len(stored) < len(keys) and time.monotonic() - last < 30:
                 time.sleep(0.5)
                 with sqlite3.connect(cat_path / "catalog.db", timeout=30) as conn:
-                    rows = conn.execute(
+                    rows = conn.execute(  # a key range: the primary key's index answers it
                         "SELECT listing_id, image_id, ingested_at FROM features "
-                        "WHERE listing_id LIKE 'peer-%'"
+                        "WHERE listing_id >= 'peer-' AND listing_id < 'peer.'"
                     ).fetchall()
                 stored = {(r[0], r[1]): r[2] for r in rows}
                 if len(stored) != seen:
@@ -269,9 +269,13 @@ def peer(
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
     lat = np.array([stored[k] - t for k, t in keys.items() if k in stored])
+    if not len(lat):
+        return {"peer_lost": len(keys)}
+    span = max(stored.values()) - min(keys.values())
     return {
         "peer_ingest_only_p50_s": round(float(np.percentile(lat, 50)), 3),
         "peer_ingest_only_p99_s": round(float(np.percentile(lat, 99)), 3),
+        "peer_rows_per_s": round(len(stored) / max(span, 1e-9), 1),
         "peer_lost": len(keys) - len(stored),
     }
 
@@ -390,6 +394,7 @@ def main() -> None:
             )
             counts = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
             result["consumer_batches"] = counts.get("batches", 0)
+            print(json.dumps(result), file=sys.stderr)  # the main figures, before the peer
             if args.peer:
                 result.update(peer(server.url, cat_path, args, photos, tmp))
         result.update(watch_cost(cat, d))

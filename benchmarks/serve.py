@@ -164,6 +164,11 @@ def vector_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     with serving(catalog) as url:
         with httpx.Client(base_url=url, timeout=600) as c:  # warm up: engine load, codes
             call(c, 0)
+            deadline = time.monotonic() + 600
+            # a new server answers with numpy while it builds its codes: wait for them
+            while c.get("/stats").json().get("engine") == "numpy" and time.monotonic() < deadline:
+                time.sleep(0.5)
+                call(c, 0)
         clients = [int(v) for v in args.vector_clients.split(",")]
         rows = levels(url, clients, call, args.requests, args.seconds)
     return [{"catalog_images": n, "query": "vector", **row} for row in rows]

@@ -13,7 +13,9 @@ the backends (``DESIGN.md``, "Layers"). Example::
 Modules: ``core`` (the :class:`Catalog` class: engine and search), ``base`` (shared state,
 model checks, embedding), ``writes`` (ingest, adds, deletes, listing attributes, the
 classifier), ``rows`` (reading stored rows, analysis columns, saved results, thumbnails),
-``engines`` (vector cache sync and engine choice), ``ingest`` (the batch ingest pipeline),
+``engines`` (vector cache sync, snapshots, engine choice, coalesced searches),
+``cachesource`` (the cache from the engine files or the store), ``ingest`` (the batch ingest
+pipeline),
 ``thumbs`` (the thumbnail cache), ``classifier`` (the saved classifier at run time),
 ``watch`` (watchlists: standing queries checked on every write, and the matches outbox).
 """

@@ -68,7 +68,7 @@ class CatalogBase:
             )
         self._extractor_name = extractor or (stored.name if stored else DEFAULT_EXTRACTOR)
         self._extractor: BaseExtractor | None = None
-        self._engines = EngineSet(store, self.engine_kind, self.ann_folder)
+        self._engines = EngineSet(store, self.engine_kind, self.ann_folder, self.folder / "engine")
         self._classifier: Classifier | None = None
         self._classifier_stamp: int | None = None
         self._lock = threading.RLock()
@@ -137,6 +137,7 @@ class CatalogBase:
     def close(self) -> None:
         """Save ANN indexes that followed new writes, and close the store."""
         self._engines.save_dirty()
+        self._engines.save_files()
         self._store.close()
 
     def __enter__(self) -> Self:

@@ -110,7 +110,9 @@ class Catalog(CatalogWrites, CatalogRows):
         Raises:
             QueryError: the catalog is empty.
         """
-        return self._engines.snapshot()
+        snap = self._engines.snapshot()
+        self._engines.start_background()
+        return snap
 
     def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
         """The live vectors of the (synced) vector cache, in cache order, as ``(keys,
@@ -285,24 +287,27 @@ class Catalog(CatalogWrites, CatalogRows):
         return results
 
     def stats(self) -> dict[str, Any]:
-        """Catalog facts, read from the store without loading any vector.
+        """Catalog facts, read from the store (or the engine files' header, when no write came
+        since it was written) without loading any vector.
 
         Keys: ``catalog``, ``images``, ``model`` (``name``, ``version``, ``dim``; None when
         empty), ``listings`` (listings with an image), and the engine's
         (:meth:`~lookalike.catalog.engines.EngineSet.facts`): ``engine``, ``codes`` (the code
         kind the scan reads), ``engine_loaded`` (whether this process holds the vector cache),
-        ``cache_rows``, ``cache_bytes`` (the float32 vector cache) and ``codes_bytes`` (the
-        quantized codes), the last three None until a search loaded the engine.
+        ``cache_source`` (``files``: mapped from the engine files, ``store``: read from the
+        store), ``cache_rows``, ``cache_bytes`` (the float32 vector cache) and ``codes_bytes``
+        (the quantized codes), the last four None until a search loaded the engine.
         """
         model = self._store.model()
-        out: dict[str, Any] = {"catalog": self.uri, "images": self._store.count()}
         if model is None:
-            out["model"] = None
-            return out
-        out.update(
-            model={"name": model.name, "version": model.version, "dim": model.dim},
-            listings=self._store.count_listings(),
-        )
+            return {"catalog": self.uri, "images": self._store.count(), "model": None}
+        images, listings = self._engines.counts(model)
+        out: dict[str, Any] = {
+            "catalog": self.uri,
+            "images": images,
+            "model": {"name": model.name, "version": model.version, "dim": model.dim},
+            "listings": listings,
+        }
         out.update(self._engines.facts(self.settings))
         return out
 

@@ -23,21 +23,52 @@ group of compatible options (``k``, ``threshold``, ``group_by``, ``agg``, ``top_
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..engine import Expr, SearchEngine, VectorCache, engine_name, make_engine, parse_where
+from ..engine import (
+    Expr,
+    NumpyEngine,
+    SearchEngine,
+    VectorCache,
+    engine_name,
+    make_engine,
+    parse_where,
+)
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
-from ..engine.coalesce import Coalescer
+from ..engine.coalesce import BatchPolicy, Coalescer
 from ..errors import LookalikeError, QueryError
 from ..store import Store
-from ..types import CodeKind, IndexKind, RawHits, SearchSpec, choices
+from ..types import CodeKind, IndexKind, ModelInfo, RawHits, SearchSpec, choices
+from .cachesource import CacheSource
 from .validate import catalog_name
+
+log = logging.getLogger(__name__)
+
+#: A new exact engine over more values (rows x d) than this, and at most :func:`warm_limit`,
+#: builds its codes in the background while the numpy engine answers (int8 codes of 200k x 512
+#: take about 1.5 s on 2 cores).
+WARM_VALUES = 2**26
+
+
+def warm_limit() -> int:
+    """The most float32 values a numpy scan may read while codes are built: a quarter of the
+    machine's RAM (past it the mapped vectors would not stay in the page cache)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**28
+    return ram // 16
+
 
 #: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).
 DEFAULT_SETTINGS: dict[str, str] = {"codes": "int8", "rerank": "4", "index": "auto"}
@@ -86,27 +117,45 @@ class EngineSet:
         store: the catalog's store (read only here: changes, listings, settings).
         engine_kind: exact engine (:class:`~lookalike.types.EngineKind`).
         ann_folder: where ANN indexes are saved (``<catalog>/ann``).
+        files_folder: where the engine files are kept (``<catalog>/engine``,
+            :mod:`lookalike.engine.mapped`); None: not kept.
 
     Attributes:
-        loads: how many times the vector cache was built from the store (1 per process,
-            unless the collection's dimension changed).
+        loads: how many times the vector cache was built (1 per process, unless the
+            collection's dimension changed).
+        source: where the cache is built from (the engine files or the store).
         coalescer: serves :meth:`search` (its ``batches`` and ``requests`` count them).
     """
 
-    def __init__(self, store: Store, engine_kind: str, ann_folder: Path) -> None:
+    def __init__(
+        self,
+        store: Store,
+        engine_kind: str,
+        ann_folder: Path,
+        files_folder: Path | None = None,
+    ) -> None:
         self.store = store
         self.engine_kind = engine_kind
         self.ann_folder = ann_folder
+        self.source = CacheSource(store, files_folder)
+        self._attributes = False
         self._sync_lock = threading.Lock()
         self._scan_lock = threading.RLock()
         self._cache: VectorCache | None = None  # the live cache (sync lock)
         self._snapshot: VectorCache | None = None  # newest published snapshot
-        self._bound: VectorCache | None = None  # what the engines read (scan lock)
+        self._bound: VectorCache | None = None  # what the exact engine reads (scan lock)
+        self._ann_bound: VectorCache | None = None  # what the ANN engines read
+        self._bound_snap: VectorCache | None = None  # the snapshot both hold
         self._exact: SearchEngine | None = None
+        self._code_kind = CodeKind.FLOAT32  # what the exact engine (once built) scans
+        self._warming: threading.Thread | None = None
+        self._generation = 0  # bumped when the exact engine is dropped
+        self._no_warm = False
         self._ann: dict[str, AnnEngine] = {}
         self._built: dict[str, Any] | None = None  # facts of the built engine
         self.loads = 0
         self.coalescer: Coalescer[SearchRequest, SearchAnswer] = Coalescer(self._run_batch)
+        self._policies: dict[tuple[Any, ...], BatchPolicy] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -119,9 +168,10 @@ class EngineSet:
     def facts(self, settings: dict[str, str]) -> dict[str, Any]:
         """The engine's part of ``Catalog.stats``, read without loading anything and without
         waiting for a running scan: ``engine`` and ``codes`` (the built engine's, else what
-        would be built), ``engine_loaded`` (the vector cache is built), ``cache_rows`` and
-        ``cache_bytes`` (the newest snapshot's float32 cache) and ``codes_bytes`` (after the
-        last scan); None for what is not built."""
+        would be built), ``engine_loaded`` (the vector cache is built), ``cache_source``
+        (``files``: mapped from the engine files; ``store``: read from the store),
+        ``cache_rows`` and ``cache_bytes`` (the newest snapshot's float32 cache) and
+        ``codes_bytes`` (after the last scan); None for what is not built."""
         snap, built = self._snapshot, self._built
         if built is None:
             name = engine_name(self.engine_kind)
@@ -134,6 +184,7 @@ class EngineSet:
             "engine": built["engine"],
             "codes": built["codes"],
             "engine_loaded": self.loaded,
+            "cache_source": self.source.kind() if self.loaded else None,
             "cache_rows": snap.n_rows if snap is not None else None,
             "cache_bytes": snap.nbytes() if snap is not None else None,
             "codes_bytes": built["codes_bytes"],
@@ -149,15 +200,31 @@ class EngineSet:
                 "codes_bytes": exact.nbytes(),
             }
 
+    def counts(self, model: ModelInfo) -> tuple[int, int]:
+        """``(images, listings with an image)``: from the engine files' header when no write
+        came since it was written, else counted by the store."""
+        fresh = self.source.counts(model)
+        if fresh is not None:
+            return fresh
+        return self.store.count(), self.store.count_listings()
+
     def reset(self) -> None:
         """Drop the exact engine (settings changed); it is rebuilt before the next scan."""
         with self._scan_lock:
             self._exact = None
             self._built = None
+            self._generation += 1
 
-    def snapshot(self) -> VectorCache:
+    def snapshot(self, attributes: bool = True) -> VectorCache:
         """Bring the live cache up to date with the store (incremental) and return the newest
         immutable snapshot of it (read it freely: later writes never change it).
+
+        The first call in a process maps the engine files when they are valid, else reads every
+        row from the store and writes the files (:class:`~.cachesource.CacheSource`).
+
+        Args:
+            attributes: also bring the listing attributes up to date (loaded on first need:
+                a search without ``where`` never reads them).
 
         Raises:
             QueryError: the catalog is empty (no model yet).
@@ -170,12 +237,21 @@ class EngineSet:
         with self._sync_lock:
             cache = self._cache
             if cache is None or cache.dim != model.dim:
-                cache = self._cache = VectorCache(model.dim)
+                if cache is not None or self._bound is not None:
+                    with self._scan_lock:  # a new cache: engines and indexes start over
+                        self._bound = None
+                        self._generation += 1
+                cache = self._cache = self.source.load(model, self._drop)
                 self._snapshot = None
+                self._attributes = False
                 self.loads += 1
-            cache.apply(self.store.changes_since(cache.seq))
-            seq, listings = self.store.listings_since(cache.listing_seq)
-            cache.update_listings(seq, listings)
+            else:
+                cache.apply(self.store.changes_since(cache.seq))
+            if attributes or self._attributes:
+                seq, listings = self.store.listings_since(cache.listing_seq)
+                cache.update_listings(seq, listings)
+                self._attributes = True
+            self.source.save_if_due(cache)
             snap = self._snapshot
             if snap is None or (snap.version, snap.listings.version) != (
                 cache.version,
@@ -184,6 +260,19 @@ class EngineSet:
                 snap = self._snapshot = cache.snapshot()
             return snap
 
+    def save_files(self) -> None:
+        """Write what the live cache applied since the engine files were last written (on
+        close: the next process maps them)."""
+        with self._sync_lock:
+            if self._cache is not None:
+                self.source.save_if_changed(self._cache)
+
+    def _drop(self, cache: VectorCache) -> None:
+        """Forget ``cache`` (its files proved corrupt): the next sync builds a new one."""
+        with self._sync_lock:
+            if self._cache is cache:
+                self._cache = None
+
     def current(self) -> VectorCache:
         """The newest published snapshot, synced first only if there is none yet (for checks
         that need the dimension, not the newest rows).
@@ -191,20 +280,85 @@ class EngineSet:
         Raises:
             QueryError: the catalog is empty.
         """
-        return self._snapshot or self.snapshot()
+        return self._snapshot or self.snapshot(attributes=False)
 
-    def _bind(self, snap: VectorCache, settings: dict[str, str]) -> None:
-        """Make the engines read ``snap`` (caller holds the scan lock)."""
-        bound = self._bound
-        if bound is None or bound.dim != snap.dim:
-            bound = self._bound = VectorCache(snap.dim)
+    def _bind(self, snap: VectorCache, settings: dict[str, str], wait: bool = False) -> None:
+        """Make the engines read ``snap`` (caller holds the scan lock).
+
+        A new exact engine over more than :data:`WARM_VALUES` values builds its codes in the
+        background (:meth:`_warm`) unless ``wait``: meanwhile the numpy engine answers,
+        exactly, from the same snapshot (a cold process answers at once)."""
+        self._bound_snap = snap
+        if self._bound is None or self._bound.dim != snap.dim:
+            self._bound, self._ann_bound = VectorCache(snap.dim), VectorCache(snap.dim)
             self._exact = None
             self._ann.clear()
-        bound.adopt(snap)
-        if self._exact is None:
-            self._exact = make_engine(
-                bound, self.engine_kind, codes=settings["codes"], rerank=int(settings["rerank"])
-            )
+            self._generation += 1
+        self._bound.adopt(snap)
+        assert self._ann_bound is not None
+        self._ann_bound.adopt(snap)
+        if self._exact is not None:
+            return
+        engine = make_engine(
+            self._bound, self.engine_kind, codes=settings["codes"], rerank=int(settings["rerank"])
+        )
+        self._code_kind = CodeKind(engine.code_kind)
+        values = snap.n_rows * snap.dim
+        if wait or engine.name == "numpy" or not WARM_VALUES <= values <= warm_limit():
+            self._exact = engine
+            return
+        warm_bound = self._bound  # the new engine keeps reading this object
+        self._bound = VectorCache(snap.dim)
+        self._bound.adopt(snap)
+        self._exact = NumpyEngine(self._bound)
+        self._warming = threading.Thread(  # started after this scan: it gets the cores first
+            target=self._warm,
+            args=(engine, warm_bound, self._generation),
+            name="lookalike-engine-warm",
+            daemon=True,
+        )
+
+    def _warm(self, engine: SearchEngine, bound: VectorCache, generation: int) -> None:
+        """Build ``engine``'s codes (or device copy) over the snapshot ``bound`` holds, then
+        make it the exact engine, unless the settings changed meanwhile."""
+        try:
+            engine.nbytes()  # brings the derived structures up to date with its cache
+        except Exception as exc:  # e.g. values past the float16 range: the next bind raises
+            log.warning("engine of %s not built in the background: %s", self.store.uri, exc)
+            with self._scan_lock:
+                if generation == self._generation:
+                    self._exact = None
+                    self._no_warm = True
+                self._warming = None
+            return
+        with self._scan_lock:
+            self._warming = None
+            if generation != self._generation or self._bound_snap is None:
+                return
+            bound.adopt(self._bound_snap)
+            self._bound = bound
+            self._exact = engine
+            self._note_built()
+
+    def start_background(self) -> None:
+        """Start the background work a build left for after the first answer: the codes of a
+        new exact engine (:meth:`_bind`) and the check of mapped vectors
+        (:class:`~.cachesource.CacheSource`)."""
+        thread = self._warming
+        if thread is not None and thread.ident is None:
+            with contextlib.suppress(RuntimeError):  # started by another thread meanwhile
+                thread.start()
+        self.source.start_background()
+
+    def await_engine(self, timeout: float | None = None) -> bool:
+        """Wait until the exact engine built in the background (if any) is in use; returns
+        False on timeout."""
+        thread = self._warming
+        if thread is not None:
+            self.start_background()
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def settings(self) -> dict[str, str]:
         """The catalog's search settings (stored values over :data:`DEFAULT_SETTINGS`)."""
@@ -223,13 +377,15 @@ class EngineSet:
         Raises:
             QueryError: the catalog is empty, unknown choice, or the ANN index is not built.
         """
-        snap = self.snapshot()
+        self.await_engine()
+        snap = self.snapshot(attributes=False)
         settings = self.settings()
         with self._scan_lock:
-            self._bind(snap, settings)
+            self._bind(snap, settings, wait=True)
             engine = self._choose(choice or settings["index"])
             self._note_built()
-            return engine
+        self.start_background()
+        return engine
 
     @property
     def exact(self) -> SearchEngine:
@@ -251,7 +407,9 @@ class EngineSet:
                 ann = AnnIndex.load(self.ann_folder, kind)
                 if ann is None:
                     return None
-                cache = self.exact.cache
+                cache = self._ann_bound
+                if cache is None:
+                    raise LookalikeError("engine used before the catalog synced it")
                 if ann.dim != cache.dim:
                     raise LookalikeError(
                         f"{self.ann_folder}/{kind}.faiss has d={ann.dim}; rebuild it"
@@ -261,11 +419,13 @@ class EngineSet:
 
     def build(self, params: AnnParams) -> AnnIndex:
         """Train and fill an ANN index over the newest snapshot, save it and use it."""
-        snap = self.snapshot()
+        self.await_engine()
+        snap = self.snapshot(attributes=False)
         settings = self.settings()
         with self._scan_lock:
-            self._bind(snap, settings)
-            cache = self.exact.cache
+            self._bind(snap, settings, wait=True)
+            cache = self._ann_bound
+            assert cache is not None
             ann = AnnIndex.build(cache, params)
             ann.save(self.ann_folder)
             self._ann[params.kind] = AnnEngine(cache, ann)
@@ -299,7 +459,7 @@ class EngineSet:
                 )
             return eng
         cache = exact.cache
-        scan_bytes = cache.n_alive * cache.dim * CodeKind(exact.code_kind).itemsize
+        scan_bytes = cache.n_alive * cache.dim * self._code_kind.itemsize  # once built
         if scan_bytes >= ANN_AUTO_BYTES:
             for kind in IndexKind.ann():
                 eng = self.ann(kind)
@@ -326,16 +486,30 @@ class EngineSet:
         """
         return self.coalescer.submit(request)
 
+    def _scan(self, engine: SearchEngine, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
+        """``engine.search`` of ``(n, d)`` queries: as one batch, or one by one when that
+        measured cheaper per query (:class:`~lookalike.engine.coalesce.BatchPolicy`)."""
+        policy = self._policies.setdefault(_policy_key(spec), BatchPolicy())
+        n = len(queries)
+        batched = n == 1 or policy.batched(n)
+        t0 = time.perf_counter()
+        if batched:
+            hits = engine.search(queries, spec)
+        else:
+            hits = [engine.search(q, spec)[0] for q in queries]
+        policy.record(batched and n > 1, n, time.perf_counter() - t0)
+        return hits
+
     def _run_batch(self, requests: list[SearchRequest]) -> list[SearchAnswer | BaseException]:
         """Serve a batch: sync once, then one engine call per group of compatible requests."""
         settings = self.settings()
-        snap = self.snapshot()
+        snap = self.snapshot(attributes=any(req.where for req in requests))
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(req.group(), []).append(i)
         out: list[SearchAnswer | BaseException] = [QueryError("not served")] * len(requests)
         with self._scan_lock:
-            self._bind(snap, settings)
+            self._bind(snap, settings, wait=self._no_warm)
             for members in groups.values():
                 first = requests[members[0]]
                 try:
@@ -344,9 +518,8 @@ class EngineSet:
                     if first.where is not None:
                         spec = _with_mask(spec, where_mask(snap, first.where))
                     queries = [requests[i].queries for i in members]
-                    hits = engine.search(
-                        np.concatenate(queries) if len(queries) > 1 else queries[0], spec
-                    )
+                    stacked = np.concatenate(queries) if len(queries) > 1 else queries[0]
+                    hits = self._scan(engine, stacked, spec)
                 except Exception as exc:
                     for i in members:
                         out[i] = exc
@@ -356,7 +529,12 @@ class EngineSet:
                     out[i] = SearchAnswer(hits[start : start + len(q)], snap)
                     start += len(q)
             self._note_built()
+        self.start_background()
         return out
+
+
+def _policy_key(spec: SearchSpec) -> tuple[Any, ...]:
+    return (spec.group_by, spec.k is None)
 
 
 def _with_mask(spec: SearchSpec, mask: np.ndarray) -> SearchSpec:

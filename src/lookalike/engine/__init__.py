@@ -4,7 +4,9 @@ The engine knows nothing of files, models or HTTP: it sees ``(n, d) float32`` ve
 listing numbers and listing attributes. Its modules:
 
 * ``protocol.py``: :class:`SearchEngine`, what every engine offers (``make_engine`` returns one);
-* ``cache.py``: :class:`VectorCache` and :class:`ListingTable`;
+* ``cache.py``: :class:`VectorCache` (with its immutable snapshots) and :class:`ListingTable`;
+* ``mapped.py``: the cache's rows in files beside the catalog, memory-mapped by a new process;
+* ``coalesce.py``: concurrent calls served by one batch call (concurrent searches);
 * ``checks.py``: validation of specs, queries and listing masks (:func:`check_spec`, ...);
 * ``ranking.py``: the search semantics (thresholds, aggregation, tie order), shared by all;
 * ``filters.py``: ``where`` expressions over listing attributes (:func:`parse_where`);

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterator, Sequence
+from typing import SupportsIndex, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +62,7 @@ class ListingTable:
 
     def __init__(self) -> None:
         self._ids: list[str] = []
-        self.number_of: dict[str, int] = {}
+        self._number_of: dict[str, int] | None = {}
         self._columns: dict[str, AttributeColumn] = {}
         self._shared: set[str] = set()  # columns a snapshot holds: copy before writing
         self.version = 0
@@ -75,6 +77,22 @@ class ListingTable:
     def ids(self) -> list[str]:
         """Listing ids by listing number (a snapshot returns a copy of its prefix)."""
         return self._ids if self._n is None else self._ids[: self._n]
+
+    @classmethod
+    def of_ids(cls, ids: list[str]) -> ListingTable:
+        """A table of listings numbered in the order of ``ids`` (no attributes yet)."""
+        table = cls()
+        table.__dict__.update(_ids=ids, _number_of=None, version=1)  # the map: on first use
+        return table
+
+    @property
+    def number_of(self) -> dict[str, int]:
+        """Listing id -> listing number (a snapshot's may hold numbers past its length: check
+        them against ``len``)."""
+        number_of = self._number_of
+        if number_of is None:
+            number_of = self._number_of = {lid: i for i, lid in enumerate(self._ids)}
+        return number_of
 
     def snapshot(self) -> ListingTable:
         """An immutable copy of the table as it is now (O(1): copy-on-write, class docstring)."""
@@ -93,12 +111,13 @@ class ListingTable:
         Raises:
             ValueError: the table is a snapshot and the listing is new to it.
         """
-        c = self.number_of.get(listing_id)
+        number_of = self.number_of
+        c = number_of.get(listing_id)
         if c is not None and c < len(self):
             return c
         self._check_unfrozen()
         c = len(self._ids)
-        self.number_of[listing_id] = c
+        number_of[listing_id] = c
         self._ids.append(listing_id)
         self.version += 1
         return c
@@ -162,6 +181,66 @@ class ListingTable:
         return mask
 
 
+class KeyColumn(Sequence[Key]):
+    """The keys of rows read back from files, decoded on access: row ``r`` is
+    ``(listing_ids[row_listing[r]], image id r)``, the image ids NUL-separated UTF-8 in
+    ``blob``. A search reads a few keys; iterating decodes them all at once.
+
+    Args:
+        listing_ids: listing ids by listing number.
+        row_listing: ``(n,) int32`` listing number of each row.
+        blob: the ``n`` image ids joined by NUL, UTF-8.
+    """
+
+    def __init__(self, listing_ids: list[str], row_listing: np.ndarray, blob: bytes) -> None:
+        self._lids = listing_ids
+        self._rows = row_listing
+        self._blob = blob
+        nul = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0)
+        self._starts = np.concatenate([[0], nul + 1]).astype(np.int64)
+        self._ends = np.concatenate([nul, [len(blob)]]).astype(np.int64)
+        if len(blob) == 0 and len(row_listing) == 0:
+            self._starts = self._ends = np.zeros(0, dtype=np.int64)
+        if len(self._starts) != len(row_listing):
+            raise ValueError(f"{len(self._starts)} image ids for {len(row_listing)} rows")
+        self._all: list[Key] | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _one(self, i: int) -> Key:
+        text = self._blob[self._starts[i] : self._ends[i]].decode("utf-8")
+        return self._lids[self._rows[i]], text
+
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> Key: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Key]: ...
+
+    def __getitem__(self, i: SupportsIndex | slice) -> Key | list[Key]:
+        if isinstance(i, slice):
+            return self.materialize()[i]
+        n = len(self._rows)
+        j = operator.index(i)
+        j = j + n if j < 0 else j
+        if not 0 <= j < n:
+            raise IndexError(f"row {i} of {n}")
+        return self._one(j)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.materialize())
+
+    def materialize(self) -> list[Key]:
+        """Every key as a list (decoded once, then kept)."""
+        if self._all is None:
+            images = self._blob.decode("utf-8").split("\x00") if len(self._rows) else []
+            lids = self._lids
+            rows = [lids[r] for r in self._rows.tolist()]
+            self._all = list(zip(rows, images, strict=True))
+        return self._all
+
+
 class VectorCache:
     """The collection's vectors in RAM, synced from a store's change sequence.
 
@@ -193,13 +272,63 @@ class VectorCache:
         self._hashes = np.zeros(0, dtype=np.int64)
         self._n = 0
         self._n_alive = 0
-        self.keys: list[Key] = []
+        self.keys: list[Key] | KeyColumn = []
         self._row_of: dict[Key, int] | None = {}
         self.version = 0  # bumped on every change, for derived caches (indexes, codes)
         self.layout = 0  # bumped when rows are renumbered (compaction)
         self.frozen = False
         self._shared_alive = False  # a snapshot holds _alive: copy before clearing a flag
         self._shared_keys = False  # a snapshot holds keys: copy before appending
+
+    @classmethod
+    def from_arrays(
+        cls,
+        vectors: np.ndarray,
+        n: int,
+        row_listing: np.ndarray,
+        alive: np.ndarray,
+        hashes: np.ndarray,
+        image_ids: bytes,
+        listing_ids: list[str],
+        seq: int,
+    ) -> VectorCache:
+        """A live cache over rows read back from files (``engine/mapped.py``).
+
+        Args:
+            vectors: ``(capacity, d) float32`` with ``capacity >= n`` (a copy-on-write memory
+                map: rows appended later go into the spare rows without touching the file).
+            n: rows held.
+            row_listing, alive, hashes: ``(n,)`` int32, bool and int64 per row (copied into
+                arrays of ``capacity``).
+            image_ids: the ``n`` image ids joined by NUL (UTF-8), decoded on access
+                (:class:`KeyColumn`); ``listing_ids``: the listing ids by listing number.
+            seq: the store sequence number the rows reflect.
+
+        The key -> row and listing id -> number maps are built on first use (a search never
+        needs them).
+
+        Raises:
+            ValueError: the image ids are not ``n``.
+        """
+        cap, dim = vectors.shape
+        cache = cls(dim)
+        cache.seq = seq
+        cache.listings = ListingTable.of_ids(listing_ids)
+        cache._vectors = vectors
+        for name, arr, dtype in (
+            ("_row_listing", row_listing, np.int32),
+            ("_alive", alive, np.bool_),
+            ("_hashes", hashes, np.int64),
+        ):
+            full = np.zeros(cap, dtype=dtype)
+            full[:n] = arr[:n]
+            setattr(cache, name, full)
+        cache._n = n
+        cache._n_alive = int(np.count_nonzero(alive[:n]))
+        cache.keys = KeyColumn(listing_ids, cache._row_listing[:n], image_ids)
+        cache._row_of = None
+        cache.version = 1
+        return cache
 
     # ------------------------------------------------------------------ snapshots
 
@@ -242,7 +371,7 @@ class VectorCache:
         row_of = self._row_of
         if row_of is None:
             live = np.flatnonzero(self.alive).tolist()
-            keys = self.keys
+            keys = self.keys if isinstance(self.keys, list) else list(self.keys)
             row_of = self._row_of = {keys[r]: r for r in live}
         return row_of
 
@@ -304,6 +433,9 @@ class VectorCache:
             raise ValueError(
                 f"store vectors have d={changes.vectors.shape[1]}, cache expects {self.dim}"
             )
+        if not (changes.upserted or changes.deleted):
+            self.seq = max(self.seq, changes.seq)
+            return
         row_of = self.row_of
         dead = [row_of.pop(key) for key in changes.deleted if key in row_of]
         dead += [row_of[key] for key in changes.upserted if key in row_of]
@@ -340,7 +472,7 @@ class VectorCache:
         row_of = self.row_of
         for i, key in enumerate(keys):
             row_of[key] = start + i
-        if self._shared_keys:
+        if self._shared_keys or not isinstance(self.keys, list):
             self.keys = [*self.keys, *keys]
             self._shared_keys = False
         else:

@@ -125,3 +125,39 @@ class Coalescer(Generic[Req, Res]):
                     nxt.event.set()
                 else:
                     self._busy = False
+
+
+class BatchPolicy:
+    """Whether a batch scan of several queries costs less per query than scanning them one by
+    one, measured as searches are served (an exponential moving average of seconds per query
+    of each way, weight :attr:`alpha`).
+
+    A batch shares one pass over the codes, but a query whose answer needs the exactness
+    proof's widening step is scanned again on its own (``refine.py``): on data where most
+    queries widen (crowded scores) a batch costs more than single scans. Batches are tried
+    first; once both ways are measured the cheaper one is used, and the other is tried again
+    every :attr:`explore` decisions so that a change (data, load) is seen.
+    """
+
+    def __init__(self, alpha: float = 0.3, explore: int = 16) -> None:
+        self.alpha = alpha
+        self.explore = explore
+        self.per_query: dict[bool, float] = {}  # batched? -> seconds per query
+        self._decisions = 0
+
+    def batched(self, n: int) -> bool:
+        """Whether to scan ``n`` queries (``n > 1``) as one batch."""
+        self._decisions += 1
+        batch, single = self.per_query.get(True), self.per_query.get(False)
+        if batch is None or single is None:
+            return True
+        best = batch <= single
+        return not best if self._decisions % self.explore == 0 else best
+
+    def record(self, batched: bool, n: int, seconds: float) -> None:
+        """Record that ``n`` queries took ``seconds`` (one batch, or one by one)."""
+        if n < 1:
+            return
+        value = seconds / n
+        old = self.per_query.get(batched)
+        self.per_query[batched] = value if old is None else old + self.alpha * (value - old)

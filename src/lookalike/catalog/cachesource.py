@@ -1,0 +1,186 @@
+"""Where a process's live vector cache comes from: the engine files beside the catalog, checked
+against the store, or the store itself (then the files are written for the next process).
+
+:class:`CacheSource` is used by :class:`~lookalike.catalog.engines.EngineSet` under its sync
+lock. The engine files (:mod:`lookalike.engine.mapped`) are never trusted blindly: after the
+header's digests and counts, the store's changes since the files' sequence number are applied,
+the live count is compared with the store's, :data:`CHECKED_ROWS` rows are compared bit for bit
+with the store, and every vector is checked against its chunk digest in a background thread
+(on a mismatch the files and the cache are dropped and the next search reads the store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine import VectorCache
+from ..engine.mapped import EngineFiles
+from ..store import Store
+from ..types import ModelInfo
+
+log = logging.getLogger(__name__)
+
+#: Set to ``0`` to neither map nor write the engine files (``<catalog>/engine``).
+FILES_ENV = "LOOKALIKE_ENGINE_FILES"
+#: Rows compared bit for bit with the store before mapped files are used.
+CHECKED_ROWS = 16
+#: A long-running process rewrites the engine files once this many rows (or a tenth of the
+#: collection) were added since they were last written.
+SAVE_EVERY_ROWS = 100_000
+
+
+def model_dict(model: ModelInfo) -> dict[str, Any]:
+    """``{"name", "version", "dim"}`` of a model (the engine files' model field)."""
+    return {"name": model.name, "version": model.version, "dim": model.dim}
+
+
+class CacheSource:
+    """Builds and saves the live vector cache of one catalog (module docstring).
+
+    Args:
+        store: the system of record.
+        folder: where the engine files are kept (``<catalog>/engine``); None: not kept.
+
+    Attributes:
+        from_files: whether the last :meth:`load` mapped the engine files.
+        verified: whether every mapped vector matched its digest (set by the background
+            check after a load from files).
+    """
+
+    def __init__(self, store: Store, folder: Path | None) -> None:
+        self.store = store
+        self.folder = folder
+        self.files: EngineFiles | None = None
+        self.from_files = False
+        self.verified = False
+        self._saved_rows = 0
+        self._saved_version = -1
+        self._verifying: threading.Thread | None = None
+
+    def load(self, model: ModelInfo, drop: Callable[[VectorCache], None]) -> VectorCache:
+        """A new live cache, synced with the store: from the engine files when they hold the
+        store's rows, else from the store (and the files are written).
+
+        Args:
+            drop: called with the cache if the background check finds a corrupt vector.
+        """
+        self.files = None
+        self.from_files = self.verified = False
+        if self.folder is not None and os.environ.get(FILES_ENV, "1") != "0":
+            self.files = EngineFiles(self.folder, model_dict(model))
+            cache = self.files.load()
+            if cache is not None:
+                self._saved_version = cache.version
+                cache.apply(self.store.changes_since(cache.seq))
+                problem = self._mismatch(cache)
+                if problem is None:
+                    self._saved_rows = self.files.state.n_rows if self.files.state else 0
+                    self.from_files = True
+                    self._verify_in_background(self.files, cache, drop)
+                    return cache
+                log.warning("engine files of %s not used: %s", self.store.uri, problem)
+        cache = VectorCache(model.dim)
+        cache.apply(self.store.changes_since(cache.seq))
+        self.save(cache)
+        return cache
+
+    def _mismatch(self, cache: VectorCache) -> str | None:
+        """Why a cache read from files does not hold the store's rows, or None: the live count,
+        and :data:`CHECKED_ROWS` rows (first, last, evenly spaced) compared bit for bit."""
+        count = self.store.count()
+        if count != cache.n_alive:
+            return f"the files hold {cache.n_alive} live rows, the store {count}"
+        live = np.flatnonzero(cache.alive)
+        if not len(live):
+            return None
+        picks = np.unique(live[np.linspace(0, len(live) - 1, CHECKED_ROWS).astype(np.int64)])
+        for row in picks.tolist():
+            rec = self.store.get(cache.keys[row])
+            if rec is None or not np.array_equal(rec.vector, cache.vectors[row]):
+                return f"row {row} {cache.keys[row]} differs from the store"
+        return None
+
+    def _verify_in_background(
+        self, files: EngineFiles, cache: VectorCache, drop: Callable[[VectorCache], None]
+    ) -> None:
+        vectors = cache.vectors  # rows read from the files: never written in place
+
+        def run() -> None:
+            if files.verify_vectors(vectors):
+                self.verified = True
+                return
+            log.error("engine files of %s are corrupt: rebuilding from the store", self.store.uri)
+            files.discard()
+            drop(cache)
+
+        self._verifying = threading.Thread(target=run, name="lookalike-engine-verify", daemon=True)
+
+    def start_background(self) -> None:
+        """Start the check of the mapped vectors, if a load left one (after the first answer,
+        so that it does not compete with it)."""
+        thread = self._verifying
+        if thread is not None and thread.ident is None:
+            with contextlib.suppress(RuntimeError):  # started by another thread meanwhile
+                thread.start()
+
+    def await_verified(self, timeout: float | None = None) -> bool:
+        """Wait for the background check of the mapped vectors (if any); returns
+        :attr:`verified` (False also on timeout)."""
+        if self._verifying is not None:
+            self.start_background()
+            self._verifying.join(timeout)
+        return self.verified
+
+    def counts(self, model: ModelInfo) -> tuple[int, int] | None:
+        """``(images, listings with an image)`` from the engine files' header when it reflects
+        the store's newest change (no write since), else None: ``stats`` then needs no scan
+        of the store's keys."""
+        if self.folder is None or os.environ.get(FILES_ENV, "1") == "0":
+            return None
+        head = EngineFiles(self.folder, model_dict(model)).header()
+        if head is None or head.get("model") != model_dict(model):
+            return None
+        try:
+            seq, listings = int(head["seq"]), int(head["listings_with_rows"])
+            images = int(head["n_alive"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        high, changed = self.store.listings_since(seq)
+        return (images, listings) if high == seq and not changed else None
+
+    def kind(self) -> str:
+        """``files`` when the last load mapped the engine files, else ``store``."""
+        return "files" if self.from_files else "store"
+
+    def save(self, cache: VectorCache) -> None:
+        """Write ``cache`` to the engine files (an error is logged: searches go on without
+        them)."""
+        if self.files is None:
+            return
+        try:
+            if self.files.save(cache):
+                self._saved_rows = cache.n_rows
+                self._saved_version = cache.version
+        except OSError as exc:  # a read-only folder, a full disk
+            log.warning("engine files of %s not written: %s", self.store.uri, exc)
+            self.files = None
+
+    def save_if_due(self, cache: VectorCache) -> None:
+        """:meth:`save` once :data:`SAVE_EVERY_ROWS` rows (or a tenth) were added since."""
+        if self.files is not None and cache.n_rows - self._saved_rows >= max(
+            SAVE_EVERY_ROWS, cache.n_rows // 10
+        ):
+            self.save(cache)
+
+    def save_if_changed(self, cache: VectorCache) -> None:
+        """:meth:`save` if rows changed since the files were written."""
+        if self.files is not None and cache.version != self._saved_version:
+            self.save(cache)

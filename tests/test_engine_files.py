@@ -1,0 +1,255 @@
+"""Memory-mapped cold start (issue 18 item 1): the vector cache is kept in files beside the
+catalog, a new process maps them instead of reading the store, and they are never trusted
+blindly: stale, corrupt or foreign files are rebuilt from the store, and every answer stays
+the store's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import lookalike
+import oracle
+from lookalike.catalog import engines as engines_mod
+from lookalike.catalog.cachesource import CHECKED_ROWS
+from lookalike.types import ModelInfo
+
+MODEL = ModelInfo("external", "1", 16)
+OPTIONS = [
+    dict(k=5),
+    dict(k=4, group_by="listing", agg="mean"),
+    dict(k=3, where="stock_level > 0"),
+    dict(k=None, threshold=0.2),
+]
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """300 quantized vectors (d=16) in 60 listings, stock 0/1/2; its engine files written."""
+    rng = np.random.default_rng(5)
+    keys = [(f"L{i:02d}", f"L{i:02d}/{j}.jpg") for i in range(60) for j in range(5)]
+    vectors = oracle.quantized(rng, len(keys), 16)
+    path = tmp_path / "cat"
+    with lookalike.open_catalog(path) as cat:
+        cat.add_vectors(
+            [k[0] for k in keys], [k[1] for k in keys], vectors, model=MODEL, normalize=False
+        )
+        for i in range(60):
+            cat.update_listing(f"L{i:02d}", stock_level=i % 3)
+        cat.search(vector=vectors[0], k=1)  # loads from the store and writes the files
+        assert cat.stats()["cache_source"] == "store"
+    assert (path / "engine" / "header.json").exists()
+    return path, rng
+
+
+def answers(cat, queries):
+    """Hits of every query with every option set; quantized vectors, not normalized, so every
+    score is exact and every engine must agree bit for bit."""
+    return [
+        [
+            (h.listing_id, h.image_id, h.score)
+            for h in cat.search(vector=q, normalize=False, **o).hits
+        ]
+        for q in queries
+        for o in OPTIONS
+    ]
+
+
+def store_answers(path, queries, monkeypatch):
+    """The same searches on a cache read from the store (files off)."""
+    monkeypatch.setenv("LOOKALIKE_ENGINE_FILES", "0")
+    with lookalike.open_catalog(path) as cat:
+        out = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "store"
+    monkeypatch.delenv("LOOKALIKE_ENGINE_FILES")
+    return out
+
+
+def header(path):
+    return json.loads((path / "engine" / "header.json").read_text())
+
+
+def test_a_new_process_maps_the_files_and_answers_as_the_store(catalog, monkeypatch):
+    path, rng = catalog
+    queries = oracle.quantized(rng, 3, 16)
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        facts = cat.stats()
+        assert facts["cache_source"] == "files" and facts["cache_rows"] == 300
+        assert cat._engines.source.await_verified(30)  # every vector matched its digest
+    assert got == store_answers(path, queries, monkeypatch)
+
+
+def test_writes_since_the_files_are_applied_then_appended(catalog, monkeypatch):
+    path, rng = catalog
+    before = header(path)
+    code = textwrap.dedent(f"""
+        import numpy as np, lookalike
+        from lookalike.types import ModelInfo
+        with lookalike.open_catalog({str(path)!r}) as cat:  # another process, no search
+            cat.add_vectors(["new"], ["new/0.jpg"], np.full((1, 16), 0.25),
+                            model=ModelInfo("external", "1", 16), normalize=False)
+            cat.delete("L03/1.jpg")
+            cat.update_listing("L04", stock_level=0)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    queries = [np.full(16, 0.25, np.float32), *oracle.quantized(rng, 2, 16)]
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "files"
+        assert "new/0.jpg" in cat.search(vector=queries[0], k=3).image_ids
+        assert "L03/1.jpg" not in cat.search(vector=queries[0], k=400).image_ids
+    after = header(path)  # on close the new row was appended to the same generation
+    assert after["generation"] == before["generation"]
+    assert after["n_rows"] == 301 and after["n_alive"] == 300 and after["seq"] > before["seq"]
+    assert got == store_answers(path, queries, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["image ids", "digest", "truncated vectors", "other model", "garbage header", "lost rows"],
+)
+def test_stale_or_corrupt_files_are_rebuilt_from_the_store(catalog, damage, monkeypatch):
+    path, rng = catalog
+    head = header(path)
+    gen = path / "engine" / head["generation"]
+    if damage == "image ids":
+        blob = bytearray((gen / "image_ids.txt").read_bytes())
+        blob[3] ^= 0x01  # another image id: the digest no longer matches
+        (gen / "image_ids.txt").write_bytes(bytes(blob))
+    elif damage == "digest":
+        head["digest"] = "0" * 32
+    elif damage == "truncated vectors":
+        with open(gen / "vectors.f32", "r+b") as fh:
+            fh.truncate(100 * 16 * 4)
+    elif damage == "other model":
+        head["model"]["version"] = "2"
+    elif damage == "garbage header":
+        (path / "engine" / "header.json").write_text("{not json")
+    else:  # the store lost rows the files still hold (another catalog.db put in place)
+        with lookalike.open_catalog(path) as cat:  # no search: the files are not touched
+            cat.delete("L00/0.jpg")
+        head = header(path)
+        head["seq"] += 1000  # and the files claim to be newer than every change
+    if damage not in ("image ids", "truncated vectors", "garbage header"):
+        (path / "engine" / "header.json").write_text(json.dumps(head))
+    queries = oracle.quantized(rng, 2, 16)
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "store"
+    assert header(path)["generation"] != head.get("generation")  # rewritten
+    assert got == store_answers(path, queries, monkeypatch)
+    with lookalike.open_catalog(path) as cat:  # and the new files are good
+        assert answers(cat, queries) == got
+        assert cat.stats()["cache_source"] == "files"
+
+
+def test_a_corrupt_vector_is_caught_in_the_background(catalog, monkeypatch):
+    path, rng = catalog
+    head = header(path)
+    picks = set(np.linspace(0, 299, CHECKED_ROWS).astype(int).tolist())  # checked at load
+    row = next(r for r in range(300) if r not in picks)
+    vectors = np.memmap(path / "engine" / head["generation"] / "vectors.f32", np.float32, "r+")
+    vectors[row * 16] += 1.0  # one value of one row the foreground check does not read
+    vectors.flush()
+    del vectors
+    with lookalike.open_catalog(path) as cat:
+        cat.search(vector=np.ones(16), k=1)
+        source = cat._engines.source
+        assert source.from_files  # the foreground checks passed
+        assert source.await_verified(30) is False  # the background one did not
+        q = oracle.quantized(rng, 1, 16)
+        got = answers(cat, q)  # the next search read the store
+        assert cat.stats()["cache_source"] == "store"
+    assert got == store_answers(path, q, monkeypatch)
+
+
+def test_the_first_searches_of_a_cold_process_do_not_wait_for_the_codes(catalog, monkeypatch):
+    path, rng = catalog
+    monkeypatch.setattr(engines_mod, "WARM_VALUES", 0)  # every engine builds in the background
+    queries = oracle.quantized(rng, 2, 16)
+    with lookalike.open_catalog(path) as cat:
+        first = answers(cat, queries)  # numpy answers while the int8 codes are encoded
+        assert cat._engines.await_engine(30)
+        cat.search(vector=queries[0], k=1)
+        assert cat.stats()["engine"] == "fast" and cat.stats()["codes_bytes"] > 0
+        assert answers(cat, queries) == first
+
+
+def test_files_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_ENGINE_FILES", "0")
+    with lookalike.open_catalog(tmp_path / "cat") as cat:
+        cat.add_vectors(["a"], ["a/1"], np.ones((1, 16)), model=MODEL)
+        cat.search(vector=np.ones(16), k=1)
+    assert not (tmp_path / "cat" / "engine").exists()
+
+
+def test_stats_reads_the_counts_from_a_fresh_header(catalog, monkeypatch):
+    from lookalike.store.sqlite import SqliteStore
+
+    path, _ = catalog
+
+    def no_scan(self):
+        raise AssertionError("the store's keys were scanned")
+
+    with lookalike.open_catalog(path) as cat:
+        with monkeypatch.context() as m:
+            m.setattr(SqliteStore, "count_listings", no_scan)
+            facts = cat.stats()  # no write since the files: their header has the counts
+        assert (facts["images"], facts["listings"]) == (300, 60)
+        assert not cat.engine_loaded
+        cat.delete("L07/0.jpg")
+        for i in range(5):
+            cat.delete(f"L08/{i}.jpg")
+        facts = cat.stats()  # the store changed: counted by the store
+        assert (facts["images"], facts["listings"]) == (294, 59)
+
+
+def test_two_writers_of_the_files_never_mix_their_rows(catalog, monkeypatch):
+    """Two catalogs on one folder (as two processes) map the files, each sees the other's
+    rows through the store, and each writes the files on close: the second finds them
+    changed under it and writes a new generation. The result maps and answers as the store."""
+    path, rng = catalog
+    a, b = lookalike.open_catalog(path), lookalike.open_catalog(path)
+    q = np.full(16, 0.25, np.float32)
+    a.search(vector=q, k=1)
+    b.search(vector=q, k=1)  # both mapped the same files
+    a.add_vectors(["xa"], ["xa/0.jpg"], q[None, :], model=MODEL, normalize=False)
+    b.add_vectors(["xb"], ["xb/0.jpg"], q[None, :] * 2, model=MODEL, normalize=False)
+    for cat in (a, b):  # each cache applies both rows, in its own order
+        assert {"xa/0.jpg", "xb/0.jpg"} <= set(cat.search(vector=q, k=5).image_ids)
+    gen = header(path)["generation"]
+    a.close()
+    assert header(path)["generation"] == gen and header(path)["n_rows"] == 302  # appended
+    b.close()
+    assert header(path)["generation"] != gen  # b's rows 300.. differ from a's: rewritten
+    queries = [q, *oracle.quantized(rng, 2, 16)]
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "files"
+        assert cat._engines.source.await_verified(30)
+    assert got == store_answers(path, queries, monkeypatch)
+
+
+def test_a_compaction_writes_a_new_generation(catalog, monkeypatch):
+    path, rng = catalog
+    gen = header(path)["generation"]
+    with lookalike.open_catalog(path) as cat:
+        cat.search(vector=np.ones(16), k=1)  # mapped
+        for i in range(20):  # a third of the rows: the cache compacts
+            for j in range(5):
+                cat.delete(f"L{i:02d}/{j}.jpg")
+        cat.search(vector=np.ones(16), k=1)
+    head = header(path)
+    assert head["generation"] != gen and head["n_rows"] == head["n_alive"] == 200
+    assert not (path / "engine" / gen).exists()  # the old generation is removed
+    queries = oracle.quantized(rng, 2, 16)
+    with lookalike.open_catalog(path) as cat:
+        got = answers(cat, queries)
+        assert cat.stats()["cache_source"] == "files"
+    assert got == store_answers(path, queries, monkeypatch)
