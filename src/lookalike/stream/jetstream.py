@@ -64,7 +64,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import LookalikeError, QueryError, StoreBusyError, StoreError, translate
+from ..errors import (
+    LookalikeError,
+    ModelVersionError,
+    QueryError,
+    StoreBusyError,
+    StoreError,
+    translate,
+)
 from .connection import (
     DEFAULT_STREAM,
     DEFAULT_URL,
@@ -418,7 +425,11 @@ class StreamIngest:
 
     def _store_unavailable(self, err: LookalikeError | None, waited: float) -> bool:
         """Whether a write that failed with ``err`` after ``waited`` seconds met an
-        unavailable store: ``busy`` after waiting for a lock, or no answer to a read."""
+        unavailable store: ``busy`` after waiting for a lock, or no answer to a read; or a
+        catalog of another version of the extractor (``lookalike reindex``): not the
+        messages' fault, so they are redelivered, not dead-lettered."""
+        if isinstance(err, ModelVersionError):
+            return True
         if not isinstance(err, StoreError):
             return False
         if isinstance(err, StoreBusyError) and waited >= LOCK_WAIT_S:
