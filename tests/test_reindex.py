@@ -5,6 +5,7 @@ second model generation in both stores, the swap and everything that follows it,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -204,6 +205,8 @@ def test_the_cli_names_the_command_and_reindex_fixes_it(tmp_path, fresh_cnn, dem
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("error: ") and f"lookalike reindex --catalog {path}" in line
     assert f"cnn@{OLD}" in line and current_cnn().tag in line
+    r = run_cli("stream", "-c", str(path), "--nats", "nats://127.0.0.1:9", check=False)
+    assert r.returncode == 1 and "lookalike reindex --catalog" in r.stderr  # before connecting
     table = run_cli("stats", "-c", str(path)).stdout
     assert f"model_current: no: re-extract with `lookalike reindex --catalog {path}`" in table
     dry = run_cli("reindex", "-c", str(path), "--dry-run").stdout
@@ -526,3 +529,57 @@ def test_a_search_in_another_process_answers_from_one_model_at_a_time(big_copy, 
     assert "old" in seen and "new" in seen
     assert seen == sorted(seen, key=lambda s: s == "new"), "went back to the old vectors"
     assert n_during > 4 and seen.count("old") > 2, "no search ran during the reindex"
+
+
+@no_orphans
+@pytest.mark.skipif(not shutil.which("nats-server"), reason="no nats-server")
+def test_a_stream_consumer_holds_its_messages_until_the_reindex(fresh_cnn, demo_dir, tmp_path):
+    """A consumer of a catalog of another version cannot embed: its messages are redelivered
+    (not dead-lettered, though ``max_deliver`` is 1) until a reindex switches the catalog,
+    then written with the installed model by the same consumer."""
+    from lookalike.stream.jetstream import StreamIngest, publish
+    from lookalike.stream.localserver import LocalNatsServer
+    from lookalike.stream.messages import make_headers
+
+    path = tmp_path / "old"
+    make_old_cnn_catalog(str(path), fresh_cnn)
+    photos = [demo_dir / "queries" / name / "q-02.jpg" for name in ("coins", "moon", "rocket")]
+    messages = [
+        (p.read_bytes(), make_headers("image", "new", f"{p.parent.name}.jpg")) for p in photos
+    ]
+    server = LocalNatsServer(tmp_path / "nats").start()
+    outcome: dict[str, int] = {}
+    try:
+        asyncio.run(publish(server.url, "images.in", messages))
+
+        async def scenario() -> StreamIngest:
+            with lookalike.open_catalog(path) as cat:
+                ingest = StreamIngest(cat, url=server.url, retry_delay=0.3, max_deliver=1)
+
+                async def reindex_later() -> None:
+                    await asyncio.sleep(3)  # the messages are refused meanwhile
+                    proc = await asyncio.create_subprocess_exec(
+                        *CLI, "reindex", "-c", str(path), "--no-progress"
+                    )
+                    outcome["reindex"] = await proc.wait()
+
+                task = asyncio.create_task(reindex_later())
+                stop = asyncio.Event()
+                asyncio.get_running_loop().call_later(240, stop.set)
+                await ingest.run(stop, idle_exit=5)
+                await task
+                return ingest
+
+        ingest = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert outcome["reindex"] == 0
+    assert ingest.counts.added == 3 and ingest.counts.dead == 0
+    with lookalike.open_catalog(path) as cat:
+        assert cat.model == current_cnn() and cat.count() == 87
+        for p in photos:
+            np.testing.assert_allclose(
+                cat.get_image_vector(f"{p.parent.name}.jpg", "new"),
+                cat.embed([p])[0],
+                atol=1e-5,
+            )

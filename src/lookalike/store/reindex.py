@@ -1,28 +1,33 @@
 """A second model generation beside the live one: what ``lookalike reindex`` writes while the
-catalog keeps answering from its current vectors, and the one transaction that switches.
+catalog keeps answering from its current rows, and the one transaction that switches.
 
-Tables (SQLite: created with the schema; PostgreSQL: migration ``0004_reindex.sql``):
+Tables (created when a reindex begins: ``features_next``; with the schema: the others;
+PostgreSQL: migration ``0004_reindex.sql``):
 
-* ``features_next``: one row per ``(listing_id, image_id)`` re-extracted with the target
-  model: the new ``vector`` (NULL when the image could not be re-extracted, ``reason`` says
-  why) and ``src_seq``, the ``features.seq`` of the row it was made from. A row is **done**
-  when ``src_seq`` equals the live row's ``seq``; a live row written again since (new bytes,
-  a replay) has a newer ``seq`` and is due again, so writes that arrive during a reindex are
-  caught up by asking for the rows that are not done (``seq > s`` for the newest ones).
+* ``features_next``: a table like ``features`` (the same columns, made from its definition)
+  holding the rows of the target model: each live row re-extracted, its other columns copied
+  from the live row *as it was when its vector was made*, ``seq`` included. A row is **done**
+  when its ``seq`` equals the live row's; a live row written again since (new bytes, a replay)
+  has a newer ``seq`` and is due again, so writes that arrive during a reindex are caught up by
+  asking for the rows that are not done (``seq > s`` for the newest ones).
+* ``reindex_failed``: live rows that could not be re-extracted from their write ``src_seq``,
+  with the reason.
 * ``reindex_bytes``: the encoded bytes of images written from bytes (HTTP uploads, the stream)
   *while a reindex runs* (``FeatureBatch.blobs``, kept by ``upsert`` in the write's own
   transaction), so that they can be re-extracted although no file holds them.
 * ``meta`` key ``reindex``: the target model, the model it replaces and when it started.
 
 **The swap** (:meth:`SqliteReindex.reindex_swap`) runs under the store's write lock (SQLite
-``BEGIN IMMEDIATE``; PostgreSQL: the ``seq`` counter row every writer takes first): when every
-live row is done it gives every row its new vector, the new model tag and one new ``seq``,
-records the new model, re-points watchlist entries taken from stored images, drops settings
-that belong to the old vectors, clears the per-image analysis and empties the tables above, in
-one transaction. Readers see the old model or the new one, never a mix: a reader's next
-:meth:`changes_since` carries the new model and every row (:attr:`Changes.model`), and a
-cache of another model starts over. When rows are not done (a write slipped in), nothing
-changes and the caller catches up and tries again.
+``BEGIN IMMEDIATE``; PostgreSQL: the ``seq`` counter row every writer takes first). When every
+live row is done (or failed, and ``drop_missing``), it renames ``features_next`` to ``features``
+(the old table is dropped), records the new model, re-points watchlist entries taken from
+stored images, drops settings that belong to the old vectors and clears the per-image analysis,
+in one transaction: no vector is copied, so the swap costs a check of the rows and two index
+builds, not a rewrite of the collection (PostgreSQL copies the vectors in one ``UPDATE``
+instead, :mod:`lookalike.store.reindex_pg` says why). When a write slipped in, nothing
+changes and the caller catches up and tries again. Readers see the old model or the new one,
+never a mix: a reader's next :meth:`changes_since` carries the new model
+(:attr:`Changes.model`), and a cache of another model starts over.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -42,15 +48,14 @@ import numpy as np
 from ..errors import LookalikeError, ModelMismatchError
 from ..types import FeatureBatch, Key, ModelInfo
 
-#: The SQLite tables (created with the rest of the schema; ``IF NOT EXISTS`` adds them to a
-#: catalog made before they existed).
+#: The SQLite tables of a reindex besides ``features_next`` (created with the rest of the
+#: schema; ``IF NOT EXISTS`` adds them to a catalog made before they existed).
 SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS features_next (
+CREATE TABLE IF NOT EXISTS reindex_failed (
     listing_id TEXT NOT NULL,
     image_id   TEXT NOT NULL,
     src_seq    INTEGER NOT NULL,
-    vector     BLOB,
-    reason     TEXT,
+    reason     TEXT NOT NULL,
     PRIMARY KEY (listing_id, image_id)
 );
 CREATE TABLE IF NOT EXISTS reindex_bytes (
@@ -62,24 +67,42 @@ CREATE TABLE IF NOT EXISTS reindex_bytes (
 );
 """
 
-#: Rows of features that are not done (no re-extracted row, or one made from an older write).
-NOT_DONE = "(n.src_seq IS NULL OR n.src_seq <> f.seq)"
+#: Live rows joined with their new row (``n``) and their failure (``x``), if any.
 JOIN_NEXT = (
     "FROM features f LEFT JOIN features_next n "
-    "ON n.listing_id = f.listing_id AND n.image_id = f.image_id"
+    "ON n.listing_id = f.listing_id AND n.image_id = f.image_id AND n.seq = f.seq "
+    "LEFT JOIN reindex_failed x "
+    "ON x.listing_id = f.listing_id AND x.image_id = f.image_id AND x.src_seq = f.seq"
 )
+#: Live rows with neither a new row nor a failure of their current write.
+NOT_DONE = "n.seq IS NULL AND x.src_seq IS NULL"
 TODO_SELECT = (
     "SELECT f.listing_id, f.image_id, f.seq, f.source, f.sha256, b.data "
     f"{JOIN_NEXT} LEFT JOIN reindex_bytes b ON b.listing_id = f.listing_id "
     "AND b.image_id = f.image_id AND b.sha256 = f.sha256"
 )
+#: New rows copied from a live row: the vector and model are new, the rest is the live row's.
+COPY_COLUMNS = "source, sha256, width, height, ingested_at, labels, seq"
+#: New rows of keys that are no longer live (deleted meanwhile): left out of the swap.
+NEXT_GONE = (
+    "DELETE FROM features_next WHERE (listing_id, image_id) IN (SELECT n.listing_id, "
+    "n.image_id FROM features_next n WHERE NOT EXISTS (SELECT 1 FROM features f "
+    "WHERE f.listing_id = n.listing_id AND f.image_id = n.image_id))"
+)  # keys only: both primary keys cover it, no row (vector) is read
+#: Live rows that failed, with the reason (after :data:`NEXT_GONE`, when nothing is pending).
+FAILED_SELECT = (
+    "SELECT x.listing_id, x.image_id, x.reason FROM reindex_failed x JOIN features f "
+    "ON f.listing_id = x.listing_id AND f.image_id = x.image_id AND f.seq = x.src_seq "
+    "ORDER BY x.listing_id, x.image_id"
+)
 #: Watchlist entries that get no new vector: not taken from a stored image that has one.
 WATCH_STALE = (
     "SELECT w.name, w.entry_id FROM watchlists w WHERE NOT EXISTS (SELECT 1 FROM "
-    "features_next n JOIN features f ON f.listing_id = n.listing_id AND f.image_id = n.image_id "
-    "WHERE n.listing_id = w.ref_listing_id AND n.image_id = w.ref_image_id "
-    "AND n.vector IS NOT NULL) ORDER BY w.name, w.entry_id"
+    "features_next n WHERE n.listing_id = w.ref_listing_id AND n.image_id = w.ref_image_id) "
+    "ORDER BY w.name, w.entry_id"
 )
+#: The counts of :meth:`SqliteReindex.reindex_progress`: live rows, done, failed.
+PROGRESS_SELECT = f"SELECT COUNT(*), COUNT(n.seq), COUNT(x.src_seq) {JOIN_NEXT}"
 
 
 #: The error of a second reindex of one catalog.
@@ -294,13 +317,21 @@ class SqliteReindex:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def reindex_begin(self, target: ModelInfo) -> ReindexProgress:
-        """Start a reindex to ``target``, or continue the one in progress when it has the same
-        target (one started for another target is discarded)."""
+        """Start a reindex to ``target`` (an empty ``features_next`` made from the definition
+        of ``features``), or continue the one in progress when it has the same target (one
+        started for another target is discarded)."""
         with self._write() as cur:
             row = cur.execute("SELECT value FROM meta WHERE key = 'reindex'").fetchone()
             state = reindex_state(row[0] if row else None)
             if state is None or state[0] != target:
-                cur.execute("DELETE FROM features_next")
+                ddl = cur.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'features'"
+                ).fetchone()[0]
+                cur.execute("DROP TABLE IF EXISTS features_next")
+                cur.execute(
+                    re.sub(r'^CREATE TABLE "?features"?', "CREATE TABLE features_next", ddl)
+                )
+                cur.execute("DELETE FROM reindex_failed")
                 cur.execute("DELETE FROM reindex_bytes")
                 model = cur.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
                 replaces = parse_model(model[0] if model else None)
@@ -319,10 +350,7 @@ class SqliteReindex:
             state = reindex_state(row[0] if row else None)
             if state is None:
                 return None
-            total, done, failed = cur.execute(
-                "SELECT COUNT(*), COUNT(n.vector), COUNT(n.src_seq) - COUNT(n.vector) "
-                f"{JOIN_NEXT} AND n.src_seq = f.seq"
-            ).fetchone()
+            total, done, failed = cur.execute(PROGRESS_SELECT).fetchone()
             seq = int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
         return ReindexProgress(*state, total=total, done=done, failed=failed, seq=seq)
 
@@ -336,7 +364,7 @@ class SqliteReindex:
     ) -> list[ReindexItem]:
         """Live rows still to re-extract, by key after ``after``, written after ``since_seq``;
         with ``retry_failed`` also those whose re-extraction failed; at most ``limit``."""
-        where = [NOT_DONE + (" OR n.vector IS NULL" if retry_failed else "")]
+        where = ["n.seq IS NULL" if retry_failed else NOT_DONE]
         params: list[Any] = []
         if after is not None:
             where.append("(f.listing_id, f.image_id) > (?, ?)")
@@ -344,31 +372,44 @@ class SqliteReindex:
         if since_seq:
             where.append("f.seq > ?")
             params.append(since_seq)
-        sql = (
-            f"{TODO_SELECT} WHERE ({where[0]}) {''.join(' AND ' + w for w in where[1:])} "
-            "ORDER BY f.listing_id, f.image_id LIMIT ?"
-        )
+        sql = f"{TODO_SELECT} WHERE {' AND '.join(where)} ORDER BY f.listing_id, f.image_id LIMIT ?"
         with self._lock:
             rows = self._conn.execute(sql, (*params, limit)).fetchall()
         return [ReindexItem(*r) for r in rows]
 
     def reindex_write(self, rows: Sequence[ReindexRow]) -> int:
-        """Write re-extracted rows into ``features_next`` (one transaction)."""
+        """Write re-extracted rows (one transaction): a vector becomes a new row with the live
+        row's other columns, if the live row is still the write it was made from; a failure is
+        recorded. Returns the rows given."""
         if not rows:
             return 0
         with self._write() as cur:
+            state = cur.execute("SELECT value FROM meta WHERE key = 'reindex'").fetchone()
+            target = reindex_state(state[0] if state else None)
+            if target is None:
+                raise LookalikeError("no reindex is in progress in this catalog")
+            ok = [r for r in rows if r.vector is not None]
+            bad = [r for r in rows if r.vector is None]
             cur.executemany(
-                "INSERT OR REPLACE INTO features_next VALUES (?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO features_next (listing_id, image_id, vector, model, "
+                f"{COPY_COLUMNS}) SELECT listing_id, image_id, ?, ?, {COPY_COLUMNS} FROM features "
+                "WHERE listing_id = ? AND image_id = ? AND seq = ?",
                 [
-                    (
-                        r.listing_id,
-                        r.image_id,
-                        r.seq,
-                        None if r.vector is None else np.asarray(r.vector, "<f4").tobytes(),
-                        r.reason or None,
-                    )
-                    for r in rows
+                    (vector_blob(r.vector), target[0].tag, r.listing_id, r.image_id, r.seq)
+                    for r in ok
                 ],
+            )
+            cur.executemany(
+                "DELETE FROM reindex_failed WHERE listing_id = ? AND image_id = ?",
+                [(r.listing_id, r.image_id) for r in ok],
+            )
+            cur.executemany(
+                "INSERT OR REPLACE INTO reindex_failed VALUES (?, ?, ?, ?)",
+                [(r.listing_id, r.image_id, r.seq, r.reason or "failed") for r in bad],
+            )
+            cur.executemany(
+                "DELETE FROM features_next WHERE listing_id = ? AND image_id = ?",
+                [(r.listing_id, r.image_id) for r in bad],
             )
         return len(rows)
 
@@ -376,7 +417,8 @@ class SqliteReindex:
         """Discard the reindex in progress (its rows and kept bytes); False when none."""
         with self._write() as cur:
             gone = cur.execute("DELETE FROM meta WHERE key = 'reindex'").rowcount
-            cur.execute("DELETE FROM features_next")
+            cur.execute("DROP TABLE IF EXISTS features_next")
+            cur.execute("DELETE FROM reindex_failed")
             cur.execute("DELETE FROM reindex_bytes")
         return bool(gone)
 
@@ -389,6 +431,19 @@ class SqliteReindex:
         Raises:
             LookalikeError: no reindex to ``target`` is in progress.
         """
+        with self._lock:
+            # Debian's SQLite zeroes every freed page (SECURE_DELETE): dropping the old table
+            # would write it all once more. FAST zeroes only what costs no extra I/O.
+            secure = self._conn.execute("PRAGMA secure_delete").fetchone()[0]
+            self._conn.execute("PRAGMA secure_delete = FAST")
+            try:
+                return self._swap(target, drop_missing, drop_settings)
+            finally:
+                self._conn.execute(f"PRAGMA secure_delete = {int(secure)}")
+
+    def _swap(
+        self, target: ModelInfo, drop_missing: bool, drop_settings: Sequence[str]
+    ) -> SwapOutcome:
         with self._write() as cur:
             row = cur.execute("SELECT value FROM meta WHERE key = 'reindex'").fetchone()
             state = reindex_state(row[0] if row else None)
@@ -397,34 +452,27 @@ class SqliteReindex:
             pending = cur.execute(f"SELECT COUNT(*) {JOIN_NEXT} WHERE {NOT_DONE}").fetchone()[0]
             if pending:
                 return SwapOutcome(False, pending=pending)
-            missing = [
-                ((r[0], r[1]), r[2] or "")
-                for r in cur.execute(
-                    f"SELECT f.listing_id, f.image_id, n.reason {JOIN_NEXT} "
-                    "WHERE n.vector IS NULL ORDER BY f.listing_id, f.image_id"
-                )
-            ]
+            cur.execute(NEXT_GONE)
+            missing = [((r[0], r[1]), r[2]) for r in cur.execute(FAILED_SELECT)]
             stale = [(r[0], r[1]) for r in cur.execute(WATCH_STALE)]
             if (missing or stale) and not drop_missing:
                 return SwapOutcome(False, missing=missing, watch_missing=stale)
-            seq = self._next_seq(cur)
-            gone = cur.execute(
-                "DELETE FROM features WHERE (listing_id, image_id) IN (SELECT listing_id, "
-                "image_id FROM features_next WHERE vector IS NULL) RETURNING listing_id, image_id"
-            ).fetchall()
-            cur.executemany("INSERT INTO deletions VALUES (?, ?, ?)", [(seq, *k) for k in gone])
-            cur.execute(
-                "UPDATE features SET vector = n.vector, model = ?, seq = ? FROM features_next n "
-                "WHERE n.listing_id = features.listing_id AND n.image_id = features.image_id",
-                (target.tag, seq),
+            seq = self._next_seq(cur)  # the failed rows are not in the new table: tombstones
+            cur.executemany(
+                "INSERT INTO deletions VALUES (?, ?, ?)", [(seq, *k) for k, _ in missing]
             )
             cur.executemany("DELETE FROM watchlists WHERE name = ? AND entry_id = ?", stale)
             updated = cur.execute(
                 "UPDATE watchlists SET vector = n.vector FROM features_next n "
                 "WHERE n.listing_id = watchlists.ref_listing_id "
-                "AND n.image_id = watchlists.ref_image_id AND n.vector IS NOT NULL"
+                "AND n.image_id = watchlists.ref_image_id"
             ).rowcount
             self._bump_watch_seq(cur)
+            cur.execute("ALTER TABLE features RENAME TO features_old")
+            cur.execute("ALTER TABLE features_next RENAME TO features")
+            cur.execute("DROP TABLE features_old")  # and its indexes: made again below
+            cur.execute("CREATE INDEX features_seq ON features (seq)")
+            cur.execute("CREATE INDEX features_image_id ON features (image_id)")
             cur.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?)", (model_json(target),))
             dropped = [
                 name
@@ -432,7 +480,12 @@ class SqliteReindex:
                 if cur.execute("DELETE FROM meta WHERE key = ?", (f"setting:{name}",)).rowcount
             ]
             cleared = cur.execute("DELETE FROM image_analysis").rowcount
-            cur.execute("DELETE FROM features_next")
+            cur.execute("DELETE FROM reindex_failed")
             cur.execute("DELETE FROM reindex_bytes")
             cur.execute("DELETE FROM meta WHERE key = 'reindex'")
         return SwapOutcome(True, 0, missing, stale, seq, updated, dropped, cleared)
+
+
+def vector_blob(vector: np.ndarray | None) -> bytes | None:
+    """A vector as the stores keep it: float32 little-endian bytes."""
+    return None if vector is None else np.asarray(vector, "<f4").tobytes()

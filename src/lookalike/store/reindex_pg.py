@@ -1,6 +1,15 @@
 """The reindex generation on PostgreSQL (:class:`PostgresReindex`, mixed into
 :class:`~lookalike.store.postgres.PostgresStore`): the same tables and steps as the SQLite one
-(:mod:`lookalike.store.reindex`, which explains them), from migration ``0004_reindex.sql``."""
+(:mod:`lookalike.store.reindex`, which explains them; ``reindex_failed`` and ``reindex_bytes``
+from migration ``0004_reindex.sql``), except the swap itself.
+
+**The swap** copies each new row's vector and model into the live row (one ``UPDATE ...
+FROM``), giving every row the swap's ``seq``, instead of renaming the tables: PostgreSQL
+resolves a table's name from the newest catalog even in an older snapshot, so a reader whose
+snapshot predates a rename could read part of the new table; an ``UPDATE`` is seen by each
+snapshot wholly or not at all. Writers wait for it (it holds the ``seq`` counter row);
+readers never do.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +18,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..errors import LookalikeError
 from ..types import FeatureBatch, Key, ModelInfo
 from .reindex import (
     BUSY,
+    COPY_COLUMNS,
+    FAILED_SELECT,
     JOIN_NEXT,
+    NEXT_GONE,
     NOT_DONE,
+    PROGRESS_SELECT,
     TODO_SELECT,
     WATCH_STALE,
     ReindexItem,
@@ -30,6 +41,7 @@ from .reindex import (
     parse_model,
     reindex_state,
     state_json,
+    vector_blob,
 )
 
 _LOCK_ID = 0x6C6F6F6C  # the advisory lock of a running reindex ("lool")
@@ -83,13 +95,18 @@ class PostgresReindex:
                 conn.commit()
 
     def reindex_begin(self, target: ModelInfo) -> ReindexProgress:
-        """As :meth:`SqliteReindex.reindex_begin`."""
+        """As :meth:`SqliteReindex.reindex_begin` (``features_next`` made ``LIKE features``)."""
         with self._tx() as cur:
             cur.execute("SELECT value FROM meta WHERE key = 'reindex' FOR UPDATE")
             row = cur.fetchone()
             state = reindex_state(row[0] if row else None)
             if state is None or state[0] != target:
-                cur.execute("DELETE FROM features_next")
+                cur.execute("DROP TABLE IF EXISTS features_next")
+                cur.execute(
+                    "CREATE TABLE features_next (LIKE features INCLUDING DEFAULTS, "
+                    "PRIMARY KEY (listing_id, image_id))"
+                )
+                cur.execute("DELETE FROM reindex_failed")
                 cur.execute("DELETE FROM reindex_bytes")
                 cur.execute("SELECT value FROM meta WHERE key = 'model'")
                 model = cur.fetchone()
@@ -110,10 +127,7 @@ class PostgresReindex:
             state = reindex_state(row[0] if row else None)
             if state is None:
                 return None
-            cur.execute(
-                "SELECT COUNT(*), COUNT(n.vector), COUNT(n.src_seq) - COUNT(n.vector) "
-                f"{JOIN_NEXT} AND n.src_seq = f.seq"
-            )
+            cur.execute(PROGRESS_SELECT)
             total, done, failed = cur.fetchone()
             cur.execute("SELECT value FROM counters WHERE name = 'seq'")
             seq = int(cur.fetchone()[0])
@@ -128,7 +142,7 @@ class PostgresReindex:
         limit: int = 256,
     ) -> list[ReindexItem]:
         """As :meth:`SqliteReindex.reindex_todo`."""
-        where = [NOT_DONE + (" OR n.vector IS NULL" if retry_failed else "")]
+        where = ["n.seq IS NULL" if retry_failed else NOT_DONE]
         params: list[Any] = []
         if after is not None:
             where.append("(f.listing_id, f.image_id) > (%s, %s)")
@@ -137,8 +151,7 @@ class PostgresReindex:
             where.append("f.seq > %s")
             params.append(since_seq)
         sql = (
-            f"{TODO_SELECT} WHERE ({where[0]}) {''.join(' AND ' + w for w in where[1:])} "
-            "ORDER BY f.listing_id, f.image_id LIMIT %s"
+            f"{TODO_SELECT} WHERE {' AND '.join(where)} ORDER BY f.listing_id, f.image_id LIMIT %s"
         )
         with self._tx(read_only=True) as cur:
             cur.execute(sql, (*params, limit))
@@ -150,20 +163,38 @@ class PostgresReindex:
         if not rows:
             return 0
         with self._tx() as cur:
+            cur.execute("SELECT value FROM meta WHERE key = 'reindex'")
+            state = cur.fetchone()
+            target = reindex_state(state[0] if state else None)
+            if target is None:
+                raise LookalikeError("no reindex is in progress in this catalog")
+            ok = [r for r in rows if r.vector is not None]
+            bad = [r for r in rows if r.vector is None]
+            sets = ", ".join(
+                f"{c} = excluded.{c}" for c in ("vector", "model", *COPY_COLUMNS.split(", "))
+            )
             cur.executemany(
-                "INSERT INTO features_next VALUES (%s, %s, %s, %s, %s) ON CONFLICT (listing_id, "
-                "image_id) DO UPDATE SET src_seq = excluded.src_seq, vector = excluded.vector, "
-                "reason = excluded.reason",
+                f"INSERT INTO features_next (listing_id, image_id, vector, model, {COPY_COLUMNS}) "
+                f"SELECT listing_id, image_id, %s, %s, {COPY_COLUMNS} FROM features "
+                "WHERE listing_id = %s AND image_id = %s AND seq = %s "
+                f"ON CONFLICT (listing_id, image_id) DO UPDATE SET {sets}",
                 [
-                    (
-                        r.listing_id,
-                        r.image_id,
-                        r.seq,
-                        None if r.vector is None else np.asarray(r.vector, "<f4").tobytes(),
-                        r.reason or None,
-                    )
-                    for r in rows
+                    (vector_blob(r.vector), target[0].tag, r.listing_id, r.image_id, r.seq)
+                    for r in ok
                 ],
+            )
+            keys = [(r.listing_id, r.image_id) for r in ok]
+            cur.executemany(
+                "DELETE FROM reindex_failed WHERE listing_id = %s AND image_id = %s", keys
+            )
+            cur.executemany(
+                "INSERT INTO reindex_failed VALUES (%s, %s, %s, %s) ON CONFLICT (listing_id, "
+                "image_id) DO UPDATE SET src_seq = excluded.src_seq, reason = excluded.reason",
+                [(r.listing_id, r.image_id, r.seq, r.reason or "failed") for r in bad],
+            )
+            cur.executemany(
+                "DELETE FROM features_next WHERE listing_id = %s AND image_id = %s",
+                [(r.listing_id, r.image_id) for r in bad],
             )
         return len(rows)
 
@@ -172,15 +203,17 @@ class PostgresReindex:
         with self._tx() as cur:
             cur.execute("DELETE FROM meta WHERE key = 'reindex'")
             gone = cur.rowcount
-            cur.execute("DELETE FROM features_next")
+            cur.execute("DROP TABLE IF EXISTS features_next")
+            cur.execute("DELETE FROM reindex_failed")
             cur.execute("DELETE FROM reindex_bytes")
         return bool(gone)
 
     def reindex_swap(
         self, target: ModelInfo, drop_missing: bool = False, drop_settings: Sequence[str] = ()
     ) -> SwapOutcome:
-        """As :meth:`SqliteReindex.reindex_swap`: the ``seq`` counter row is taken first, so
-        every writer waits for the swap and reads the new model after it."""
+        """As :meth:`SqliteReindex.reindex_swap`, by an ``UPDATE`` (module docstring); the
+        ``seq`` counter row is taken first, so every writer waits for the swap and reads the
+        new model after it."""
         try:
             return self._swap(target, drop_missing, drop_settings)
         except _NoSwapError as no:  # rolled back: the counter too
@@ -190,7 +223,7 @@ class PostgresReindex:
         self, target: ModelInfo, drop_missing: bool, drop_settings: Sequence[str]
     ) -> SwapOutcome:
         with self._tx() as cur:
-            seq = self._next_seq(cur)  # rolled back with the rest when nothing is swapped
+            seq = self._next_seq(cur)
             cur.execute("SELECT value FROM meta WHERE key = 'reindex'")
             row = cur.fetchone()
             state = reindex_state(row[0] if row else None)
@@ -200,32 +233,29 @@ class PostgresReindex:
             pending = int(cur.fetchone()[0])
             if pending:
                 raise _NoSwapError(SwapOutcome(False, pending=pending))
-            cur.execute(
-                f"SELECT f.listing_id, f.image_id, n.reason {JOIN_NEXT} "
-                "WHERE n.vector IS NULL ORDER BY f.listing_id, f.image_id"
-            )
-            missing = [((r[0], r[1]), r[2] or "") for r in cur.fetchall()]
+            cur.execute(NEXT_GONE)
+            cur.execute(FAILED_SELECT)
+            missing = [((r[0], r[1]), r[2]) for r in cur.fetchall()]
             cur.execute(WATCH_STALE)
             stale = [(r[0], r[1]) for r in cur.fetchall()]
             if (missing or stale) and not drop_missing:
                 raise _NoSwapError(SwapOutcome(False, missing=missing, watch_missing=stale))
             cur.execute(
-                "WITH gone AS (DELETE FROM features f USING features_next n WHERE "
-                "n.listing_id = f.listing_id AND n.image_id = f.image_id AND n.vector IS NULL "
+                "WITH gone AS (DELETE FROM features f USING reindex_failed x WHERE "
+                "x.listing_id = f.listing_id AND x.image_id = f.image_id AND x.src_seq = f.seq "
                 "RETURNING f.listing_id, f.image_id) "
                 "INSERT INTO deletions SELECT %s, listing_id, image_id FROM gone",
                 (seq,),
             )
             cur.execute(
-                "UPDATE features f SET vector = n.vector, model = %s, seq = %s FROM "
+                "UPDATE features f SET vector = n.vector, model = n.model, seq = %s FROM "
                 "features_next n WHERE n.listing_id = f.listing_id AND n.image_id = f.image_id",
-                (target.tag, seq),
+                (seq,),
             )
             cur.executemany("DELETE FROM watchlists WHERE name = %s AND entry_id = %s", stale)
             cur.execute(
                 "UPDATE watchlists w SET vector = n.vector FROM features_next n "
-                "WHERE n.listing_id = w.ref_listing_id AND n.image_id = w.ref_image_id "
-                "AND n.vector IS NOT NULL"
+                "WHERE n.listing_id = w.ref_listing_id AND n.image_id = w.ref_image_id"
             )
             updated = cur.rowcount
             cur.execute("UPDATE counters SET value = value + 1 WHERE name = 'watch_seq'")
@@ -241,7 +271,8 @@ class PostgresReindex:
                     dropped.append(name)
             cur.execute("DELETE FROM image_analysis")
             cleared = cur.rowcount
-            cur.execute("DELETE FROM features_next")
+            cur.execute("DROP TABLE features_next")
+            cur.execute("DELETE FROM reindex_failed")
             cur.execute("DELETE FROM reindex_bytes")
             cur.execute("DELETE FROM meta WHERE key = 'reindex'")
         return SwapOutcome(True, 0, missing, stale, seq, updated, dropped, cleared)

@@ -31,7 +31,9 @@ The consumer (:class:`StreamIngest`):
   counted against the messages: the ones not written are redelivered, however often, until
   the store is back. Otherwise the store works and the failure is the message's own, whatever
   its kind (even a ``busy`` that waited for no one, which would otherwise come back
-  forever): it is isolated and counted as above;
+  forever): it is isolated and counted as above. A catalog of another version of the
+  extractor (``ModelVersionError``: it waits for ``lookalike reindex``) counts as unavailable
+  too: its messages are redelivered, not dead-lettered;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
   exits;
 * **matches on arrival** (with ``match``, :class:`~lookalike.stream.recognition.MatchStep`):

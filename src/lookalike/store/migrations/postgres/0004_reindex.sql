@@ -1,12 +1,12 @@
--- The second model generation of `lookalike reindex` (lookalike/store/reindex.py): the new
--- vectors beside the live ones until the swap, and the bytes of images written from bytes
--- while a reindex runs. Same tables as the SQLite store.
-CREATE TABLE features_next (
+-- What `lookalike reindex` keeps besides its new rows (lookalike/store/reindex.py; the new
+-- rows go to features_next, made LIKE features when a reindex begins): the live rows that
+-- could not be re-extracted, and the bytes of images written from bytes while a reindex runs.
+-- Same tables as the SQLite store.
+CREATE TABLE reindex_failed (
     listing_id TEXT NOT NULL,
     image_id   TEXT NOT NULL,
-    src_seq    BIGINT NOT NULL,          -- features.seq of the row it was made from
-    vector     BYTEA,                    -- float32 little-endian; NULL: not re-extracted
-    reason     TEXT,                     -- why not
+    src_seq    BIGINT NOT NULL,          -- features.seq of the write that failed
+    reason     TEXT NOT NULL,
     PRIMARY KEY (listing_id, image_id)
 );
 
