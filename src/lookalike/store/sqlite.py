@@ -42,6 +42,7 @@ from .watch import SQLITE_SCHEMA, SqliteWatch
 
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 1
+PAGE_SIZE = 16384  # bytes, for new catalogs (see SqliteStore.__init__)
 #: Listing attributes stored as their own columns; all others go to the ``attrs`` JSON column.
 LISTING_COLUMNS = ("stock_level", "etag")
 
@@ -131,6 +132,10 @@ class SqliteStore(SqliteWatch):
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
         )
         self._conn.execute("PRAGMA busy_timeout = 60000")
+        # A new database only (SQLite fixes the page size when it writes the first page, and
+        # WAL mode keeps it): a 512-d float32 row is about 2.2 KB, so 4 KiB pages held one row
+        # each (4.2 KB a row); 16 KiB pages hold seven (sqlite.org/pragma.html#pragma_page_size).
+        self._conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         self._set_wal()
         self._conn.execute("PRAGMA synchronous = NORMAL")
         with self._lock:
