@@ -192,9 +192,10 @@ MAX_EVENTS = 10_000
     dependencies=READ,
     summary="Server-sent events of arriving images and their matches",
     description="`event: image` (an image this server wrote) and `event: match` (a new row of "
-    "the matches table; `id` is its seq), JSON in `data`. Send `Accept: text/event-stream` to "
-    "follow new events; otherwise the answer is the backlog alone. The stream ends after "
-    "`max_seconds` or `max_events`; reconnect with `Last-Event-ID` to resume the matches.",
+    "the matches table; `id` is `<seq>-<row id>`, commit order), JSON in `data`. Send "
+    "`Accept: text/event-stream` to follow new events; otherwise the answer is the backlog "
+    "alone. The stream ends after `max_seconds` or `max_events`; reconnect with "
+    "`Last-Event-ID` to resume the matches.",
 )
 async def live(
     request: Request,
@@ -240,7 +241,7 @@ async def live(
         sent: Cursor = (0, 0)
         for row in past:  # newer rows than the hub's come through the queue
             if (row.seq, row.id) <= (hub.cursor or (0, 0)) and left > 0:
-                sent = max(sent, (row.seq, row.id))
+                sent = (row.seq, row.id)  # rows come in (seq, id) order
                 left -= 1
                 yield ServerSentEvent(event="match", data=match_out(row), id=event_id(sent))
         if not follow:
