@@ -150,9 +150,9 @@ def test_the_watchlist_and_live_routes_declare_their_rules(contract_schema):
     the upload's media types, links, and the stream's own end."""
     doc = contract_schema.app.openapi()
     ops, schemas = _operations(doc), doc["components"]["schemas"]
-    for op in ("add_to_watchlist", "add_watchlist_image", "remove_watchlist", "live"):
+    for op in ("add_to_watchlist", "remove_watchlist", "live", "list_matches"):
         assert ops[op]["security"] == [{"bearer": []}], op
-    for op in ("add_to_watchlist", "add_watchlist_image", "live", "watchlist_hits"):
+    for op in ("add_to_watchlist", "live", "list_matches"):
         assert {"401", "422"} <= set(ops[op]["responses"]), op
     entries = schemas["WatchlistAdd"]["properties"]["entries"]
     assert (entries["minItems"], entries["maxItems"]) == (1, 64)
@@ -160,7 +160,9 @@ def test_the_watchlist_and_live_routes_declare_their_rules(contract_schema):
     vector = schemas["WatchVectorEntry"]["properties"]["vector"]
     assert vector["minItems"] == vector["maxItems"] == 1280
     assert schemas["WatchVectorEntry"]["required"] == ["entry_id", "vector"]
-    form = ops["add_watchlist_image"]["requestBody"]["content"]["multipart/form-data"]
+    body = ops["add_to_watchlist"]["requestBody"]["content"]  # JSON or an upload, one operation
+    assert body["application/json"]["schema"]["$ref"] == "#/components/schemas/WatchlistAdd"
+    form = body["multipart/form-data"]
     assert "image/png" in form["encoding"]["image"]["contentType"]
     upload = schemas["WatchEntryUpload"]
     assert upload["properties"]["image"]["minLength"] == 1

@@ -399,7 +399,7 @@ def test_watchlist_endpoints(client, demo_dir):
     )
     assert res.status_code == 200 and res.json()["entries"][0]["threshold"] == 0.9
     files = {"image": ("m.jpg", moon, "image/jpeg")}
-    res = client.post("/watchlists/mixed/images", data={"entry_id": "up"}, files=files)
+    res = client.post("/watchlists", data={"name": "mixed", "entry_id": "up"}, files=files)
     assert res.status_code == 200, res.text
     assert [e["entry_id"] for e in res.json()["entries"]] == ["c", "up"]
     listed = client.get("/watchlists").json()["watchlists"]
@@ -412,13 +412,19 @@ def test_watchlist_endpoints(client, demo_dir):
         files={"image": ("x.jpg", moon, "image/jpeg")},
     )
     assert res.status_code == 200, res.text
-    hits = client.get("/watchlists/moon/hits").json()["hits"]
+    hits = client.get("/matches?watchlist=moon").json()["matches"]
     assert [(h["image_id"], h["entry_id"]) for h in hits] == [("up/1.jpg", "moon/moon-05.jpg")]
     assert hits[0]["hit_thumbnail_url"].startswith("/thumbnails/moon/moon-05.jpg")
-    assert [h["entry_id"] for h in client.get("/watchlists/mixed/hits").json()["hits"]] == ["up"]
+    mixed = client.get("/matches?watchlist=mixed").json()
+    assert mixed["watchlist"] == "mixed" and [h["entry_id"] for h in mixed["matches"]] == ["up"]
+    everything = client.get("/matches?limit=10").json()["matches"]
+    assert sorted(h["watchlist"] for h in everything) == ["mixed", "moon"]
 
     assert client.delete("/watchlists/mixed/entries/up").json() == {"removed": 1}
     assert client.delete("/watchlists/mixed").json() == {"removed": 1}
+    assert client.get("/watchlists/mixed").status_code == 404
+    kept = client.get("/matches?watchlist=mixed").json()["matches"]  # its hits stay
+    assert [h["entry_id"] for h in kept] == ["up"]
     # hostile and wrong input: clear 4xx, never a 500
     for method, path, kwargs, status in [
         ("delete", "/watchlists/mixed", {}, 404),
@@ -442,11 +448,15 @@ def test_watchlist_endpoints(client, demo_dir):
         ),
         (
             "post",
-            "/watchlists/n/images",
-            {"data": {"entry_id": "e"}, "files": {"image": ("a.jpg", b"nope", "image/jpeg")}},
+            "/watchlists",
+            {
+                "data": {"name": "n", "entry_id": "e"},
+                "files": {"image": ("a.jpg", b"nope", "image/jpeg")},
+            },
             415,
         ),
-        ("get", "/watchlists/moon/hits?limit=0", {}, 422),
+        ("get", "/matches?watchlist=moon&limit=0", {}, 422),
+        ("get", "/matches?watchlist=a.b", {}, 422),
         ("get", "/live?watchlist=a.b", {}, 422),
         # the rules the OpenAPI document declares (tests/test_openapi_contract.py)
         ("post", "/watchlists", {"json": {"name": "n", "entries": [{"image_id": "x"}] * 65}}, 422),
@@ -476,21 +486,29 @@ def test_watchlist_endpoints(client, demo_dir):
         ),
         (
             "post",
-            "/watchlists/n/images",
+            "/watchlists",
             {
-                "data": {"entry_id": "e", "x": "1"},
+                "data": {"name": "n", "entry_id": "e", "x": "1"},
                 "files": {"image": ("a.jpg", moon, "image/jpeg")},
             },
             422,
         ),
         (
             "post",
-            "/watchlists/n/images",
-            {"data": {"entry_id": "e"}, "files": {"image": ("a.jpg", b"", "image/jpeg")}},
+            "/watchlists",
+            {
+                "data": {"name": "n", "entry_id": "e"},
+                "files": {"image": ("a.jpg", b"", "image/jpeg")},
+            },
             400,
         ),
-        ("delete", "/watchlists/moon/images", {}, 405),  # no entry route shadows it
-        ("delete", "/watchlists/moon/hits", {}, 405),
+        (
+            "post",
+            "/watchlists",
+            {"content": b"name=n", "headers": {"Content-Type": "text/plain"}},
+            415,
+        ),
+        ("post", "/watchlists/moon", {}, 405),
     ]:
         res = getattr(client, method)(path, **kwargs)
         assert res.status_code == status, (path, res.status_code, res.text)

@@ -8,8 +8,8 @@ Two kinds of event, JSON in ``data``:
   "thumbnail_url"}``;
 * ``match``: a row of the catalog's ``matches`` table, whoever wrote it (the stream consumer's
   match on arrival, any process's watchlist matches), found by tailing the table's change
-  sequence twice a second while a client listens: the fields of ``GET
-  /watchlists/{name}/hits`` (:class:`~lookalike.server.routes.watch.MatchOut`); the SSE
+  sequence twice a second while a client listens: the fields of ``GET /matches``
+  (:class:`~lookalike.server.routes.watch.MatchOut`); the SSE
   ``id`` is the row's place in commit order, ``<seq>-<id>`` (one write's rows share a
   ``seq``, so a stream cut inside a write resumes at the next row of it).
 
@@ -46,7 +46,7 @@ from ...types import Key, WriteStatus
 from ..deps import READ
 from ..routing import ServerRoute
 from ..schemas import ERRORS, thumbnail_url
-from .watch import NAME_PATTERN, match_out
+from .watch import NAME_PATTERN, match_out, newest_matches
 
 router = APIRouter(route_class=ServerRoute, tags=["live"], responses=ERRORS)
 
@@ -235,7 +235,7 @@ async def live(
                 cat.matches_since, after[0], MAX_BACKLOG, watchlist, after[1]
             )
         elif backlog:
-            past = await run_in_threadpool(_newest, cat, backlog, watchlist)
+            past = await run_in_threadpool(newest_matches, cat, backlog, watchlist)
         else:
             past = []
         sent: Cursor = (0, 0)
@@ -264,9 +264,3 @@ async def live(
             )
     finally:
         hub.unsubscribe(client)
-
-
-def _newest(cat: Catalog, n: int, watchlist: str | None) -> list[Any]:
-    if watchlist is None:
-        return cat.latest_matches(n)
-    return cat.watch_hits(watchlist, n)

@@ -1,7 +1,9 @@
 """Watchlists over HTTP: ``GET /watchlists``, ``GET /watchlists/{name}``, ``POST /watchlists``
-(JSON: stored images or vectors), ``POST /watchlists/{name}/images`` (one uploaded image),
-``DELETE /watchlists/{name}`` and ``DELETE /watchlists/{name}/entries/{entry_id}``,
-``GET /watchlists/{name}/hits``.
+(JSON: stored images or vectors; or multipart/form-data: one uploaded image, the two bodies of
+one operation as in ``POST /search``), ``DELETE /watchlists/{name}`` and
+``DELETE /watchlists/{name}/entries/{entry_id}``; and
+``GET /matches`` (the recorded matches, of one watchlist when asked: they outlive a removed
+watchlist, so they are not a part of ``/watchlists/{name}``).
 
 Changes need the write token when the server has one; reads follow the read rules of the other
 reads (both checked before the body is read). A change applies to the next write batch of
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from starlette.concurrency import run_in_threadpool
 
@@ -28,10 +30,11 @@ from ...catalog import MAX_WATCH_ENTRIES, Catalog, default_entry_ids
 from ...errors import ModelMismatchError
 from ...types import MAX_ID_LENGTH, Key, MatchRecord, WatchEntry
 from ..deps import READ, WRITE, CatalogDep, StateDep, read_upload
-from ..routing import ServerRoute
+from ..routing import MediaTypeRoute
 from ..schemas import ERRORS, LOOKUP_PATTERN, Id, Vector, form_schema, thumbnail_url
 
-router = APIRouter(route_class=ServerRoute, tags=["watchlists"], responses=ERRORS)
+#: Media type routes: ``POST /watchlists`` is a JSON and a multipart operation on one path.
+router = APIRouter(route_class=MediaTypeRoute, tags=["watchlists"], responses=ERRORS)
 
 #: A watchlist name: a NATS subject token (``lookalike.watch.<name>``); the catalog's
 #: :data:`lookalike.catalog.WATCH_NAME`.
@@ -100,8 +103,8 @@ class WatchlistAdd(BaseModel):
 
 
 class WatchEntryUpload(BaseModel):
-    """``POST /watchlists/{name}/images``: one reference image (embedded by the catalog's
-    extractor), its entry id and threshold (no other field)."""
+    """``POST /watchlists`` with multipart/form-data: one reference image (embedded by the
+    catalog's extractor), the watchlist, the entry id and threshold (no other field)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=form_schema)
 
@@ -110,6 +113,7 @@ class WatchEntryUpload(BaseModel):
         "an empty file is a 400, one that is no image a 415.",
         json_schema_extra={"format": "binary", "minLength": 1},
     )
+    name: WatchName = Field(examples=["stolen"])
     entry_id: Id = Field(examples=["stolen-1"])
     threshold: Threshold = None
 
@@ -161,11 +165,11 @@ class MatchOut(BaseModel):
     hit_thumbnail_url: str | None
 
 
-class HitsOut(BaseModel):
-    """The newest matches of a watchlist, oldest first."""
+class MatchesOut(BaseModel):
+    """The newest recorded matches (of one watchlist, when asked), oldest first."""
 
-    name: str
-    hits: list[MatchOut]
+    watchlist: str | None
+    matches: list[MatchOut]
 
 
 class Removed(BaseModel):
@@ -250,11 +254,14 @@ def get_watchlist(name: NamePath, cat: CatalogDep) -> dict[str, Any]:
     response_model=WatchlistOut,
     responses=CHANGED,
     dependencies=WRITE,
-    summary="Add stored images or vectors to a watchlist (created on first use)",
-    description=f"At most {MAX_ENTRIES_PER_REQUEST} entries per request, written in one "
-    "transaction; an entry id given twice keeps the later entry, an existing id is replaced. "
-    "A stored image that is not stored is a 404 (nothing is written); a vector of another "
-    f"dimension than the catalog's a 409; a watchlist past {MAX_WATCH_ENTRIES} entries a 400.",
+    summary="Add stored images, vectors or an uploaded image to a watchlist (created on first use)",
+    description="JSON: stored images or vectors, at most "
+    f"{MAX_ENTRIES_PER_REQUEST} entries per request, written in one transaction; an entry id "
+    "given twice keeps the later entry. An image that is not stored is a 404 (nothing is "
+    "written); a vector of another dimension than the catalog's a 409. Multipart: one image "
+    "(field `image`), with the limits of POST /images (413 over the upload limit, 415 over "
+    "the pixel limit or not an image, 400 empty). An existing entry id is replaced; a "
+    f"watchlist past {MAX_WATCH_ENTRIES} entries is a 400.",
 )
 def add_to_watchlist(req: WatchlistAdd, cat: CatalogDep) -> dict[str, Any]:
     rows = _entry_rows(cat, req.entries)
@@ -298,21 +305,18 @@ def _entry_rows(
 
 
 @router.post(
-    "/watchlists/{name}/images",
+    "/watchlists",
     operation_id="add_watchlist_image",
     response_model=WatchlistOut,
     responses=CHANGED,
     dependencies=WRITE,
     summary="Add one uploaded image to a watchlist (created on first use)",
-    description="The upload's limits are those of POST /images (413 over the upload limit, "
-    "415 over the pixel limit or not an image, 400 empty); an existing entry id is replaced.",
 )
 async def add_image_to_watchlist(
-    name: NamePath,
     form: Annotated[WatchEntryUpload, Form(media_type="multipart/form-data")],
     state: StateDep,
 ) -> dict[str, Any]:
-    cat = state.catalog
+    cat, name = state.catalog, form.name
     data = await read_upload(form.image, state.settings)
     threshold = await run_in_threadpool(_threshold, cat, form.threshold)
     source = form.image.filename or "upload"
@@ -321,6 +325,12 @@ async def add_image_to_watchlist(
             cat.watch_add_images, name, [data], [form.entry_id], threshold, [source]
         )
     return await run_in_threadpool(_watchlist, cat, name)
+
+
+@router.post("/watchlists", dependencies=WRITE, include_in_schema=False)
+def add_other_media() -> None:
+    """Neither JSON nor multipart: 415."""
+    raise HTTPException(415, "send JSON (entries) or multipart/form-data (field image)")
 
 
 @router.delete(
@@ -335,18 +345,27 @@ def remove_watchlist(name: NamePath, cat: CatalogDep) -> dict[str, int]:
 
 
 @router.get(
-    "/watchlists/{name}/hits",
-    operation_id="watchlist_hits",
-    response_model=HitsOut,
+    "/matches",
+    operation_id="list_matches",
+    response_model=MatchesOut,
     dependencies=READ,
-    summary="The newest images that matched a watchlist (also after it was removed)",
+    summary="The newest recorded matches: watchlist hits (also of a removed watchlist) and "
+    "catalog near-duplicates found on arrival",
 )
-def watchlist_hits(
-    name: NamePath,
+def list_matches(
     cat: CatalogDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Most hits answered.")] = 100,
+    watchlist: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, description="Only this watchlist's matches.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most matches answered.")] = 100,
 ) -> dict[str, Any]:
-    return {"name": name, "hits": [match_out(m) for m in cat.watch_hits(name, limit)]}
+    rows = newest_matches(cat, limit, watchlist)
+    return {"watchlist": watchlist, "matches": [match_out(m) for m in rows]}
+
+
+def newest_matches(cat: Catalog, n: int, watchlist: str | None) -> list[MatchRecord]:
+    """The newest ``n`` recorded matches, oldest first: of ``watchlist``, or all of them."""
+    return cat.latest_matches(n) if watchlist is None else cat.watch_hits(watchlist, n)
 
 
 @router.delete(
