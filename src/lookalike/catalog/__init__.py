@@ -25,7 +25,13 @@ from .classifier import Classifier
 from .core import Catalog, open_catalog
 from .engines import ANN_AUTO_BYTES
 from .ingest import IndexReport
-from .watch import MAX_WATCH_ENTRIES, WATCH_NAME, check_watch_name, match_event_id
+from .watch import (
+    MAX_WATCH_ENTRIES,
+    WATCH_NAME,
+    check_watch_name,
+    default_entry_ids,
+    match_event_id,
+)
 
 __all__ = [
     "ANN_AUTO_BYTES",
@@ -39,6 +45,7 @@ __all__ = [
     "ImageInput",
     "IndexReport",
     "check_watch_name",
+    "default_entry_ids",
     "match_event_id",
     "open_catalog",
 ]
