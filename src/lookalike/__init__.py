@@ -14,12 +14,13 @@ The package is layered (``DESIGN.md``, "Parts and where they live"): faces (``cl
 only from layers below its own; ``lint-imports`` checks it.
 """
 
-from .catalog import Catalog, IndexReport, open_catalog
+from .catalog import Catalog, IndexReport, ReindexReport, open_catalog
 from .errors import (
     BrokerError,
     ImageError,
     LookalikeError,
     ModelMismatchError,
+    ModelVersionError,
     NotFoundError,
     QueryError,
     SourceError,
@@ -57,8 +58,10 @@ __all__ = [
     "LookalikeError",
     "ModelInfo",
     "ModelMismatchError",
+    "ModelVersionError",
     "NotFoundError",
     "QueryError",
+    "ReindexReport",
     "SearchResult",
     "SourceError",
     "StoreBusyError",

@@ -25,6 +25,22 @@ class ModelMismatchError(LookalikeError):
     another."""
 
 
+class ModelVersionError(ModelMismatchError):
+    """The catalog's vectors come from another version of the extractor this install has
+    (the extractor changed since they were made). Searches by vector or stored id still work;
+    anything that embeds an image needs ``lookalike reindex`` first. The message names both
+    versions and the command; HTTP answers 409, the CLI exits 1.
+
+    Attributes:
+        stored: the catalog's model tag (``name@version``). installed: this install's.
+    """
+
+    def __init__(self, message: str, stored: str = "", installed: str = "") -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.installed = installed
+
+
 class ImageError(LookalikeError):
     """An image could not be read or decoded; the message names the file and the reason."""
 

@@ -204,6 +204,10 @@ class FeatureBatch:
         sources: path or URL each image was read from (``None`` if unknown).
         widths, heights: original image size in pixels (``None`` if unknown).
         labels: optional per-row JSON-able metadata dicts.
+        model: the model that made ``vectors``; the store refuses the batch when the catalog
+            holds another one by the time it writes (a ``lookalike reindex`` swapped meanwhile).
+        blobs: the encoded image bytes per row (writes from bytes); kept only while a reindex
+            runs, so that it can re-extract rows written meanwhile (``lookalike.store.reindex``).
 
     Raises:
         ValueError: the columns have different lengths.
@@ -217,6 +221,8 @@ class FeatureBatch:
     widths: list[int | None] = field(default_factory=list)
     heights: list[int | None] = field(default_factory=list)
     labels: list[dict[str, Any] | None] = field(default_factory=list)
+    model: ModelInfo | None = None
+    blobs: list[bytes | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.listing_ids)
@@ -231,6 +237,7 @@ class FeatureBatch:
             len(self.heights),
             len(self.labels),
             self.vectors.shape[0],
+            *([len(self.blobs)] if self.blobs is not None else []),
         }
         if lengths != {n}:
             raise ValueError(f"FeatureBatch columns have different lengths: {sorted(lengths)}")
@@ -282,12 +289,15 @@ class Changes:
             ``(listing_id, image_id)``.
         vectors: ``(len(upserted), d) float32``.
         deleted: keys of rows deleted.
+        model: the collection's model in the same snapshot (None: empty, or not told); a
+            reader whose rows are of another model must reload (a reindex swapped models).
     """
 
     seq: int
     upserted: list[Key]
     vectors: np.ndarray
     deleted: list[Key]
+    model: ModelInfo | None = None
 
 
 @dataclass

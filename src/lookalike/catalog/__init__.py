@@ -17,6 +17,7 @@ classifier), ``rows`` (reading stored rows, analysis columns, saved results, thu
 ``cachesource`` (the cache from the engine files or the store), ``ingest`` (the batch ingest
 pipeline),
 ``thumbs`` (the thumbnail cache), ``classifier`` (the saved classifier at run time),
+``reindex`` (re-extracting with the installed extractor, resumable, one atomic swap),
 ``watch`` (watchlists: standing queries checked on every write, and the matches outbox).
 """
 
@@ -25,6 +26,7 @@ from .classifier import Classifier
 from .core import Catalog, open_catalog
 from .engines import ANN_AUTO_BYTES
 from .ingest import IndexReport
+from .reindex import ReindexReport
 from .watch import (
     MAX_WATCH_ENTRIES,
     WATCH_NAME,
@@ -44,6 +46,7 @@ __all__ = [
     "Classifier",
     "ImageInput",
     "IndexReport",
+    "ReindexReport",
     "check_watch_name",
     "default_entry_ids",
     "match_event_id",

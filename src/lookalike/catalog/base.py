@@ -16,6 +16,7 @@ from ..errors import (
     AmbiguousIdError,
     LookalikeError,
     ModelMismatchError,
+    ModelVersionError,
     NotFoundError,
 )
 from ..extract import BaseExtractor, available_extractors, get_extractor
@@ -37,6 +38,16 @@ DEFAULT_K = 10
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
 """A query or an image to add: a file path, a URL, encoded bytes, or a PIL image."""
+
+
+def version_message(name: str, uri: str, stored: ModelInfo, installed: ModelInfo) -> str:
+    """The one line that says a catalog's vectors come from another version of the installed
+    extractor, and which command re-extracts them."""
+    return (
+        f"catalog {name!r} holds vectors of {stored.tag} (d={stored.dim}), but this install's "
+        f"{installed.name} extractor makes {installed.tag} (d={installed.dim}); re-extract them "
+        f"with: lookalike reindex --catalog {uri} (searches by vector or stored id work meanwhile)"
+    )
 
 
 class CatalogBase:
@@ -64,9 +75,11 @@ class CatalogBase:
             raise ModelMismatchError(
                 f"catalog {catalog_name(store.uri)!r} holds {stored.name!r} vectors"
                 f" ({stored.tag}, d={stored.dim}); it cannot take {extractor!r} vectors."
-                " Use another catalog folder."
+                " Use another catalog folder, or migrate this one: lookalike reindex"
+                f" --catalog {store.uri} --extractor {extractor}"
             )
         self._extractor_name = extractor or (stored.name if stored else DEFAULT_EXTRACTOR)
+        self._pinned = extractor is not None  # else it follows the stored model's name
         self._extractor: BaseExtractor | None = None
         self._engines = EngineSet(store, self.engine_kind, self.ann_folder, self.folder / "engine")
         self._classifier: Classifier | None = None
@@ -103,23 +116,44 @@ class CatalogBase:
 
     @property
     def extractor(self) -> BaseExtractor:
-        """The extractor that embeds images for this catalog (built on first use).
+        """The extractor that embeds images for this catalog (built on first use), checked
+        against the stored model on every use (a reindex may switch it while this object
+        lives; opened without an extractor, the catalog follows the stored model's name).
 
         Raises:
-            LookalikeError: the catalog holds external vectors with no extractor to match.
+            ModelVersionError: the catalog's vectors come from another version of it
+                (``lookalike reindex`` re-extracts them; the message says so).
+            ModelMismatchError: they come from another model (an extractor was given).
+            LookalikeError: no installed extractor makes the stored model's vectors.
         """
+        stored = self._store.model()
         with self._lock:
-            if self._extractor is None:
-                if self._extractor_name not in available_extractors():
+            name = self._extractor_name
+            if stored is not None and not self._pinned:
+                name = stored.name
+            if self._extractor is None or self._extractor.name != name:
+                if name not in available_extractors():
                     raise LookalikeError(
-                        f"catalog {self.name!r} holds vectors of model {self._extractor_name!r}, "
-                        "which no installed extractor makes; query it by vector or stored id"
+                        f"catalog {self.name!r} holds vectors of model {name!r}, which no "
+                        "installed extractor makes; query it by vector or stored id"
                     )
-                options = {"device": self.device} if self._extractor_name == "cnn" else {}
-                ext = get_extractor(self._extractor_name, **options)
-                self._check_model(ext.info)
-                self._extractor = ext
-            return self._extractor
+                self._extractor = self.make_extractor(name)
+            ext = self._extractor
+        if stored is not None and stored.name == ext.name and stored != ext.info:
+            raise ModelVersionError(
+                version_message(self.name, self.uri, stored, ext.info), stored.tag, ext.info.tag
+            )
+        self._check_model(ext.info, stored)
+        return ext
+
+    def make_extractor(self, name: str) -> BaseExtractor:
+        """A new extractor ``name`` with this catalog's device (``cnn``).
+
+        Raises:
+            LookalikeError: unknown name.
+        """
+        options = {"device": self.device} if name == "cnn" else {}
+        return get_extractor(name, **options)
 
     def _check_model(self, info: ModelInfo, stored: ModelInfo | None = None) -> None:
         stored = stored or self._store.model()
@@ -169,8 +203,17 @@ class CatalogBase:
 
         Raises:
             ImageError: an image cannot be read or decoded.
+            ModelVersionError: the catalog holds another version of the extractor's vectors.
         """
-        ext = self.extractor
+        return self.embed_with(self.extractor, images)
+
+    @staticmethod
+    def embed_with(ext: BaseExtractor, images: Sequence[ImageInput]) -> np.ndarray:
+        """Embed images with ``ext``: ``n`` inputs -> ``(n, d) float32`` (see :meth:`embed`).
+
+        Raises:
+            ImageError: an image cannot be read or decoded.
+        """
         arrays = []
         for im in images:
             if isinstance(im, Image.Image):

@@ -7,6 +7,10 @@ header's digests and counts, the store's changes since the files' sequence numbe
 the live count is compared with the store's, :data:`CHECKED_ROWS` rows are compared bit for bit
 with the store, and every vector is checked against its chunk digest in a background thread
 (on a mismatch the files and the cache are dropped and the next search reads the store).
+
+A cache holds the vectors of one model (:attr:`VectorCache.model`): when a reindex switches the
+catalog's model while a cache is read, the read starts over with the new model, and the files
+of a model the catalog no longer holds are never written.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from ..engine import VectorCache
 from ..engine.codes import BLOCK, CodeTable
 from ..engine.mapped import EngineFiles
+from ..errors import StoreError
 from ..store import Store
 from ..types import CodeKind, ModelInfo
 
@@ -37,6 +42,8 @@ CHECKED_ROWS = 16
 #: A long-running process rewrites the engine files once this many rows (or a tenth of the
 #: collection) were added since they were last written.
 SAVE_EVERY_ROWS = 100_000
+#: Reads of the cache before giving up while the catalog's model keeps changing under them.
+LOAD_ATTEMPTS = 5
 
 
 def model_dict(model: ModelInfo) -> dict[str, Any]:
@@ -75,8 +82,23 @@ class CacheSource:
         store's rows, else from the store (and the files are written).
 
         Args:
+            model: the catalog's model as last read; when the store holds another one by the
+                time the rows are read, the read starts over with that one.
             drop: called with the cache if the background check finds a corrupt vector.
+
+        Raises:
+            StoreError: the model changed under every one of :data:`LOAD_ATTEMPTS` reads.
         """
+        for _ in range(LOAD_ATTEMPTS):
+            cache = self._load(model, drop)
+            if cache is not None:
+                cache.model = model.tag
+                return cache
+            model = self.store.model() or model
+        raise StoreError("the catalog's model kept changing while its vectors were read; retry")
+
+    def _load(self, model: ModelInfo, drop: Callable[[VectorCache], None]) -> VectorCache | None:
+        """:meth:`load` of ``model``'s rows; None when the store holds another model."""
         self.files = None
         self.from_files = self.verified = False
         self._codes, self._saved_codes = None, {}
@@ -85,7 +107,10 @@ class CacheSource:
             cache = self.files.load()
             if cache is not None:
                 self._saved_version = cache.version
-                cache.apply(self.store.changes_since(cache.seq))
+                changes = self.store.changes_since(cache.seq)
+                if changes.model not in (None, model):
+                    return None
+                cache.apply(changes)
                 problem = self._mismatch(cache)
                 if problem is None:
                     self._saved_rows = self.files.state.n_rows if self.files.state else 0
@@ -94,7 +119,11 @@ class CacheSource:
                     return cache
                 log.warning("engine files of %s not used: %s", self.store.uri, problem)
         cache = VectorCache(model.dim)
-        cache.apply(self.store.changes_since(cache.seq))
+        changes = self.store.changes_since(cache.seq)
+        if changes.model not in (None, model):
+            return None
+        cache.apply(changes)
+        cache.model = model.tag
         self.save(cache)
         return cache
 
@@ -222,8 +251,11 @@ class CacheSource:
 
     def save(self, cache: VectorCache) -> None:
         """Write ``cache`` to the engine files (an error is logged: searches go on without
-        them)."""
-        if self.files is None:
+        them); not when the catalog holds another model by now (a reindex swapped)."""
+        if self.files is None or cache.model != _tag(self.files.model):
+            return
+        stored = self.store.model()
+        if stored is None or stored.tag != cache.model:
             return
         try:
             if self.files.save(cache):
@@ -244,3 +276,8 @@ class CacheSource:
         """:meth:`save` if rows changed since the files were written."""
         if self.files is not None and cache.version != self._saved_version:
             self.save(cache)
+
+
+def _tag(model: dict[str, Any]) -> str:
+    """``name@version`` of a model dict (:func:`model_dict`)."""
+    return f"{model['name']}@{model['version']}"

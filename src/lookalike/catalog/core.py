@@ -8,6 +8,7 @@ catalog into a store, and nothing outside this package touches a private member
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..engine import SearchEngine, VectorCache, check_queries, check_spec
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
-from ..errors import LookalikeError, QueryError
+from ..errors import LookalikeError, QueryError, StoreError
 from ..extract import l2_normalize
 from ..store import open_store
 from ..types import (
@@ -34,11 +35,20 @@ from ..types import (
 )
 from .base import DEFAULT_K, ImageInput
 from .engines import SearchRequest, parsed_where
+from .reindex import CatalogReindex
 from .rows import CatalogRows
 from .writes import CatalogWrites
 
+#: Searches by stored id tried again when a reindex switched the model under them.
+MODEL_RETRIES = 5
 
-class Catalog(CatalogWrites, CatalogRows):
+
+class _ModelMovedError(Exception):
+    """The catalog's model changed between reading a query vector and scanning (a reindex
+    swapped): the scan would mix models, so it is not answered."""
+
+
+class Catalog(CatalogReindex, CatalogWrites, CatalogRows):
     """A collection of feature vectors with its store, extractor and engines.
 
     Build one with :func:`open_catalog`. Thread-safe: searches and writes may come from several
@@ -216,19 +226,25 @@ class Catalog(CatalogWrites, CatalogRows):
         given = sum(x is not None for x in (query, image_id, vector))
         if given != 1:
             raise QueryError("give exactly one of: a query image, image_id=, vector=")
+        options = dict(k=k, group_by=group_by, agg=agg, top_n=top_n, threshold=threshold)
         if vector is not None:
             q = np.asarray(vector)
             if q.ndim != 1:
                 raise QueryError(
                     f"search takes one (d,) vector, got shape {q.shape}; use search_batch"
                 )
-        elif image_id is not None:
-            q = self.get_image_vector(image_id, listing_id)
-        else:
-            assert query is not None
-            q = self.embed([query])[0]
-        options = dict(k=k, group_by=group_by, agg=agg, top_n=top_n, threshold=threshold)
-        return self._search(q, options, where, save, normalize, index)[0]
+            return self._search(q, options, where, save, normalize, index)[0]
+        for _ in range(MODEL_RETRIES):  # the query and the scanned vectors of one model
+            if image_id is not None:
+                rec = self.get_image(image_id, listing_id)
+                q, model = rec.vector, rec.model
+            else:
+                assert query is not None
+                ext = self.extractor  # the stored model's (a version mismatch raises here)
+                q, model = self.embed_with(ext, [query])[0], ext.info.tag
+            with contextlib.suppress(_ModelMovedError):
+                return self._search(q, dict(options), where, save, normalize, index, model)[0]
+        raise StoreError("the catalog's model kept changing during the search; retry")
 
     def search_batch(
         self,
@@ -267,12 +283,20 @@ class Catalog(CatalogWrites, CatalogRows):
         save: bool,
         normalize: bool,
         index: str | None,
+        model: str | None = None,
     ) -> list[SearchResult]:
         """Check the request here, then scan it with the concurrent ones (``EngineSet.search``:
-        one batch per group of compatible options, no catalog-wide lock held)."""
+        one batch per group of compatible options, no catalog-wide lock held). With
+        ``model`` (the tag of the query's model), vectors of another model are never
+        scanned: :class:`_ModelMovedError` instead."""
         if options["k"] is None and options["threshold"] is None:
             options["k"] = DEFAULT_K
-        q = check_queries(q, self._engines.current().dim)
+        snap = self._engines.current()
+        if model and snap.model != model:
+            snap = self._engines.snapshot(attributes=False)
+            if snap.model != model:
+                raise _ModelMovedError(model)
+        q = check_queries(q, snap.dim)
         if normalize:
             q = _normalize_queries(q)
         spec = check_spec(SearchSpec(**options))
@@ -280,7 +304,14 @@ class Catalog(CatalogWrites, CatalogRows):
             parsed_where(where)  # a syntax error is this caller's alone
         if index is not None and index not in choices(IndexKind):
             raise QueryError(f"unknown index {index!r}; use one of {', '.join(choices(IndexKind))}")
-        answer = self._engines.search(SearchRequest(q, spec, where or None, index))
+        try:
+            answer = self._engines.search(SearchRequest(q, spec, where or None, index))
+        except QueryError:  # e.g. the dimension: the batch synced to a new model first
+            if model and self._engines.current().model != model:
+                raise _ModelMovedError(model) from None
+            raise
+        if model and answer.snapshot.model != model:
+            raise _ModelMovedError(model)
         results = [_result(answer.snapshot, raw, spec) for raw in answer.hits]
         if save:
             for res in results:
@@ -312,6 +343,7 @@ class Catalog(CatalogWrites, CatalogRows):
             "model": {"name": model.name, "version": model.version, "dim": model.dim},
             "listings": listings,
         }
+        out.update(self.model_status())
         out.update(self._engines.facts(self.settings))
         return out
 

@@ -238,7 +238,11 @@ class EngineSet:
             )
         with self._sync_lock:
             cache = self._cache
-            if cache is None or cache.dim != model.dim:
+            changes = None
+            if cache is not None and cache.model == model.tag:
+                changes = self.store.changes_since(cache.seq)
+            if cache is None or changes is None or changes.model not in (None, model):
+                # none yet, or the catalog holds another model (a reindex swapped): reload
                 if cache is not None or self._bound is not None:
                     with self._scan_lock:  # a new cache: engines and indexes start over
                         self._bound = None
@@ -248,7 +252,7 @@ class EngineSet:
                 self._attributes = False
                 self.loads += 1
             else:
-                cache.apply(self.store.changes_since(cache.seq))
+                cache.apply(changes)
             if attributes or self._attributes:
                 seq, listings = self.store.listings_since(cache.listing_seq)
                 cache.update_listings(seq, listings)
@@ -424,6 +428,9 @@ class EngineSet:
                 cache = self._ann_bound
                 if cache is None:
                     raise LookalikeError("engine used before the catalog synced it")
+                if ann.model and ann.model != cache.model:  # another model's: never mixed
+                    log.warning("%s index built for %s, not %s", kind, ann.model, cache.model)
+                    return None
                 if ann.dim != cache.dim:
                     raise LookalikeError(
                         f"{self.ann_folder}/{kind}.faiss has d={ann.dim}; rebuild it"

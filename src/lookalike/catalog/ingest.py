@@ -122,6 +122,8 @@ class Prepared:
         status: ``"ok"`` (decoded), ``"same"`` (the store holds these bytes under this key:
             nothing to do) or ``"failed"`` (``reason`` says why, naming the file).
         array: the preprocessed image (``status == "ok"`` only).
+        data: the encoded bytes, when the writer keeps them for a running reindex
+            (written from bytes: ``Catalog.add_many``).
     """
 
     source: ImageSource
@@ -132,6 +134,7 @@ class Prepared:
     array: np.ndarray | None = None
     reason: str = ""
     thumbnail: bytes | None = None
+    data: bytes | None = None
 
 
 _worker_extractor: BaseExtractor | None = None
@@ -245,6 +248,7 @@ def write_prepared(
     keys = [(p.source.listing_id, p.source.image_id) for p in ok]
     known = store.existing(keys)
     sha256s = [p.sha256 for p in ok]
+    blobs = [p.data for p in ok]
     matches = watch(keys, sha256s, vectors) if watch is not None else []
     store.upsert(
         FeatureBatch(
@@ -256,6 +260,8 @@ def write_prepared(
             widths=[p.width for p in ok],
             heights=[p.height for p in ok],
             labels=[lab for _, lab in pairs],
+            model=extractor.info,
+            blobs=blobs if any(b is not None for b in blobs) else None,
         ),
         matches=matches,
     )
@@ -284,8 +290,15 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
+class Progress:
+    """The ingest progress bar: tqdm on stderr counting images (``img``, images/s) and the
+    failures so far; a no-op when not ``enabled``.
+
+    Args:
+        total: images expected. desc: the bar's label (``index``, ``reindex``).
+    """
+
+    def __init__(self, total: int, enabled: bool, desc: str = "index") -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -293,19 +306,27 @@ class _Progress:
             self.bar = tqdm(
                 total=total,
                 unit="img",
-                desc="index",
+                desc=desc,
                 file=sys.stderr,
                 dynamic_ncols=True,
                 smoothing=0.1,
             )
 
     def update(self, n: int, failed: int) -> None:
+        """Count ``n`` more images done; show ``failed`` (the failures so far)."""
         if self.bar is not None:
             self.bar.update(n)
             if failed:
                 self.bar.set_postfix(failed=failed, refresh=False)
 
+    def grow(self, n: int) -> None:
+        """Expect ``n`` more images than said so far."""
+        if self.bar is not None and n:
+            self.bar.total = (self.bar.total or 0) + n
+            self.bar.refresh()
+
     def close(self) -> None:
+        """Close the bar (its last state stays on the terminal)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -360,7 +381,7 @@ def run_index(
     n_workers = default_workers() if workers is None else workers
     if len(unique) < INLINE_BELOW:
         n_workers = 0
-    bar = _Progress(len(srcs), progress)
+    bar = Progress(len(srcs), progress)
     bar.update(len(srcs) - len(unique), len(report.failed))
     pending: list[Prepared] = []
 

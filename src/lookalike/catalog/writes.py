@@ -3,6 +3,7 @@ attributes, and the classifier that labels images as they are written."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -166,14 +167,20 @@ class CatalogWrites(CatalogWatch):
             src = ImageSource(lid, iid, source or f"{lid}/{iid}")
             if last[(lid, iid)] != i:  # superseded by a later item with the same key
                 return Prepared(src, "same")
-            return prepare_bytes(data, src, ext, known.get((lid, iid)), thumbnail=True)
+            prepared = prepare_bytes(data, src, ext, known.get((lid, iid)), thumbnail=True)
+            prepared.data = data  # kept by the store while a reindex runs (no file holds it)
+            return prepared
 
         if decode_threads > 1 and len(items) > 1:
             with ThreadPoolExecutor(decode_threads) as pool:
                 prepared = list(pool.map(prep, range(len(items))))
         else:
             prepared = [prep(i) for i in range(len(items))]
-        clf = self.classifier
+        try:
+            clf = self.classifier
+        except LookalikeError as exc:  # trained on the vectors of a model replaced since
+            log.warning("images are written without predicted labels: %s", exc)
+            clf = None
         label_fn = None
         if clf is not None:  # recognition in the write path: store the predicted label
 
@@ -265,7 +272,8 @@ class CatalogWrites(CatalogWatch):
             check_id(iid, "image id")
         self._claim(model)
         keys = list(zip(batch.listing_ids, batch.image_ids, strict=True))
-        return self._store.upsert(batch, self.watch_matches(keys, batch.sha256s, batch.vectors))
+        matches = self.watch_matches(keys, batch.sha256s, batch.vectors)
+        return self._store.upsert(dataclasses.replace(batch, model=model), matches)
 
     def delete(self, image_id: str, listing_id: str | None = None) -> int:
         """Delete an image by ``image_id`` (and ``listing_id`` when ids repeat across listings).

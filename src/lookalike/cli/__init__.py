@@ -5,6 +5,7 @@ modules, one per command group, and is the console-script entry point (:func:`ma
 
 * :mod:`.search`: ``index``, ``search``, ``results``, ``stats``, ``delete``, ``config``,
   ``extractors``, ``demo``;
+* :mod:`.reindex`: ``reindex`` (re-extract with the installed or another extractor);
 * :mod:`.listing`: ``listing set | show | import``;
 * :mod:`.ann`: ``ann build``, ``bench``;
 * :mod:`.stream`: ``stream``, ``publish``;
@@ -28,7 +29,7 @@ from typing import Annotated
 
 import typer
 
-from . import analyze, ann, lake, listing, search, serve, stream, watch
+from . import analyze, ann, lake, listing, reindex, search, serve, stream, watch
 from .common import escape_help
 
 app = typer.Typer(
@@ -57,6 +58,7 @@ def _main(
 
 # Order of `lookalike --help`: the everyday commands first.
 app.add_typer(search.commands)
+app.add_typer(reindex.commands)
 app.add_typer(ann.ann_app, name="ann")
 app.add_typer(ann.commands)
 app.add_typer(listing.listing_app, name="listing")
@@ -72,6 +74,7 @@ escape_help(app)
 #: Every typer app that holds commands (for tests and documentation tools).
 GROUPS: tuple[typer.Typer, ...] = (
     search.commands,
+    reindex.commands,
     ann.ann_app,
     ann.commands,
     listing.listing_app,

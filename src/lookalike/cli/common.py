@@ -222,6 +222,37 @@ def opened(
         yield cat
 
 
+@contextmanager
+def term_as_interrupt() -> Iterator[list[int]]:
+    """Inside, SIGTERM raises ``KeyboardInterrupt`` in the main thread, as Ctrl-C does, so a
+    long command commits the batch in hand and stops the same way for both; yields the list
+    of signals received (empty for Ctrl-C). Outside the main thread it changes nothing."""
+    import signal
+    import threading
+
+    received: list[int] = []
+
+    def on_term(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()  # else signals cannot be set
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    try:
+        yield received
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def interrupted_exit(received: Sequence[int]) -> int:
+    """The exit code of a command stopped by a signal: 128 + its number (130 for Ctrl-C,
+    143 for SIGTERM)."""
+    import signal
+
+    return 128 + (received[0] if received else signal.SIGINT)
+
+
 # ---------------------------------------------------------------------------- errors
 
 

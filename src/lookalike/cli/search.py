@@ -26,6 +26,7 @@ from .common import (
     OutputFormat,
     ProgressOpt,
     command,
+    interrupted_exit,
     opened,
     parse_age,
     parse_threshold,
@@ -33,6 +34,7 @@ from .common import (
     print_json,
     print_results,
     say,
+    term_as_interrupt,
     usage_error,
     warn,
 )
@@ -89,27 +91,18 @@ def index(
     batch in hand, prints the summary so far and exits 130 (SIGINT) or 143 (SIGTERM).
     """
     import signal
-    import threading
 
-    received: list[int] = []
-
-    def on_term(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt  # SIGTERM behaves like Ctrl-C
-
-    in_main = threading.current_thread() is threading.main_thread()  # else signals cannot be set
-    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     interrupted = None
     try:
-        with opened(catalog, extractor=extractor or None, device=device, create=True) as cat:
+        with (
+            term_as_interrupt() as received,
+            opened(catalog, extractor=extractor or None, device=device, create=True) as cat,
+        ):
             report = cat.index(inputs, workers=workers, batch_size=batch_size, progress=progress)
     except KeyboardInterrupt as exc:
         interrupted = exc
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
     if interrupted is not None:
-        code = 128 + (received[0] if received else signal.SIGINT)
+        code = interrupted_exit(received)
         partial = getattr(interrupted, "report", None)  # IndexInterrupted: the run so far
         if partial is not None:
             say(partial.summary())
@@ -339,6 +332,10 @@ def stats(catalog: CatalogOpt, fmt: FormatOpt = OutputFormat.TABLE) -> None:
             value = "-"
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
+        if key == "model_current" and value is False:
+            value = f"no: re-extract with `lookalike reindex --catalog {catalog}`"
+        elif key == "model_current":
+            value = {True: "yes", "-": "- (no installed extractor makes it)"}[value]
         say(f"{key:>12}: {value}")
 
 

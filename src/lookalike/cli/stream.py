@@ -158,6 +158,7 @@ def stream(
     matching = matching or match_where is not None or match_subject != DEFAULT_MATCH_SUBJECT
     threshold = parse_threshold(match_threshold) if match_threshold is not None else None
     with opened(catalog, create=True) as cat:
+        _ = cat.extractor  # a catalog of another extractor version says so here, in one line
         step = None
         if matching:
             if threshold is None:

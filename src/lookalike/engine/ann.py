@@ -131,6 +131,7 @@ class AnnIndex:
     excluded: set[int] = field(default_factory=set)  # HNSW: dead ids still in the graph
     build_seconds: float = 0.0
     dirty: bool = False  # changed since built or loaded: save it
+    model: str = ""  # tag of the model of the vectors it was built over ("": not told)
 
     # ------------------------------------------------------------------ build / persist
 
@@ -162,7 +163,7 @@ class AnnIndex:
             want = max(TRAIN_SAMPLE, TRAIN_PER_CELL * p.nlist)
             sample = live if len(live) <= want else rng.choice(live, want, False)
             base.train(np.ascontiguousarray(cache.vectors[np.sort(sample)]))
-        ann = cls(params=p, dim=cache.dim, index=faiss.IndexIDMap2(base))
+        ann = cls(params=p, dim=cache.dim, index=faiss.IndexIDMap2(base), model=cache.model)
         ann._reset_to(cache)
         ann.build_seconds = time.perf_counter() - t0
         return ann
@@ -227,6 +228,7 @@ class AnnIndex:
         meta = {
             "params": asdict(self.params),
             "dim": self.dim,
+            "model": self.model,
             "excluded": sorted(self.excluded),
             "build_seconds": self.build_seconds,
             "saved_at": time.time(),
@@ -248,6 +250,7 @@ class AnnIndex:
             params=AnnParams(**meta["params"]),
             dim=int(meta["dim"]),
             index=faiss.read_index(str(path)),
+            model=str(meta.get("model", "")),
         )
         ann.excluded = {int(i) for i in meta.get("excluded", [])}
         ann.build_seconds = float(meta.get("build_seconds", 0.0))

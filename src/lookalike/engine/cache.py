@@ -259,10 +259,13 @@ class VectorCache:
         layout: bumped when rows are renumbered by :meth:`compact`; row numbers are stable
             between two layout changes, new rows are appended.
         frozen: True for a snapshot (it refuses changes).
+        model: tag (``name@version``) of the model the vectors come from, set by whoever
+            fills the cache (``""``: not told); an ANN index built over it records it.
     """
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
+        self.model = ""
         self.seq = 0
         self.listing_seq = 0
         self.listings = ListingTable()

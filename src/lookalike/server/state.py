@@ -79,8 +79,8 @@ class MapCache:
     """The ``GET /map`` answer, built once per change of the collection or its analysis at
     ``size`` points, and sampled from for a smaller ``limit`` (no rebuild per limit).
 
-    The stamp is the vector cache's version and a digest of the stored analysis; a lock makes
-    concurrent requests build the map once.
+    The stamp is the vector cache's model and version and a digest of the stored analysis; a
+    lock makes concurrent requests build the map once.
     """
 
     def __init__(self, size: int) -> None:
@@ -101,7 +101,9 @@ class MapCache:
             digest = hash(
                 frozenset((k, v.get("cluster"), v.get("x")) for k, v in list(analysis.items())[:64])
             )
-            stamp = (cache.version if cache else -1, len(analysis), digest)
+            # with the model: a reindex starts a new cache, whose versions start again
+            model = cache.model if cache else ""
+            stamp = (model, cache.version if cache else -1, len(analysis), digest)
             if stamp != self._stamp:
                 self._body = build(cat, self.size)
                 self._stamp = stamp

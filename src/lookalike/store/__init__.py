@@ -10,12 +10,16 @@ and a change sequence.
 rows it writes (and tombstones of rows it deletes) carry that value. An engine that has applied
 everything up to ``seq`` asks :meth:`Store.changes_since` for the rest and stays in sync
 incrementally, also with writes made by other processes.
+
+**Reindex.** A second model generation is written beside the live rows and switched to in
+one transaction (:mod:`lookalike.store.reindex`: ``reindex_begin`` ... ``reindex_swap``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +34,7 @@ from ..types import (
     SavedHit,
     WatchEntry,
 )
+from .reindex import ReindexItem, ReindexProgress, ReindexRow, SwapOutcome
 
 
 class Store(Protocol):
@@ -185,6 +190,47 @@ class Store(Protocol):
         """Take matches out of the outbox (``published_at`` set)."""
         ...
 
+    # the reindex generation (lookalike.store.reindex)
+
+    def reindex_lock(self) -> AbstractContextManager[None]:
+        """Hold the lock of a running reindex (one per catalog; released if the process dies).
+        Raises ``LookalikeError`` when another reindex holds it."""
+        ...
+
+    def reindex_begin(self, target: ModelInfo) -> ReindexProgress:
+        """Start a reindex to ``target``, or continue the one in progress to the same."""
+        ...
+
+    def reindex_progress(self) -> ReindexProgress | None:
+        """The reindex in progress, or None."""
+        ...
+
+    def reindex_todo(
+        self,
+        *,
+        after: Key | None = None,
+        since_seq: int = 0,
+        retry_failed: bool = True,
+        limit: int = 256,
+    ) -> list[ReindexItem]:
+        """Live rows still to re-extract (by key after ``after``, written after
+        ``since_seq``), at most ``limit``."""
+        ...
+
+    def reindex_write(self, rows: Sequence[ReindexRow]) -> int:
+        """Write re-extracted rows beside the live ones (one transaction)."""
+        ...
+
+    def reindex_swap(
+        self, target: ModelInfo, drop_missing: bool = False, drop_settings: Sequence[str] = ()
+    ) -> SwapOutcome:
+        """Switch to ``target`` in one transaction when every live row is re-extracted."""
+        ...
+
+    def reindex_abort(self) -> bool:
+        """Discard the reindex in progress; False when there is none."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -216,3 +262,13 @@ def open_store(location: str | os.PathLike[str], create: bool = True) -> Store:
     from .sqlite import SqliteStore
 
     return SqliteStore(text, create=create)
+
+
+__all__ = [
+    "ReindexItem",
+    "ReindexProgress",
+    "ReindexRow",
+    "Store",
+    "SwapOutcome",
+    "open_store",
+]

@@ -46,6 +46,8 @@ from ..types import (
 )
 from . import results
 from .records import RECORD_COLUMNS, record_from_row
+from .reindex import parse_model
+from .reindex_pg import PostgresReindex
 from .watch import PostgresWatch
 
 LISTING_COLUMNS = ("stock_level", "etag")
@@ -74,7 +76,7 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
-class PostgresStore(PostgresWatch):
+class PostgresStore(PostgresReindex, PostgresWatch):
     """:class:`~lookalike.store.Store` on PostgreSQL (see the module docstring).
 
     Args:
@@ -158,11 +160,7 @@ class PostgresStore(PostgresWatch):
 
     def model(self) -> ModelInfo | None:
         """The collection's model, or None for an empty new catalog."""
-        raw = self._meta("model")
-        if raw is None:
-            return None
-        d = json.loads(raw)
-        return ModelInfo(d["name"], d["version"], int(d["dim"]))
+        return parse_model(self._meta("model"))
 
     def claim_model(self, info: ModelInfo) -> ModelInfo:
         """Record ``info`` as the collection's model if none is set; return the stored one."""
@@ -219,14 +217,13 @@ class PostgresStore(PostgresWatch):
         if n == 0:
             return 0
         vectors = np.ascontiguousarray(batch.vectors, dtype="<f4")
-        model = self.model()
-        tag = model.tag if model else ""
         now = time.time()
         last: dict[Key, int] = {}  # a key twice in one batch: the last one wins
         for i in range(n):
             last[(batch.listing_ids[i], batch.image_ids[i])] = i
         with self._tx() as cur:
             seq = self._next_seq(cur)
+            tag = self._write_tag(cur, batch)  # the model checked after the counter row
             cur.execute("CREATE TEMP TABLE staging (LIKE features) ON COMMIT DROP")
             with cur.copy(
                 "COPY staging (listing_id, image_id, vector, model, source, sha256, width, "
@@ -300,6 +297,8 @@ class PostgresStore(PostgresWatch):
         with self._tx(read_only=True) as cur:
             cur.execute("SELECT value FROM counters WHERE name = 'seq'")
             high = int(cur.fetchone()[0])
+            cur.execute("SELECT value FROM meta WHERE key = 'model'")
+            raw = cur.fetchone()
             if seq == 0:
                 cur.execute(
                     "SELECT listing_id, image_id, vector FROM features "
@@ -320,7 +319,7 @@ class PostgresStore(PostgresWatch):
                     "SELECT listing_id, image_id FROM deletions WHERE seq > %s ORDER BY seq", (seq,)
                 )
                 deleted = [(r[0], r[1]) for r in cur.fetchall()]
-        model = self.model()
+        model = parse_model(raw[0] if raw else None)
         dim = model.dim if model else 0
         if rows:
             vectors = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype="<f4").reshape(
@@ -333,6 +332,7 @@ class PostgresStore(PostgresWatch):
             upserted=[(r[0], r[1]) for r in rows],
             vectors=vectors.astype(np.float32, copy=False),
             deleted=deleted,
+            model=model,
         )
 
     def get(self, key: Key) -> ImageRecord | None:

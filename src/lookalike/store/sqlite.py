@@ -38,6 +38,8 @@ from ..types import (
 )
 from . import results
 from .records import RECORD_COLUMNS, record_from_row
+from .reindex import SQLITE_SCHEMA as REINDEX_SCHEMA
+from .reindex import SqliteReindex, parse_model
 from .watch import SQLITE_SCHEMA, SqliteWatch
 
 DB_NAME = "catalog.db"
@@ -108,7 +110,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-class SqliteStore(SqliteWatch):
+class SqliteStore(SqliteReindex, SqliteWatch):
     """:class:`~lookalike.store.Store` on SQLite. Thread-safe (one connection, one lock).
 
     Args:
@@ -142,7 +144,10 @@ class SqliteStore(SqliteWatch):
         with self._lock:
             self._conn.executescript(
                 "BEGIN IMMEDIATE;" + _SCHEMA + "INSERT OR IGNORE INTO meta VALUES "
-                f"('schema_version', '{SCHEMA_VERSION}'), ('seq', '0');" + SQLITE_SCHEMA + "COMMIT;"
+                f"('schema_version', '{SCHEMA_VERSION}'), ('seq', '0');"
+                + SQLITE_SCHEMA
+                + REINDEX_SCHEMA
+                + "COMMIT;"
             )
         version = int(self._meta("schema_version") or 0)
         if version > SCHEMA_VERSION:
@@ -223,11 +228,7 @@ class SqliteStore(SqliteWatch):
 
     def model(self) -> ModelInfo | None:
         """The collection's model, or None for an empty new catalog."""
-        raw = self._meta("model")
-        if raw is None:
-            return None
-        d = json.loads(raw)
-        return ModelInfo(d["name"], d["version"], int(d["dim"]))
+        return parse_model(self._meta("model"))
 
     def claim_model(self, info: ModelInfo) -> ModelInfo:
         """Record ``info`` as the collection's model if none is set; return the stored one."""
@@ -281,11 +282,10 @@ class SqliteStore(SqliteWatch):
         if len(batch) == 0:
             return 0
         vectors = np.ascontiguousarray(batch.vectors, dtype="<f4")
-        model = self.model()
-        tag = model.tag if model else ""
         now = time.time()
         with self._write() as cur:
             seq = self._next_seq(cur)
+            tag = self._write_tag(cur, batch)  # the model checked in this transaction
             cur.executemany(
                 "INSERT INTO features (listing_id, image_id, vector, model, source, sha256, "
                 "width, height, ingested_at, labels, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
@@ -340,6 +340,7 @@ class SqliteStore(SqliteWatch):
         """Rows written and deleted after ``seq`` (``0``: everything), in one snapshot."""
         with self._read() as cur:
             high = int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            raw = cur.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
             if seq == 0:
                 rows = cur.execute(
                     "SELECT listing_id, image_id, vector FROM features "
@@ -363,7 +364,7 @@ class SqliteStore(SqliteWatch):
                         (seq,),
                     )
                 ]
-        model = self.model()
+        model = parse_model(raw[0] if raw else None)
         dim = model.dim if model else 0
         if rows:
             vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(
@@ -376,6 +377,7 @@ class SqliteStore(SqliteWatch):
             upserted=[(r[0], r[1]) for r in rows],
             vectors=vectors.astype(np.float32, copy=False),
             deleted=deleted,
+            model=model,
         )
 
     def get(self, key: Key) -> ImageRecord | None:

@@ -31,7 +31,9 @@ The consumer (:class:`StreamIngest`):
   counted against the messages: the ones not written are redelivered, however often, until
   the store is back. Otherwise the store works and the failure is the message's own, whatever
   its kind (even a ``busy`` that waited for no one, which would otherwise come back
-  forever): it is isolated and counted as above;
+  forever): it is isolated and counted as above. A catalog of another version of the
+  extractor (``ModelVersionError``: it waits for ``lookalike reindex``) counts as unavailable
+  too: its messages are redelivered, not dead-lettered;
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
   exits;
 * **matches on arrival** (with ``match``, :class:`~lookalike.stream.recognition.MatchStep`):
@@ -64,7 +66,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import LookalikeError, QueryError, StoreBusyError, StoreError, translate
+from ..errors import (
+    LookalikeError,
+    ModelVersionError,
+    QueryError,
+    StoreBusyError,
+    StoreError,
+    translate,
+)
 from .connection import (
     DEFAULT_STREAM,
     DEFAULT_URL,
@@ -418,7 +427,11 @@ class StreamIngest:
 
     def _store_unavailable(self, err: LookalikeError | None, waited: float) -> bool:
         """Whether a write that failed with ``err`` after ``waited`` seconds met an
-        unavailable store: ``busy`` after waiting for a lock, or no answer to a read."""
+        unavailable store: ``busy`` after waiting for a lock, or no answer to a read; or a
+        catalog of another version of the extractor (``lookalike reindex``): not the
+        messages' fault, so they are redelivered, not dead-lettered."""
+        if isinstance(err, ModelVersionError):
+            return True
         if not isinstance(err, StoreError):
             return False
         if isinstance(err, StoreBusyError) and waited >= LOCK_WAIT_S:
