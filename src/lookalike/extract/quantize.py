@@ -92,7 +92,7 @@ def quantize_int8(
 
     batches = [scale_input(img[None]) for img in calibration_images(size)]
 
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
+    class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.it: Iterator[np.ndarray] = iter(batches)
 
