@@ -13,6 +13,7 @@ retrieval mAP and images/s with the float32 network's in the same run (README, "
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,8 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # the tool's advice to pre-process, on the root logger
         try:
             quantize_static(
                 str(src),
@@ -116,4 +119,6 @@ def quantize_int8(
             )
         except Exception as exc:  # the tools raise anything from onnx/numpy
             raise LookalikeError(f"int8 quantization failed: {exc}") from exc
+        finally:
+            logging.disable(previous)
         return dst.read_bytes()
