@@ -16,6 +16,7 @@ Registering is global to the process (schemathesis keeps one registry), and idem
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import schemathesis
 from hypothesis import strategies as st
@@ -117,3 +118,29 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
     if getattr(data, "description", None) == "Multipart body with custom encoding":
         return "" not in case.body.values()
     return True
+
+
+#: Seconds a ``GET /live`` stream of the contract run lasts (see :func:`before_call`).
+LIVE_SECONDS = 0.2
+
+
+@schemathesis.hook
+def before_call(
+    context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]
+) -> None:
+    """Let ``GET /live`` streams end soon, by the server's own ``max_seconds`` parameter: a
+    valid value (in (0, 25]) becomes at most :data:`LIVE_SECONDS`, a missing one is added; an
+    invalid one (the negative cases) is left as drawn. Every valid case still streams (the
+    run asks for ``text/event-stream``, ``tests/contract.toml``) until the server ends it,
+    without waiting out the server's 25 s."""
+    if case.operation.path != "/live" or case.operation.method.lower() != "get":
+        return
+    query = dict(case.query or {})
+    drawn = query.get("max_seconds", LIVE_SECONDS)
+    try:
+        seconds = None if isinstance(drawn, bool) else float(drawn)
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is not None and 0 < seconds <= 25:
+        query["max_seconds"] = min(seconds, LIVE_SECONDS)
+        case.query = query

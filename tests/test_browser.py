@@ -160,3 +160,104 @@ def test_the_page_asks_for_the_read_token_and_searches_with_it(server_url, page,
     assert page.input_value("#token") == READ_TOKEN
     page.click("#tab-explore")
     page.wait_for_selector("#map-status:has-text('84 of 84 images')")
+
+
+@pytest.mark.parametrize("server_url", [{"read_token": READ_TOKEN}], indirect=True)
+def test_the_live_tab_follows_arrivals_with_the_read_token(server_url, page, demo_dir):
+    """With ``--read-token`` the Live tab reads ``GET /live`` with the token in the
+    Authorization header (never in a URL): it shows an uploaded image as it arrives, with its
+    watchlist match and both thumbnails; after a failed connection it tries again."""
+    import httpx
+
+    photo = (demo_dir / "photos" / "camera" / "camera-01.jpg").read_bytes()
+    res = httpx.post(  # writes are open on this server; reads need the token
+        server_url + "/watchlists",
+        json={"name": "cams", "threshold": 0.9, "entries": [{"image_id": "camera/camera-01.jpg"}]},
+        timeout=30,
+    )
+    assert res.status_code == 200, res.text
+    requests = []
+    page.on("request", lambda r: requests.append((r.url, r.headers.get("authorization"))))
+    refused = []
+
+    def first_refused(route):  # the first connection fails: the page must try again
+        if not refused:
+            refused.append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    page.goto(server_url + "/")
+    page.wait_for_selector("#status:has-text('needs an access token')")
+    with page.expect_response(lambda r: "/live" in r.url) as without_token:
+        page.click("#tab-live")
+    assert without_token.value.status == 401
+    page.wait_for_selector("#live-status:has-text('access token')")  # said in words
+
+    page.route("**/live*", first_refused)
+    page.fill("#token", READ_TOKEN)
+    page.dispatch_event("#token", "change")
+    page.wait_for_selector("#live-status:has-text('connected')", timeout=20_000)
+    assert len(refused) == 1  # the first try with the token failed; the next one connected
+    assert page.locator("#live-watchlist option").count() == 2  # everything, cams
+
+    res = httpx.post(
+        server_url + "/images",
+        data={"listing_id": "arrived", "image_id": "arrived/1.jpg"},
+        files={"image": ("1.jpg", photo, "image/jpeg")},
+        timeout=60,
+    )
+    assert res.status_code == 200, res.text
+    card = page.locator('.arrival[data-image="arrived/1.jpg"]')
+    card.locator('.match[data-watchlist="cams"]').wait_for(timeout=20_000)  # the match event
+    card.locator(".when:has-text('added')").wait_for()  # the image event
+    page.wait_for_function(  # the thumbnails came through fetch with the token
+        "[...document.querySelectorAll('.arrival img')].length >= 2 && "
+        "[...document.querySelectorAll('.arrival img')].every(i => i.complete && "
+        "i.naturalWidth > 0)"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live-read-token.png"), full_page=True)
+
+    streams = [auth for url, auth in requests if "/live" in url]
+    assert f"Bearer {READ_TOKEN}" in streams  # the stream was asked for with the token
+    assert not [url for url, _ in requests if READ_TOKEN in url]  # and never in a URL
+
+    # leaving the tab ends the stream: no reader is left on the server
+    page.click("#tab-search")
+    page.wait_for_function("document.getElementById('view-live').hidden")
+    assert page.evaluate("live.ctrl === null")
+
+
+def test_the_page_parses_server_sent_events_as_the_specification_says(server_url, page):
+    """The page's reader of ``text/event-stream`` (``readEvents`` in app.js), fed in 3-byte
+    pieces: LF, CRLF and CR line ends (a CRLF split between pieces too), comments, multi-line
+    data, an event without a type, ``id`` and ``retry``, and UTF-8 split inside a character."""
+    page.goto(server_url + "/")
+    page.wait_for_selector("#stats:has-text('84 images')")
+    text = (
+        ": lookalike live\r\nretry: 750\r\n\r\n"
+        'event: match\ndata: {"a":1}\ndata:x\nid: 7\n\n'
+        "data: plain é€\r\revent: image\r\ndata: y\r\n\r\n"
+        "event: dropped\nid: 9\n\n"  # no data: not dispatched, but the id counts
+        "data: cut"  # no blank line before the end: not dispatched
+    )
+    out = page.evaluate(
+        """async (text) => {
+          const bytes = new TextEncoder().encode(text);
+          const body = new ReadableStream({ start(c) {
+            for (let i = 0; i < bytes.length; i += 3) c.enqueue(bytes.slice(i, i + 3));
+            c.close();
+          } });
+          const state = { lastId: null, retry: 500 }, got = [];
+          await readEvents(body, state, (type, data) => got.push([type, data]));
+          return { got, state };
+        }""",
+        text,
+    )
+    assert out["got"] == [
+        ["match", '{"a":1}\nx'],
+        ["message", "plain é€"],
+        ["image", "y"],
+    ]
+    assert out["state"] == {"lastId": "9", "retry": 750}

@@ -25,6 +25,7 @@ from lookalike.errors import LookalikeError
 from lookalike.extract import get_extractor
 from lookalike.extract.cnn import (
     IMAGE_SIZE,
+    MODEL_NAME,
     ONNX_TOLERANCE,
     TORCH_INSTALL_HINT,
     build_torch_model,
@@ -33,6 +34,7 @@ from lookalike.extract.cnn import (
     scale_input,
     weights_path,
 )
+from lookalike.extract.cnn_options import GraphSpec
 from lookalike.extract.onnx_graph import (
     CONVERTER_VERSION,
     LITE_VARIANTS,
@@ -69,7 +71,8 @@ def state():
 
 @pytest.fixture(scope="module")
 def torch_model():
-    return build_torch_model()
+    """The reference with average pooling (what ``build_onnx_model`` builds by default)."""
+    return build_torch_model(GraphSpec(MODEL_NAME, "avg", 3.0, IMAGE_SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +285,7 @@ def test_an_unwritable_cache_only_costs_a_conversion_per_start(
 
 
 @pytest.mark.slow
-def test_index_and_search_the_demo_without_torch(demo_dir, tmp_path, torch_model, no_orphans):
+def test_index_and_search_the_demo_without_torch(demo_dir, tmp_path, no_orphans):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(NO_TORCH_SITECUSTOMIZE)
@@ -325,8 +328,8 @@ def test_index_and_search_the_demo_without_torch(demo_dir, tmp_path, torch_model
         batch = [load_image(demo_dir / "photos" / n, draft_size=IMAGE_SIZE).image for n in names]
         batch.append(load_image(query, draft_size=IMAGE_SIZE).image)
         x = scale_input(np.stack([cnn.preprocess(im) for im in batch]))
-        with torch.no_grad():
-            pooled = torch_model(torch.from_numpy(x)).numpy()
+        with torch.no_grad():  # the reference of the default cnn
+            pooled = build_torch_model()(torch.from_numpy(x)).numpy()
         ref = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
         got = np.stack([stored[n] for n in names])
         assert np.abs(got - ref[:-1]).max() <= ONNX_TOLERANCE

@@ -46,6 +46,19 @@ def test_wal_mode_is_on(tmp_path):
     assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_new_catalog_packs_several_512_d_rows_a_page(tmp_path):
+    """16 KiB pages: a 512-d float32 row (about 2.2 KB) took a whole 4 KiB page before."""
+    s = open_store(tmp_path / "cat")
+    s.claim_model(ModelInfo("test", "1", 512))
+    keys = [(f"L{i}", f"{i}.jpg") for i in range(2000)]
+    s.upsert(batch(keys, d=512))
+    conn = s._conn
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    s.close()
+    size = (tmp_path / "cat" / "catalog.db").stat().st_size
+    assert size / len(keys) < 3000  # bytes a row (4 KiB pages: 4,170)
+
+
 def test_opening_waits_for_a_writer_instead_of_failing(tmp_path):
     """Switching to WAL while another connection holds a write lock makes SQLite answer
     "database is locked" at once (no busy handler); opening a catalog must wait and succeed.

@@ -408,7 +408,9 @@ def near_duplicate_threshold(cat: Catalog) -> tuple[float, str]:
 
 def similar_threshold(cat: Catalog, sample: int = SIMILAR_SAMPLE, seed: int = 0) -> float:
     """The :data:`SIMILAR_QUANTILE` quantile of scores of random image pairs from different
-    listings, over at most ``sample`` images (seeded; only those rows are copied).
+    listings, over at most ``sample`` images (seeded), drawn from the catalog's vector cache:
+    the one a search uses, so a search pays nothing more (reading the sample's rows from the
+    store instead streamed every vector: 28 s on a 1M x 512 catalog).
 
     Returns:
         The limit, a float in [-1, 1]; 1.0 when fewer than two listings are sampled (nothing
@@ -417,22 +419,14 @@ def similar_threshold(cat: Catalog, sample: int = SIMILAR_SAMPLE, seed: int = 0)
     Raises:
         LookalikeError: the catalog is empty.
     """
-    total = cat.count()
-    if total == 0:
+    cache = cat.vector_cache(attributes=False)
+    live = np.flatnonzero(cache.alive)
+    if not len(live):
         raise LookalikeError(f"{cat.uri} is empty; index some images first")
     rng = np.random.default_rng(seed)
-    wanted = np.sort(rng.choice(total, min(sample, total), replace=False))
-    listings: list[str] = []
-    parts: list[np.ndarray] = []
-    offset = 0
-    for keys, vectors in cat.iter_vectors():
-        rows = wanted[(wanted >= offset) & (wanted < offset + len(keys))] - offset
-        listings.extend(keys[r][0] for r in rows)
-        parts.append(vectors[rows])
-        offset += len(keys)
-    if not listings:
-        raise LookalikeError(f"{cat.uri} is empty; index some images first")
-    picked = np.concatenate(parts)
+    rows = np.sort(rng.choice(live, min(sample, len(live)), replace=False))
+    listings = [cache.keys[r][0] for r in rows]
+    picked = np.asarray(cache.vectors[rows], dtype=np.float32)
     listing = np.asarray(listings)
     scores = picked @ picked.T
     upper = np.triu(np.ones(scores.shape, bool), k=1) & (listing[:, None] != listing[None, :])

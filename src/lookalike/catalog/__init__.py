@@ -27,7 +27,13 @@ from .core import Catalog, open_catalog
 from .engines import ANN_AUTO_BYTES
 from .ingest import IndexReport
 from .reindex import ReindexReport
-from .watch import MAX_WATCH_ENTRIES, WATCH_NAME, check_watch_name, match_event_id
+from .watch import (
+    MAX_WATCH_ENTRIES,
+    WATCH_NAME,
+    check_watch_name,
+    default_entry_ids,
+    match_event_id,
+)
 
 __all__ = [
     "ANN_AUTO_BYTES",
@@ -42,6 +48,7 @@ __all__ = [
     "IndexReport",
     "ReindexReport",
     "check_watch_name",
+    "default_entry_ids",
     "match_event_id",
     "open_catalog",
 ]

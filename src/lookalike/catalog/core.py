@@ -112,22 +112,26 @@ class Catalog(CatalogReindex, CatalogWrites, CatalogRows):
         self._engines.reset()
         return self.settings
 
-    def vector_cache(self) -> VectorCache:
+    def vector_cache(self, attributes: bool = True) -> VectorCache:
         """An immutable snapshot of the in-RAM vector cache, synced with the store first
         (incremental): ``cache.vectors`` ``(n_rows, d) float32``, ``cache.keys``,
         ``cache.alive``. Later writes never change it (the next call returns a newer one).
 
+        Args:
+            attributes: also bring ``cache.listings`` (the listing attributes) up to date;
+                False skips reading them when they were never loaded (1.1 s at 250k listings).
+
         Raises:
             QueryError: the catalog is empty.
         """
-        snap = self._engines.snapshot()
+        snap = self._engines.snapshot(attributes=attributes)
         self._engines.start_background()
         return snap
 
     def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
         """The live vectors of the (synced) vector cache, in cache order, as ``(keys,
         (m, d) float32)`` batches of at most ``batch_size`` rows."""
-        cache = self.vector_cache()
+        cache = self.vector_cache(attributes=False)
         live = np.flatnonzero(cache.alive)
         for start in range(0, len(live), batch_size):
             rows = live[start : start + batch_size]

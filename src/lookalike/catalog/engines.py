@@ -46,6 +46,7 @@ from ..engine import (
 )
 from ..engine.ann import AnnEngine, AnnIndex, AnnParams
 from ..engine.coalesce import BatchPolicy, Coalescer
+from ..engine.codes import CodeTable
 from ..errors import LookalikeError, QueryError
 from ..store import Store
 from ..types import CodeKind, IndexKind, ModelInfo, RawHits, SearchSpec, choices
@@ -185,6 +186,7 @@ class EngineSet:
             "codes": built["codes"],
             "engine_loaded": self.loaded,
             "cache_source": self.source.kind() if self.loaded else None,
+            "codes_source": self.source.codes_kind() if self.loaded else None,
             "cache_rows": snap.n_rows if snap is not None else None,
             "cache_bytes": snap.nbytes() if snap is not None else None,
             "codes_bytes": built["codes_bytes"],
@@ -270,6 +272,7 @@ class EngineSet:
         with self._sync_lock:
             if self._cache is not None:
                 self.source.save_if_changed(self._cache)
+        self._save_codes(self._exact)
 
     def _drop(self, cache: VectorCache) -> None:
         """Forget ``cache`` (its files proved corrupt): the next sync builds a new one."""
@@ -307,6 +310,10 @@ class EngineSet:
             self._bound, self.engine_kind, codes=settings["codes"], rerank=int(settings["rerank"])
         )
         self._code_kind = CodeKind(engine.code_kind)
+        table = getattr(engine, "table", None)
+        if isinstance(table, CodeTable) and self.source.restore_codes(table, self._bound.layout):
+            self._exact = engine  # codes saved with the engine files: no build
+            return
         values = snap.n_rows * snap.dim
         if wait or engine.name == "numpy" or not WARM_VALUES <= values <= warm_limit():
             self._exact = engine
@@ -343,6 +350,13 @@ class EngineSet:
             self._bound = bound
             self._exact = engine
             self._note_built()
+        self._save_codes(engine)
+
+    def _save_codes(self, engine: SearchEngine | None) -> None:
+        """Save ``engine``'s codes beside the engine files (:meth:`CacheSource.save_codes`)."""
+        table = getattr(engine, "table", None)
+        if isinstance(table, CodeTable):
+            self.source.save_codes(table, self._scan_lock)
 
     def start_background(self) -> None:
         """Start the background work a build left for after the first answer: the codes of a

@@ -30,6 +30,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -87,6 +88,13 @@ def match_event_id(listing_id: str, image_id: str, sha256: str, watchlist: str |
     text = "\x1f".join((watchlist or "", listing_id, image_id, sha256))
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return ("w-" if watchlist is not None else "m-") + digest
+
+
+def default_entry_ids(keys: Sequence[Key]) -> list[str]:
+    """The entry ids stored images get in a watchlist when none is given: the image id, or
+    ``listing_id/image_id`` when ``keys`` hold the same image id in several listings."""
+    listings = Counter(iid for _, iid in set(keys))
+    return [iid if listings[iid] == 1 else f"{lid}/{iid}" for lid, iid in keys]
 
 
 @dataclass
@@ -169,7 +177,7 @@ class CatalogWatch(CatalogBase):
         check_watch_name(name)
         t = check_threshold(threshold)
         info = self.model or self.extractor.info
-        v = np.asarray(vectors, dtype=np.float32)
+        v = np.asarray(vectors, dtype=np.float64)
         if v.ndim != 2 or v.shape[1] != info.dim:
             raise ModelMismatchError(
                 f"watchlist vectors have shape {v.shape}; the catalog's model {info.tag} has "
@@ -185,7 +193,9 @@ class CatalogWatch(CatalogBase):
         if len(known | set(entry_ids)) > MAX_WATCH_ENTRIES:
             raise QueryError(f"a watchlist holds at most {MAX_WATCH_ENTRIES} entries")
         self._claim(info)
-        v = l2_normalize(v)
+        # scaled by the largest component first (in float64), so that components near
+        # float32's limit do not overflow the norm to inf
+        v = l2_normalize(v / np.abs(v).max(axis=1, keepdims=True))
         entries = []
         for i, eid in enumerate(entry_ids):
             ref = refs[i] if refs else None
@@ -243,11 +253,10 @@ class CatalogWatch(CatalogBase):
             if rec is None:
                 raise NotFoundError(f"no image {iid!r} in listing {lid!r}")
             vectors.append(rec.vector)
-        ids = [iid for _, iid in keys]
+        defaults = default_entry_ids(keys)
         chosen = [
-            (entry_ids[i] if entry_ids and entry_ids[i] else None)
-            or (iid if ids.count(iid) == 1 else f"{lid}/{iid}")
-            for i, (lid, iid) in enumerate(keys)
+            (entry_ids[i] if entry_ids and entry_ids[i] else None) or defaults[i]
+            for i in range(len(keys))
         ]
         return self.watch_add(
             name,
@@ -373,14 +382,19 @@ class CatalogWatch(CatalogBase):
         return self._store.matches(name, limit=limit, newest=True)
 
     def matches_since(
-        self, after_seq: int = 0, limit: int = 1000, watchlist: str | None = None
+        self,
+        after_seq: int = 0,
+        limit: int = 1000,
+        watchlist: str | None = None,
+        after_id: int | None = None,
     ) -> list[MatchRecord]:
         """Matches recorded after the change sequence ``after_seq`` (commit order), oldest
-        first, at most ``limit``; of one watchlist when given. A tailing reader passes the
-        largest ``seq`` it has seen."""
+        first (by ``seq``, then ``id``), at most ``limit``; of one watchlist when given. A
+        tailing reader passes the ``seq`` and ``id`` of the last row it has seen (one write's
+        rows share a ``seq``: without ``after_id`` the rest of that write is skipped)."""
         if watchlist is not None:
             check_watch_name(watchlist)
-        return self._store.matches(watchlist, after_seq=after_seq, limit=limit)
+        return self._store.matches(watchlist, after_seq=after_seq, after_id=after_id, limit=limit)
 
     def latest_matches(self, limit: int = 50) -> list[MatchRecord]:
         """The newest ``limit`` recorded matches, oldest first."""

@@ -67,6 +67,7 @@ rows are encoded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -220,12 +221,78 @@ class CodeTable:
         self._packed = np.zeros(0, dtype=np.uint8)
         self._encode(x, 0, cache.n_rows)
 
-    def _ensure_capacity(self, n: int) -> None:
-        blocks = (n + BLOCK - 1) // BLOCK
+    def packed_bytes(self, n: int) -> int:
+        """Bytes of packed codes that hold rows ``0 .. n - 1`` (whole blocks of
+        :data:`BLOCK` rows; 0 for ``float32``)."""
+        if self.kind == _kernels.KIND_FLOAT32:
+            return 0
         per_block = BLOCK * self.dim * 2 if self.kind == _kernels.KIND_FLOAT16 else BLOCK * self.dp
-        need = blocks * per_block
+        return (n + BLOCK - 1) // BLOCK * per_block
+
+    @property
+    def layout(self) -> int:
+        """The ``layout`` of the cache whose rows the codes hold (-1 before the first sync)."""
+        return self._layout
+
+    def state(self, n: int) -> tuple[dict[str, Any], np.ndarray]:
+        """What :meth:`restore` needs to scan the first rows without encoding them again:
+        JSON-ready scalars (kind, dim, rows, the int8 fit, the norms of the bound) and the
+        packed codes, ``(packed_bytes(m),) uint8`` (a view), for the ``m`` rows of the whole
+        :data:`BLOCK`-row blocks among the first ``min(n, n_encoded)`` (a partial block may
+        still be written by a later encode; whole ones never are, until a rebuild makes a
+        new array).
+
+        The norms are maxima over every encoded row, so they bound the first ``m`` too (a
+        bound that is larger than needed keeps answers exact).
+
+        Raises:
+            ValueError: the table is ``float32`` (it has no codes).
+        """
+        if self.kind == _kernels.KIND_FLOAT32:
+            raise ValueError("a float32 table has no codes to save")
+        n = min(n, self.n_encoded) // BLOCK * BLOCK
+        meta = {
+            "kind": str(self.code_kind),
+            "dim": self.dim,
+            "n_encoded": n,
+            "n_at_fit": self.n_at_fit,
+            "fit": self._fit.tolist(),  # float64 -> JSON numbers: repr round-trips exactly
+            "max_norm": self.max_norm,
+            "max_code_norm": self.max_code_norm,
+            "max_err_norm": self.max_err_norm,
+        }
+        return meta, self._packed[: self.packed_bytes(n)]
+
+    def restore(self, meta: dict[str, Any], packed: np.ndarray, layout: int) -> None:
+        """Take a state from :meth:`state` (codes of the first ``meta["n_encoded"]`` rows of a
+        cache whose ``layout`` is ``layout``); later rows are encoded by :meth:`sync` as usual.
+        ``packed`` is used as it is (e.g. a copy-on-write memory map) until the table grows.
+
+        Raises:
+            ValueError: the state is of another kind or dimension, or its sizes disagree.
+        """
+        n = int(meta["n_encoded"])
+        if meta["kind"] != str(self.code_kind) or int(meta["dim"]) != self.dim or n < 0:
+            raise ValueError(f"codes of {meta['kind']} d={meta['dim']} do not fit this table")
+        if packed.dtype != np.uint8 or packed.ndim != 1 or len(packed) < self.packed_bytes(n):
+            raise ValueError(f"{len(packed)} bytes of codes cannot hold {n} rows")
+        fit = np.asarray(meta["fit"], dtype=np.float64)
+        if fit.shape != (3, self.dim):
+            raise ValueError(f"an int8 fit of shape {fit.shape}")
+        self._fit = np.ascontiguousarray(fit)
+        self.n_at_fit = int(meta["n_at_fit"])
+        self.max_norm = float(meta["max_norm"])
+        self.max_code_norm = float(meta["max_code_norm"])
+        self.max_err_norm = float(meta["max_err_norm"])
+        self._packed = packed
+        self.n_encoded = n
+        self._layout = layout
+
+    def _ensure_capacity(self, n: int) -> None:
+        need = self.packed_bytes(n)
+        per_block = self.packed_bytes(1)
         if self._packed.size < need:
-            cap_blocks = max(blocks, int(self._packed.size / per_block * 1.5) + 64)
+            cap_blocks = max(need // per_block, int(self._packed.size / per_block * 1.5) + 64)
             grown = np.zeros(cap_blocks * per_block, dtype=np.uint8)
             grown[: self._packed.size] = self._packed
             self._packed = grown

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import atomic_path, atomic_write
 from .cache import VectorCache
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,78 @@ class EngineFiles:
         if state is None:
             return True
         return self.chunk_digests(vectors, 0, state.n_rows) == state.sums
+
+    # ------------------------------------------------------------------ codes
+
+    def load_codes(self, kind: str) -> tuple[dict[str, Any], np.ndarray] | None:
+        """The saved code table of ``kind`` for the files this process read (``g-<id>/
+        codes-<kind>.json`` and ``.bin``: :meth:`save_codes`), or None when there is none, it
+        belongs to another generation, or its sizes disagree. The codes are memory-mapped
+        copy-on-write: ``(nbytes,) uint8``. Their digest is not checked here: call
+        :meth:`verify_codes` in the background.
+        """
+        state = self.state
+        if state is None:
+            return None
+        folder = self.folder / state.generation
+        try:
+            meta = json.loads((folder / f"codes-{kind}.json").read_text(encoding="utf-8"))
+            if meta.get("generation") != state.generation or meta.get("kind") != kind:
+                return None
+            if int(meta["n_encoded"]) > state.n_rows or meta.get("model") != self.model:
+                return None
+            size = int(meta["bytes"])
+            path = folder / f"codes-{kind}.bin"
+            if path.stat().st_size != size or size == 0:
+                return None
+            packed = np.memmap(path, dtype=np.uint8, mode="c", shape=(size,))
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            log.info("saved codes in %s not used: %s", folder, exc)
+            return None
+        return meta, packed
+
+    @staticmethod
+    def verify_codes(meta: dict[str, Any], packed: np.ndarray) -> bool:
+        """Whether ``packed`` matches the BLAKE2b digest saved with it (reads it all)."""
+        return hashlib.blake2b(packed.data.cast("B"), digest_size=16).hexdigest() == meta.get(
+            "digest"
+        )
+
+    def save_codes(self, meta: dict[str, Any], packed: np.ndarray) -> bool:
+        """Save a code table's state (``CodeTable.state``) beside the files this process read
+        or wrote, when they are still the current generation and hold every row the codes
+        cover; written to temporary names and renamed, the JSON last (the commit point).
+
+        Returns:
+            Whether they were saved.
+
+        Raises:
+            OSError: the folder cannot be written.
+        """
+        state = self.state
+        if state is None or int(meta["n_encoded"]) > state.n_rows:
+            return False
+        with self._locked():
+            head = self.header()
+            if head is None or head.get("generation") != state.generation:
+                return False
+            folder = self.folder / state.generation
+            kind = str(meta["kind"])
+            data = np.ascontiguousarray(packed)
+            full = {
+                **meta,
+                "generation": state.generation,
+                "model": self.model,
+                "bytes": int(data.nbytes),
+                "digest": hashlib.blake2b(data.data.cast("B"), digest_size=16).hexdigest(),
+            }
+            (folder / f"codes-{kind}.json").unlink(missing_ok=True)  # no stale commit point
+            with atomic_path(folder / f"codes-{kind}.bin") as tmp, open(tmp, "wb") as fh:
+                fh.write(data.data.cast("B"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            atomic_write(folder / f"codes-{kind}.json", json.dumps(full))
+        return True
 
     def discard(self) -> None:
         """Remove the header (the files are then rebuilt from the store by the next load)."""

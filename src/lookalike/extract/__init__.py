@@ -12,7 +12,8 @@ Extractors are looked up by name with :func:`get_extractor`. Built in:
 ========== ====== ===========================================================================
 name        d      what
 ========== ====== ===========================================================================
-``cnn``     1280   EfficientNet-Lite0 (ImageNet), global average pool of the last feature map
+``cnn``     1280   EfficientNet-Lite0 (ImageNet), whole photo padded to a square, GeM pooling
+                   (options and versions: :mod:`.cnn_options`)
 ``hog``     1764   OpenCV histogram of oriented gradients, 128x128 grey window
 ``colorhist`` 512  8x8x8 HSV colour histogram (a baseline for evaluations)
 ========== ====== ===========================================================================
@@ -32,7 +33,8 @@ from .base import BaseExtractor, Extractor, center_crop_resize, l2_normalize
 #: "Near-duplicate thresholds"). ``colorhist`` has none: no threshold reaches that precision on
 #: Fashion-MNIST. A catalog's own calibration (``lookalike calibrate``) takes precedence.
 NEAR_DUPLICATE_THRESHOLDS: dict[str, float] = {
-    "cnn@efficientnet-lite0-0.1.0-gap/1": 0.936,
+    "cnn@efficientnet-lite0-0.1.0-pad-gem3/1": 0.876,  # the cnn default
+    "cnn@efficientnet-lite0-0.1.0-gap/1": 0.936,  # the cnn default before the pad-gem3 version
     "hog@opencv-hog-w128-c16-b32-s16-n9/1": 0.981,
 }
 

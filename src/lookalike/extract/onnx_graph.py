@@ -175,7 +175,7 @@ def same_pads(size: int, kernel: int, stride: int) -> tuple[list[int], int]:
 class _Graph:
     """Accumulates ONNX nodes and initializers; reads weights from the state dict."""
 
-    def __init__(self, state: Mapping[str, np.ndarray], variant: LiteVariant) -> None:
+    def __init__(self, state: Mapping[str, np.ndarray], variant: LiteVariant, size: int) -> None:
         from onnx import helper, numpy_helper
 
         self.helper = helper
@@ -184,7 +184,7 @@ class _Graph:
         self.variant = variant
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self.size = variant.image_size
+        self.size = size
         self.add_const("relu6_min", np.array(0.0, np.float32))
         self.add_const("relu6_max", np.array(RELU6_MAX, np.float32))
 
@@ -290,6 +290,7 @@ def build_onnx_model(
     pooling: str = "avg",
     gem_p: float = 3.0,
     opset: int = 17,
+    image_size: int | None = None,
 ) -> onnx.ModelProto:
     """The pooled-feature network of ``variant`` as an ONNX model, BN folded into the convs.
 
@@ -301,14 +302,17 @@ def build_onnx_model(
         pooling: ``"avg"`` (global average) or ``"gem"`` (generalized mean with ``gem_p``).
         gem_p: GeM exponent (> 0), used when ``pooling="gem"``.
         opset: ONNX operator set of the graph.
+        image_size: the input's side ``S`` in pixels (default: the variant's own size). The
+            ``SAME`` paddings are computed for it, so a graph runs at one size only (other
+            sizes serve multi-scale descriptors).
 
     Returns:
         A checked model: ``input`` ``(batch, 3, S, S) float32`` -> ``features``
         ``(batch, 1280) float32``.
 
     Raises:
-        LookalikeError: unknown variant or pooling, bad ``gem_p``, or weights that are
-            missing or of the wrong shape for the variant.
+        LookalikeError: unknown variant or pooling, bad ``gem_p`` or ``image_size``, or
+            weights that are missing or of the wrong shape for the variant.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -320,7 +324,10 @@ def build_onnx_model(
     if pooling == "gem" and not (math.isfinite(gem_p) and gem_p > 0):
         raise LookalikeError(f"GeM exponent must be a positive number, not {gem_p}")
     spec = LITE_VARIANTS[variant]
-    g = _Graph(state, spec)
+    size = spec.image_size if image_size is None else image_size
+    if not 32 <= size <= 1024:
+        raise LookalikeError(f"image size must be 32 to 1024 pixels, not {size}")
+    g = _Graph(state, spec, size)
     x = g.conv_bn("input", "_conv_stem", "_bn0", 3, STEM_CHANNELS, 3, 2)
     blocks = blocks_of(spec)
     extra = {k for k in state if k.startswith("_blocks.") and int(k.split(".")[1]) >= len(blocks)}
@@ -332,7 +339,6 @@ def build_onnx_model(
         x = g.block(x, b)
     x = g.conv_bn(x, "_conv_head", "_bn1", blocks[-1].out_ch, HEAD_CHANNELS)
     out = g.pool(x, pooling, gem_p)
-    size = spec.image_size
     graph = helper.make_graph(
         g.nodes,
         f"{variant}-{pooling}",

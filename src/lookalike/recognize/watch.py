@@ -101,16 +101,18 @@ class MatchEvent:
 
 
 def stored_vectors(cat: Catalog, keys: Sequence[Key]) -> tuple[np.ndarray, list[bool]]:
-    """The stored vectors of ``keys`` from the catalog's synced vector cache: ``(n, d)
-    float32`` (zero rows where a key is not stored), and which keys were found."""
-    cache = cat.vector_cache()
-    out = np.zeros((len(keys), cache.dim), dtype=np.float32)
+    """The stored vectors of ``keys``, read from the store by key (a primary-key lookup each;
+    not the vector cache, whose key map a new snapshot would rebuild over every row): ``(n,
+    d) float32`` (zero rows where a key is not stored), and which keys were found."""
+    model = cat.model
+    out = np.zeros((len(keys), model.dim if model else 0), dtype=np.float32)
     found = []
-    for i, key in enumerate(keys):
-        row = cache.row_of.get(key)
-        found.append(row is not None)
-        if row is not None:
-            out[i] = cache.vectors[row]
+    for i, (lid, iid) in enumerate(keys):
+        try:
+            out[i] = cat.get_image_vector(iid, lid)
+            found.append(True)
+        except NotFoundError:
+            found.append(False)
     return out, found
 
 

@@ -20,9 +20,11 @@ the ``swagger-ui-bundle`` package, no CDN): ``POST /search`` (multipart upload o
 token when the server has one; so is ``POST /search`` with ``save=true``),
 ``GET /images/{image_id}``, ``GET /thumbnails/{image_id}`` (and the older
 ``GET /images/{image_id}/thumbnail``), ``GET /results/{query_id}``, ``GET /listings/{id}``,
-``GET /stats``, ``GET /healthz``, ``GET /metrics``, ``GET /map``, ``GET /options``, and
-``GET /``: the page. Reads need the read token when the server has one (``/healthz``, the
-page's files and the docs stay open). Errors are JSON ``{"error": {"status", "message"}}``
+``GET /stats``, ``GET /healthz``, ``GET /metrics``, ``GET /map``, ``GET /options``, the
+watchlists (``/watchlists...``: :mod:`~lookalike.server.routes.watch`), ``GET /live``
+(server-sent events: :mod:`~lookalike.server.routes.live`), and ``GET /``: the page. Reads
+need the read token when the server has one (``/healthz``, the page's files and the docs stay
+open). Errors are JSON ``{"error": {"status", "message"}}``
 with the right 4xx/5xx code, a 500 included (:class:`~lookalike.server.routing.CatchAll`).
 
 Limits, all checked before the work they guard: the token before the body is read; the

@@ -10,8 +10,9 @@ enforces that FastAPI cannot see.
 * Error answers are JSON on every operation (FastAPI documents them in a route's own media
   type, text/plain for ``/metrics``).
 * A multipart image part declares the image media types it may carry (``encoding``).
-* ``vector`` of a JSON search has the catalog's dimension (``minItems`` = ``maxItems`` = d)
-  once the catalog has a model; the document is rebuilt when that changes.
+* ``vector`` of a JSON search and of a watchlist entry has the catalog's dimension
+  (``minItems`` = ``maxItems`` = d) once the catalog has a model; the document is rebuilt
+  when that changes.
 
 The constraints of the fields themselves (id patterns, ranges, enums, lengths) are those of
 the pydantic models and parameters in :mod:`lookalike.server.schemas` and the routes, which
@@ -42,6 +43,8 @@ BEARER = {
 }
 #: Read operations that write when asked to (``save=true``): the write token is optional.
 SAVING = frozenset({"search"})
+#: Request models whose ``vector`` has the catalog's dimension.
+VECTOR_MODELS = ("SearchRequest", "WatchVectorEntry")
 
 
 def document(app: FastAPI) -> dict[str, Any]:
@@ -64,9 +67,10 @@ def document(app: FastAPI) -> dict[str, Any]:
             _image_encoding(operation, components)
     if "ListingAttrs" in components:
         components["ListingAttrs"] = listing_attrs_schema()
-    vector = components.get("SearchRequest", {}).get("properties", {}).get("vector")
-    if vector is not None and dim is not None:
-        vector.update(minItems=dim, maxItems=dim)
+    for name in VECTOR_MODELS:
+        vector = components.get(name, {}).get("properties", {}).get("vector")
+        if vector is not None and dim is not None:
+            vector.update(minItems=dim, maxItems=dim)
     app.state.openapi_dim = dim
     app.openapi_schema = schema
     return schema

@@ -100,10 +100,26 @@ def _blank_is_none(where: str | None) -> str | None:
 def _has_peak(vector: list[float] | None) -> list[float] | None:
     if vector is not None and not any(abs(x) >= VECTOR_MIN_PEAK for x in vector):
         raise ValueError(
-            f"a query vector needs a component of magnitude >= {VECTOR_MIN_PEAK:g} "
+            f"a vector needs a component of magnitude >= {VECTOR_MIN_PEAK:g} "
             "(an all-zero vector has no direction)"
         )
     return vector
+
+
+#: A vector as JSON (a query, a watchlist entry): at most 65,536 numbers within float32's
+#: range, one at least :data:`VECTOR_MIN_PEAK` in magnitude (JSON Schema ``contains``). The
+#: OpenAPI document gives it the catalog's dimension (``minItems`` = ``maxItems`` = d,
+#: :func:`lookalike.server.openapi.document`).
+Vector = Annotated[
+    list[Annotated[float, Field(ge=-VECTOR_MAX, le=VECTOR_MAX)]],
+    Field(
+        max_length=65_536,
+        json_schema_extra={
+            "contains": {"anyOf": [{"minimum": VECTOR_MIN_PEAK}, {"maximum": -VECTOR_MIN_PEAK}]}
+        },
+    ),
+    AfterValidator(_has_peak),
+]
 
 
 class SearchOptions(BaseModel):
@@ -150,9 +166,14 @@ def _options_schema(schema: dict[str, Any]) -> None:
 
 
 def _form_schema(schema: dict[str, Any]) -> None:
-    """A form field cannot carry null: an optional field is left out instead, so the
-    multipart schema declares no ``null`` alternatives (nor null defaults)."""
     _options_schema(schema)
+    form_schema(schema)
+
+
+def form_schema(schema: dict[str, Any]) -> None:
+    """A form field cannot carry null: an optional field is left out instead, so the
+    multipart schema of a form model declares no ``null`` alternatives (nor null defaults).
+    Use as the model's ``json_schema_extra``."""
     for prop in schema.get("properties", {}).values():
         options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
         if len(options) == 1:
@@ -200,17 +221,10 @@ class SearchRequest(SearchOptions):
         None, description="A stored image's id.", examples=["truck-17/front.jpg"]
     )
     listing_id: LookupId | None = Field(None, description="Its listing, when ids repeat.")
-    vector: Annotated[
-        list[Annotated[float, Field(ge=-VECTOR_MAX, le=VECTOR_MAX)]],
-        Field(max_length=65_536),
-        AfterValidator(_has_peak),
-    ] = Field(
+    vector: Vector = Field(
         None,  # type: ignore[arg-type]  # absent is None; null is refused (no | None)
         description=f"A query vector (normalized by the server); one component at least "
         f"needs a magnitude >= {VECTOR_MIN_PEAK:g}.",
-        json_schema_extra={
-            "contains": {"anyOf": [{"minimum": VECTOR_MIN_PEAK}, {"maximum": -VECTOR_MIN_PEAK}]}
-        },
     )
 
     @model_validator(mode="before")

@@ -177,11 +177,13 @@ class Store(Protocol):
         watchlist: str | None = None,
         *,
         after_seq: int = 0,
+        after_id: int | None = None,
         unpublished: bool = False,
         limit: int = 1000,
         newest: bool = False,
     ) -> list[MatchRecord]:
-        """Recorded matches after ``after_seq``, oldest first (see :mod:`.watch`)."""
+        """Recorded matches after ``after_seq`` (or after the row ``(after_seq, after_id)``),
+        oldest first (see :mod:`.watch`)."""
         ...
 
     def mark_published(self, ids: Sequence[int], when: float | None = None) -> None:

@@ -14,6 +14,8 @@
   **outbox** of the match events: ``published_at`` is NULL until a publisher marks the row
   (a partial index keeps that scan small). ``seq`` is the store's change sequence of the write
   that recorded the row, i.e. commit order, so a reader tailing ``seq > s`` misses nothing.
+  One write's rows share its ``seq``: a reader that stops inside a write resumes after the
+  ``(seq, id)`` it saw last (``after_id``), rows being read in ``(seq, id)`` order.
 """
 
 from __future__ import annotations
@@ -140,11 +142,16 @@ def _match_row(m: MatchRecord, seq: int) -> tuple[Any, ...]:
 
 
 def _match_filter(
-    watchlist: str | None, after_seq: int, unpublished: bool, mark: str
+    watchlist: str | None, after_seq: int, after_id: int | None, unpublished: bool, mark: str
 ) -> tuple[str, list[Any]]:
-    """``WHERE`` clause and parameters of a ``matches`` read (``mark``: the placeholder)."""
-    where = [f"seq > {mark}"]
-    params: list[Any] = [after_seq]
+    """``WHERE`` clause and parameters of a ``matches`` read (``mark``: the placeholder):
+    rows after ``after_seq`` or, given ``after_id``, after ``(after_seq, after_id)``."""
+    if after_id is None:
+        where = [f"seq > {mark}"]
+        params: list[Any] = [after_seq]
+    else:  # "seq >= s" first, so that the index on seq narrows the scan
+        where = [f"seq >= {mark} AND (seq > {mark} OR id > {mark})"]
+        params = [after_seq, after_seq, after_id]
     if watchlist is not None:
         where.append(f"watchlist = {mark}")
         params.append(watchlist)
@@ -248,14 +255,16 @@ class SqliteWatch:
         watchlist: str | None = None,
         *,
         after_seq: int = 0,
+        after_id: int | None = None,
         unpublished: bool = False,
         limit: int = 1000,
         newest: bool = False,
     ) -> list[MatchRecord]:
-        """Recorded matches with ``seq > after_seq`` (of ``watchlist`` only, when given;
+        """Recorded matches with ``seq > after_seq`` (given ``after_id``: after the row
+        ``(after_seq, after_id)`` in ``(seq, id)`` order; of ``watchlist`` only, when given;
         still in the outbox only, with ``unpublished``), oldest first, at most ``limit``
         (capped at :data:`MAX_MATCH_ROWS`); ``newest``: the newest ``limit`` of them."""
-        where, params = _match_filter(watchlist, after_seq, unpublished, "?")
+        where, params = _match_filter(watchlist, after_seq, after_id, unpublished, "?")
         order = "DESC" if newest else ""
         with self._lock:
             rows = self._conn.execute(
@@ -372,14 +381,16 @@ class PostgresWatch:
         watchlist: str | None = None,
         *,
         after_seq: int = 0,
+        after_id: int | None = None,
         unpublished: bool = False,
         limit: int = 1000,
         newest: bool = False,
     ) -> list[MatchRecord]:
-        """Recorded matches with ``seq > after_seq`` (of ``watchlist`` only, when given;
+        """Recorded matches with ``seq > after_seq`` (given ``after_id``: after the row
+        ``(after_seq, after_id)`` in ``(seq, id)`` order; of ``watchlist`` only, when given;
         still in the outbox only, with ``unpublished``), oldest first, at most ``limit``
         (capped at :data:`MAX_MATCH_ROWS`); ``newest``: the newest ``limit`` of them."""
-        where, params = _match_filter(watchlist, after_seq, unpublished, "%s")
+        where, params = _match_filter(watchlist, after_seq, after_id, unpublished, "%s")
         order = "DESC" if newest else ""
         with self._tx(read_only=True) as cur:
             cur.execute(

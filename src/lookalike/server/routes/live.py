@@ -8,18 +8,24 @@ Two kinds of event, JSON in ``data``:
   "thumbnail_url"}``;
 * ``match``: a row of the catalog's ``matches`` table, whoever wrote it (the stream consumer's
   match on arrival, any process's watchlist matches), found by tailing the table's change
-  sequence twice a second while a client listens: the fields of ``GET
-  /watchlists/{name}/hits`` (:class:`~lookalike.server.routes.watch.MatchOut`); the SSE
-  ``id`` is the row's ``seq``.
+  sequence twice a second while a client listens: the fields of ``GET /matches``
+  (:class:`~lookalike.server.routes.watch.MatchOut`); the SSE
+  ``id`` is the row's place in commit order, ``<seq>-<id>`` (one write's rows share a
+  ``seq``, so a stream cut inside a write resumes at the next row of it).
 
 ``?watchlist=NAME`` sends only that watchlist's matches (no ``image`` events); ``?backlog=N``
 (default 20) sends the newest N matches first, or, on a reconnect with ``Last-Event-ID``, the
 matches after it. The stream follows new events only for a client that accepts
-``text/event-stream`` (``EventSource`` does); for any other the backlog is the whole answer
-(a poll). Each client has a bounded queue (:data:`QUEUE_SIZE`): a client too slow to
-keep up is dropped (its stream ends; ``EventSource`` reconnects). A stream lasts at most
-:data:`STREAM_S` seconds, then ends with ``retry`` set, so that a server shutting down never
-waits long on an open page; the browser reconnects by itself. Reads follow the read rules.
+``text/event-stream`` (``EventSource`` and the page's reader do); for any other the backlog is
+the whole answer (a poll). A stream ends after ``?max_seconds=`` (default and most
+:data:`STREAM_S`) or ``?max_events=`` events (the backlog's included), with ``retry`` set, so
+that a server shutting down never waits long on an open page and ``curl`` can take a bounded
+sample; a browser reconnects by itself. Each client has a bounded queue (:data:`QUEUE_SIZE`):
+a client too slow to keep up is dropped (its stream ends; it reconnects).
+
+Reads follow the read rules: with ``serve --read-token`` the token is checked before the stream
+starts (401 otherwise). ``EventSource`` cannot send it, so the page reads the stream with
+``fetch`` and the ``Authorization`` header (``static/app.js``), never with the token in the URL.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from ...types import Key, WriteStatus
 from ..deps import READ
 from ..routing import ServerRoute
 from ..schemas import ERRORS, thumbnail_url
-from .watch import NAME_PATTERN, match_out
+from .watch import NAME_PATTERN, match_out, newest_matches
 
 router = APIRouter(route_class=ServerRoute, tags=["live"], responses=ERRORS)
 
@@ -48,7 +54,7 @@ router = APIRouter(route_class=ServerRoute, tags=["live"], responses=ERRORS)
 QUEUE_SIZE = 256
 #: Seconds between looks at the ``matches`` table while a client listens.
 POLL_S = 0.5
-#: Seconds a stream lasts before it ends (the browser reconnects after ``RETRY_MS``).
+#: Seconds a stream lasts at most before it ends (the browser reconnects after ``RETRY_MS``).
 STREAM_S = 25.0
 #: Milliseconds the browser waits before it reconnects.
 RETRY_MS = 500
@@ -56,12 +62,30 @@ RETRY_MS = 500
 MAX_BACKLOG = 200
 
 
+#: A ``matches`` row's place in commit order: ``(seq, id)``.
+Cursor = tuple[int, int]
+
+
+def event_id(cursor: Cursor) -> str:
+    """The SSE ``id`` of a match event: ``<seq>-<id>``."""
+    return f"{cursor[0]}-{cursor[1]}"
+
+
+def parse_event_id(text: str) -> tuple[int, int | None] | None:
+    """``(seq, id)`` of a ``Last-Event-ID`` (:data:`EVENT_ID_PATTERN`): ``<seq>-<id>``, or
+    ``(seq, None)`` for ``<seq>`` alone (after that whole write); None for anything else."""
+    seq, _, row = text.partition("-")
+    if not seq.isascii() or not seq.isdigit() or (row and not (row.isascii() and row.isdigit())):
+        return None
+    return int(seq), int(row) if row else None
+
+
 @dataclass(eq=False)
 class _Client:
     """One listener: its queue, its filter, and whether it was dropped."""
 
     watchlist: str | None
-    queue: asyncio.Queue[tuple[str, dict[str, Any], str | None]] = field(
+    queue: asyncio.Queue[tuple[str, dict[str, Any], Cursor | None]] = field(
         default_factory=lambda: asyncio.Queue(QUEUE_SIZE)
     )
     dropped: bool = False
@@ -79,7 +103,7 @@ class LiveHub:
     def __init__(self, catalog: Catalog, loop: asyncio.AbstractEventLoop) -> None:
         self.catalog, self.loop = catalog, loop
         self.clients: set[_Client] = set()
-        self.seq: int | None = None  # the newest match row sent
+        self.cursor: Cursor | None = None  # the newest match row fanned out
         self._poller: asyncio.Task[None] | None = None
         catalog.add_write_listener(self.written)
 
@@ -103,13 +127,13 @@ class LiveHub:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                 self.loop.call_soon_threadsafe(self.fanout, "image", event, None)
 
-    def fanout(self, kind: str, item: dict[str, Any], event_id: str | None) -> None:
+    def fanout(self, kind: str, item: dict[str, Any], cursor: Cursor | None) -> None:
         """Queue an event for every client that wants it; drop a client whose queue is full."""
         for client in list(self.clients):
             if not client.wants(kind, item):
                 continue
             try:
-                client.queue.put_nowait((kind, item, event_id))
+                client.queue.put_nowait((kind, item, cursor))
             except asyncio.QueueFull:
                 client.dropped = True
                 self.clients.discard(client)
@@ -117,9 +141,9 @@ class LiveHub:
     async def subscribe(self, watchlist: str | None) -> _Client:
         """A new client; starts the poller of the ``matches`` table."""
         client = _Client(watchlist)
-        if self.seq is None:
+        if self.cursor is None:
             newest = await run_in_threadpool(self.catalog.latest_matches, 1)
-            self.seq = newest[-1].seq if newest else 0
+            self.cursor = (newest[-1].seq, newest[-1].id) if newest else (0, 0)
         self.clients.add(client)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
@@ -131,13 +155,14 @@ class LiveHub:
 
     async def _poll(self) -> None:
         while self.clients:
+            seq, row_id = self.cursor or (0, 0)
             try:
-                rows = await run_in_threadpool(self.catalog.matches_since, self.seq or 0, 500)
+                rows = await run_in_threadpool(self.catalog.matches_since, seq, 500, None, row_id)
             except Exception:  # the store is busy or gone: try again
                 rows = []
             for row in rows:
-                self.seq = max(self.seq or 0, row.seq)
-                self.fanout("match", match_out(row), str(row.seq))
+                self.cursor = (row.seq, row.id)
+                self.fanout("match", match_out(row), self.cursor)
             if len(rows) < 500:
                 await asyncio.sleep(POLL_S)
 
@@ -154,57 +179,88 @@ def hub_of(request: Request) -> LiveHub:
     return hub
 
 
+#: ``Last-Event-ID`` as this server sends it (:func:`event_id`), or a ``seq`` alone.
+EVENT_ID_PATTERN = r"^[0-9]{1,18}(-[0-9]{1,18})?$"
+#: Most events one stream may be asked to end after.
+MAX_EVENTS = 10_000
+
+
 @router.get(
     "/live",
+    operation_id="live",
     response_class=EventSourceResponse,
     dependencies=READ,
     summary="Server-sent events of arriving images and their matches",
+    description="`event: image` (an image this server wrote) and `event: match` (a new row of "
+    "the matches table; `id` is `<seq>-<row id>`, commit order), JSON in `data`. Send "
+    "`Accept: text/event-stream` to follow new events; otherwise the answer is the backlog "
+    "alone. The stream ends after `max_seconds` or `max_events`; reconnect with "
+    "`Last-Event-ID` to resume the matches.",
 )
 async def live(
     request: Request,
     watchlist: Annotated[
         str | None, Query(pattern=NAME_PATTERN, description="Only this watchlist's matches.")
     ] = None,
-    backlog: Annotated[int, Query(ge=0, le=MAX_BACKLOG, description="Recent matches first.")] = 20,
-    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
-    accept: Annotated[str | None, Header(max_length=1024)] = None,
+    backlog: Annotated[
+        int, Query(ge=0, le=MAX_BACKLOG, description="The newest matches, sent first.")
+    ] = 20,
+    max_events: Annotated[
+        int | None,
+        Query(
+            ge=1, le=MAX_EVENTS, description="End the stream after this many events (backlog too)."
+        ),
+    ] = None,
+    max_seconds: Annotated[
+        float, Query(gt=0, le=STREAM_S, description="End the stream after this many seconds.")
+    ] = STREAM_S,
+    last_event_id: str = Header(  # absent is None; a header is never null (no | None)
+        None,
+        pattern=EVENT_ID_PATTERN,
+        description="The last match's id seen: send the matches after it (not the backlog).",
+    ),
 ) -> AsyncIterator[ServerSentEvent]:
+    follow = "text/event-stream" in request.headers.get("accept", "")
+    deadline = time.monotonic() + max_seconds
+    left = MAX_EVENTS if max_events is None else max_events
     hub = hub_of(request)
+    # the answer's head and the reconnect delay go out before any store read
+    yield ServerSentEvent(comment="lookalike live", retry=RETRY_MS)
     client = await hub.subscribe(watchlist)
     try:
         cat = hub.catalog
-        if last_event_id is not None and last_event_id.isdigit():
+        after = None if last_event_id is None else parse_event_id(last_event_id)
+        if after is not None:
             past = await run_in_threadpool(
-                cat.matches_since, int(last_event_id), MAX_BACKLOG, watchlist
+                cat.matches_since, after[0], MAX_BACKLOG, watchlist, after[1]
             )
         elif backlog:
-            past = await run_in_threadpool(_newest, cat, backlog, watchlist)
+            past = await run_in_threadpool(newest_matches, cat, backlog, watchlist)
         else:
             past = []
-        yield ServerSentEvent(comment="lookalike live", retry=RETRY_MS)
-        sent = 0
-        for row in past:
-            if row.seq <= (hub.seq or 0):
-                sent = max(sent, row.seq)
-                yield ServerSentEvent(event="match", data=match_out(row), id=str(row.seq))
-        if "text/event-stream" not in (accept or ""):
+        sent: Cursor = (0, 0)
+        for row in past:  # newer rows than the hub's come through the queue
+            if (row.seq, row.id) <= (hub.cursor or (0, 0)) and left > 0:
+                sent = (row.seq, row.id)  # rows come in (seq, id) order
+                left -= 1
+                yield ServerSentEvent(event="match", data=match_out(row), id=event_id(sent))
+        if not follow:
             return  # not an event-stream client: the backlog is the whole answer
-        deadline = time.monotonic() + STREAM_S
-        while not client.dropped and time.monotonic() < deadline:
+        while not client.dropped and left > 0:
+            wait = min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                break
             try:
-                kind, item, event_id = await asyncio.wait_for(client.queue.get(), 1.0)
+                kind, item, cursor = await asyncio.wait_for(client.queue.get(), wait)
             except TimeoutError:
                 if await request.is_disconnected():
                     break
                 continue
-            if kind == "match" and event_id is not None and int(event_id) <= sent:
+            if cursor is not None and cursor <= sent:
                 continue  # sent with the backlog already
-            yield ServerSentEvent(event=kind, data=item, id=event_id)
+            left -= 1
+            yield ServerSentEvent(
+                event=kind, data=item, id=None if cursor is None else event_id(cursor)
+            )
     finally:
         hub.unsubscribe(client)
-
-
-def _newest(cat: Catalog, n: int, watchlist: str | None) -> list[Any]:
-    if watchlist is None:
-        return cat.latest_matches(n)
-    return cat.watch_hits(watchlist, n)

@@ -52,6 +52,7 @@ $("token").addEventListener("change", () => {
   loadStats();
   map.loaded = false;
   if (lastQuery) runSearch(lastQuery); else $("status").textContent = "";
+  if (!$("view-live").hidden) loadWatchlists().then(startLive);
 });
 
 function loadOptions() {
@@ -169,6 +170,7 @@ for (const tab of document.querySelectorAll(".tab")) {
     for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
     for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view-" + tab.dataset.view;
     if (tab.dataset.view === "explore") loadMap();
+    if (tab.dataset.view !== "live") stopLive(); // the Live tab reads the stream while shown
   });
 }
 
@@ -278,8 +280,15 @@ loadStats();
 // Server-sent events of GET /live: "image" (written by this server) and "match" (a row of the
 // matches table: a watchlist hit or a catalog near-duplicate, from any process). One card per
 // arriving image, its matches inside; the newest card first, at most LIVE_MAX cards.
+//
+// The stream is read with fetch() and a stream reader, not EventSource: EventSource cannot send
+// the Authorization header a server with --read-token needs, and a token in the URL would be
+// written to logs. The server's format (event:, data:, id:, retry:, comments) is parsed here
+// as the SSE specification says; the stream is resumed with Last-Event-ID after it ends (the
+// server ends it every 25 s) and after an error, with a growing delay.
 const LIVE_MAX = 100;
-const live = { source: null, cards: new Map() };
+const LIVE_BACKOFF_MAX = 30000; // ms between tries after errors, at most
+const live = { ctrl: null, cards: new Map() };
 
 function liveKey(listingId, imageId) { return listingId + "\u001f" + imageId; }
 
@@ -291,7 +300,7 @@ function liveCard(listingId, imageId, thumb, note) {
     card.className = "arrival";
     card.dataset.listing = listingId; card.dataset.image = imageId;
     const img = document.createElement("img");
-    img.src = thumb; img.alt = imageId;
+    img.alt = imageId; showImage(img, thumb);
     const body = document.createElement("div");
     const who = document.createElement("div");
     who.className = "who"; who.textContent = `${listingId} · ${imageId}`;
@@ -319,7 +328,7 @@ function liveMatch(m) {
   el.className = "match"; el.dataset.id = m.id; el.dataset.watchlist = m.watchlist ?? "";
   if (m.hit_thumbnail_url) {
     const img = document.createElement("img");
-    img.src = m.hit_thumbnail_url; img.alt = m.hit_image_id;
+    img.alt = m.hit_image_id; showImage(img, m.hit_thumbnail_url);
     el.append(img);
   }
   const tag = document.createElement("span");
@@ -332,20 +341,102 @@ function liveMatch(m) {
   if (!when.textContent) when.textContent = new Date(m.matched_at * 1000).toLocaleTimeString();
 }
 
+function liveStatus(text) { $("live-status").textContent = text; }
+
+function stopLive() {
+  if (live.ctrl) live.ctrl.abort();
+  live.ctrl = null;
+}
+
 function startLive() {
-  if (live.source) live.source.close();
+  stopLive();
   const watchlist = $("live-watchlist").value;
   const url = "/live" + (watchlist ? `?watchlist=${encodeURIComponent(watchlist)}` : "");
   $("live-feed").replaceChildren(); live.cards.clear();
-  const es = new EventSource(url);
-  live.source = es;
-  es.onopen = () => { $("live-status").textContent = "connected" + (watchlist ? ` · ${watchlist}` : ""); };
-  es.onerror = () => { $("live-status").textContent = "reconnecting..."; };
-  es.addEventListener("image", (e) => {
-    const im = JSON.parse(e.data);
-    liveCard(im.listing_id, im.image_id, im.thumbnail_url, `${im.status} ${new Date(im.at * 1000).toLocaleTimeString()}`);
+  const ctrl = new AbortController();
+  live.ctrl = ctrl;
+  followLive(ctrl, url, watchlist).catch((err) => {
+    if (!ctrl.signal.aborted) liveStatus("error: " + err.message);
   });
-  es.addEventListener("match", (e) => liveMatch(JSON.parse(e.data)));
+}
+
+function liveEvent(kind, data) {
+  try {
+    if (kind === "image") {
+      const im = JSON.parse(data);
+      liveCard(im.listing_id, im.image_id, im.thumbnail_url,
+        `${im.status} ${new Date(im.at * 1000).toLocaleTimeString()}`);
+    } else if (kind === "match") {
+      liveMatch(JSON.parse(data));
+    }
+  } catch (err) { console.warn("live: an event was skipped", err); } // one bad event only
+}
+
+// Read GET /live again and again until ctrl is aborted (tab switch, another filter, token).
+async function followLive(ctrl, url, watchlist) {
+  const state = { lastId: null, retry: 500 };
+  let backoff = 1000;
+  while (!ctrl.signal.aborted) {
+    let failed = false;
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (state.lastId !== null) headers["Last-Event-ID"] = state.lastId;
+      const res = await fetch(url, withToken({ headers, signal: ctrl.signal, cache: "no-store" }));
+      if (res.status === 401) { // no use trying again: a new token restarts the view
+        liveStatus("error: " + needToken(Boolean(token)).message);
+        return;
+      }
+      if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+      liveStatus("connected" + (watchlist ? ` · ${watchlist}` : ""));
+      backoff = 1000;
+      await readEvents(res.body, state, liveEvent);
+    } catch (err) {
+      if (ctrl.signal.aborted) return;
+      failed = true;
+    }
+    if (ctrl.signal.aborted) return;
+    let wait = state.retry; // the server ended the stream (it does every 25 s): resume
+    if (failed) {
+      liveStatus(`reconnecting in ${Math.round(backoff / 1000)} s...`);
+      wait = backoff;
+      backoff = Math.min(backoff * 2, LIVE_BACKOFF_MAX);
+    }
+    await new Promise((ok) => setTimeout(ok, wait));
+  }
+}
+
+// Parse a text/event-stream body (the SSE specification's rules: lines end in LF, CRLF or CR;
+// ":" starts a comment; "field: value" with one leading space dropped; a blank line dispatches
+// the event if it has data). Calls onEvent(type, data) per event; keeps the last event id and
+// the server's retry delay (ms) in state.
+async function readEvents(body, state, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "", type = "", data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    for (;;) {
+      const end = buf.search(/[\r\n]/);
+      if (end < 0 || (buf[end] === "\r" && end === buf.length - 1)) break; // wait for the rest
+      const line = buf.slice(0, end);
+      buf = buf.slice(buf.startsWith("\r\n", end) ? end + 2 : end + 1);
+      if (line === "") {
+        if (data.length) onEvent(type || "message", data.join("\n"));
+        type = ""; data = [];
+        continue;
+      }
+      if (line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let val = colon < 0 ? "" : line.slice(colon + 1);
+      if (val.startsWith(" ")) val = val.slice(1);
+      if (field === "event") type = val;
+      else if (field === "data") data.push(val);
+      else if (field === "id" && !val.includes("\0")) state.lastId = val;
+      else if (field === "retry" && /^[0-9]+$/.test(val)) state.retry = Number(val);
+    }
+  }
 }
 
 async function loadWatchlists() {
@@ -360,6 +451,6 @@ async function loadWatchlists() {
 
 $("tab-live").addEventListener("click", async () => {
   await loadWatchlists();
-  if (!live.source) startLive();
+  if (!live.ctrl && !$("view-live").hidden) startLive();
 });
 $("live-watchlist").addEventListener("change", startLive);
