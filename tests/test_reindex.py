@@ -25,15 +25,16 @@ from fastapi.testclient import TestClient
 import lookalike
 from lookalike.demo import write_demo
 from lookalike.errors import ModelMismatchError, ModelVersionError
-from lookalike.extract import l2_normalize
+from lookalike.images import decode_image, read_bytes
 from lookalike.store import ReindexRow, open_store
 from lookalike.types import FeatureBatch, ModelInfo
 
 #: For the tests that start processes (the CLI, a reindex, a searcher): none may outlive them.
 no_orphans = pytest.mark.usefixtures("no_orphans")
 
-#: The version an older release of the cnn extractor wrote (today's ends in /1).
-OLD = "efficientnet-lite0-0.1.0-gap/0"
+#: The cnn of the release before this one: the centre crop, average pooling (``...-gap/1``).
+PREVIOUS = {"fit": "crop", "pooling": "avg"}
+OLD = lookalike.get_extractor("cnn", **PREVIOUS).info.version
 CLI = [sys.executable, "-m", "lookalike.cli"]
 
 
@@ -41,10 +42,20 @@ def current_cnn() -> ModelInfo:
     return lookalike.get_extractor("cnn").info
 
 
-def make_old_cnn_catalog(location: str, fresh: Path) -> list:
-    """A catalog as an older cnn release left it: the rows of the fresh cnn catalog
-    ``fresh`` (same sources and SHA-256) under ``cnn@OLD``, with other vectors (squared and
-    normalized again, so that the scores differ). Returns the fresh rows."""
+@pytest.fixture(scope="module")
+def previous_vectors(cnn_catalog_dir) -> dict:
+    """The demo photos' vectors made by the previous release's cnn (:data:`PREVIOUS`), by key."""
+    ext = lookalike.get_extractor("cnn", device="cpu", **PREVIOUS)
+    with lookalike.open_catalog(cnn_catalog_dir) as cat:
+        records = [r for batch in cat.iter_records() for r in batch]
+    images = [decode_image(read_bytes(r.source), name=r.source).image for r in records]
+    return dict(zip([r.key for r in records], ext.embed_images(images), strict=True))
+
+
+def make_old_cnn_catalog(location: str, fresh: Path, previous: dict) -> list:
+    """A catalog as the previous release left it: the rows of the fresh cnn catalog ``fresh``
+    (same sources and SHA-256) with the previous release's vectors (``previous_vectors``),
+    under its model ``cnn@OLD``. Returns the fresh rows."""
     with lookalike.open_catalog(fresh) as cat:
         records = [r for batch in cat.iter_records() for r in batch]
     store = open_store(location)
@@ -54,7 +65,7 @@ def make_old_cnn_catalog(location: str, fresh: Path) -> list:
             FeatureBatch(
                 [r.listing_id for r in records],
                 [r.image_id for r in records],
-                l2_normalize(np.stack([r.vector**2 for r in records])),
+                np.stack([previous[r.key] for r in records]),
                 [r.sha256 for r in records],
                 sources=[r.source for r in records],
                 widths=[r.width for r in records],
@@ -87,9 +98,9 @@ def hits(result) -> list[tuple[str, float]]:
 
 
 def test_an_older_version_says_so_in_one_line_and_stored_vectors_still_answer(
-    store_location, fresh_cnn, demo_dir
+    store_location, fresh_cnn, previous_vectors, demo_dir
 ):
-    make_old_cnn_catalog(store_location, fresh_cnn)
+    make_old_cnn_catalog(store_location, fresh_cnn, previous_vectors)
     query = demo_dir / "queries" / "chelsea" / "q-01.jpg"
     with lookalike.open_catalog(store_location) as cat:
         with pytest.raises(ModelVersionError) as caught:
@@ -117,9 +128,9 @@ def test_an_older_version_says_so_in_one_line_and_stored_vectors_still_answer(
 
 
 def test_reindex_brings_the_installed_version_and_equals_a_fresh_index(
-    store_location, fresh_cnn, demo_dir
+    store_location, fresh_cnn, previous_vectors, demo_dir
 ):
-    fresh_rows = make_old_cnn_catalog(store_location, fresh_cnn)
+    fresh_rows = make_old_cnn_catalog(store_location, fresh_cnn, previous_vectors)
     queries = [demo_dir / "queries" / name / "q-01.jpg" for name in ("chelsea", "moon", "rocket")]
     with lookalike.open_catalog(store_location) as cat:
         before = cat.search(image_id="moon/moon-01.jpg", k=5)  # loads the old vectors
@@ -196,9 +207,11 @@ def test_the_store_switches_only_when_every_row_is_done(store_location):
 
 
 @no_orphans
-def test_the_cli_names_the_command_and_reindex_fixes_it(tmp_path, fresh_cnn, demo_dir):
+def test_the_cli_names_the_command_and_reindex_fixes_it(
+    tmp_path, fresh_cnn, previous_vectors, demo_dir
+):
     path = tmp_path / "old"
-    make_old_cnn_catalog(str(path), fresh_cnn)
+    make_old_cnn_catalog(str(path), fresh_cnn, previous_vectors)
     query = str(demo_dir / "queries" / "chelsea" / "q-01.jpg")
     r = run_cli("search", query, "-c", str(path), check=False)
     assert r.returncode == 1 and r.stdout == ""
@@ -223,11 +236,11 @@ def test_the_cli_names_the_command_and_reindex_fixes_it(tmp_path, fresh_cnn, dem
         assert flag in help_text
 
 
-def test_http_answers_409_with_the_same_line(tmp_path, fresh_cnn, demo_dir):
+def test_http_answers_409_with_the_same_line(tmp_path, fresh_cnn, previous_vectors, demo_dir):
     from lookalike.server import create_app
 
     path = tmp_path / "old"
-    make_old_cnn_catalog(str(path), fresh_cnn)
+    make_old_cnn_catalog(str(path), fresh_cnn, previous_vectors)
     app = create_app(path)
     try:
         with TestClient(app) as client:
@@ -539,7 +552,9 @@ def test_a_search_in_another_process_answers_from_one_model_at_a_time(big_copy, 
 
 @no_orphans
 @pytest.mark.skipif(not shutil.which("nats-server"), reason="no nats-server")
-def test_a_stream_consumer_holds_its_messages_until_the_reindex(fresh_cnn, demo_dir, tmp_path):
+def test_a_stream_consumer_holds_its_messages_until_the_reindex(
+    fresh_cnn, previous_vectors, demo_dir, tmp_path
+):
     """A consumer of a catalog of another version cannot embed: its messages are redelivered
     (not dead-lettered, though ``max_deliver`` is 1) until a reindex switches the catalog,
     then written with the installed model by the same consumer."""
@@ -548,7 +563,7 @@ def test_a_stream_consumer_holds_its_messages_until_the_reindex(fresh_cnn, demo_
     from lookalike.stream.messages import make_headers
 
     path = tmp_path / "old"
-    make_old_cnn_catalog(str(path), fresh_cnn)
+    make_old_cnn_catalog(str(path), fresh_cnn, previous_vectors)
     photos = [demo_dir / "queries" / name / "q-02.jpg" for name in ("coins", "moon", "rocket")]
     messages = [
         (p.read_bytes(), make_headers("image", "new", f"{p.parent.name}.jpg")) for p in photos
