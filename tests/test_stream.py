@@ -298,10 +298,14 @@ def test_a_poison_message_is_isolated_retried_and_dead_lettered(nats_server, dem
                 if counts.added >= 10 and not all_good_at:
                     all_good_at.append(time.monotonic() - t0)
 
-            ingest = StreamIngest(cat, url=nats_server.url, retry_delay=0.5, on_batch=on_batch)
+            # ack_wait 5 s, idle for 6 s: a negative acknowledgement that the broker loses on
+            # a loaded machine still comes back (after ack_wait) before the consumer exits
+            ingest = StreamIngest(
+                cat, url=nats_server.url, retry_delay=0.5, ack_wait=5.0, on_batch=on_batch
+            )
             stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(45, stop.set)  # the old code never goes idle
-            await ingest.run(stop, idle_exit=3)
+            asyncio.get_running_loop().call_later(60, stop.set)  # the old code never goes idle
+            await ingest.run(stop, idle_exit=6)
             return ingest
 
     ingest = asyncio.run(scenario())
@@ -324,6 +328,58 @@ def test_a_poison_message_is_isolated_retried_and_dead_lettered(nats_server, dem
         f"listing after {listing['Dead-Deliveries']}; good images written in "
         f"{all_good_at[0]:.1f} s"
     )
+
+
+def test_a_batch_slower_than_ack_wait_is_not_redelivered(nats_server, demo_dir, tmp_path):
+    """A batch whose write takes three times ``ack_wait`` (a cold model or a loaded machine)
+    stays with its consumer: the consumer reports progress to the broker while it works, so
+    nothing is redelivered and each image is written once."""
+    photos = sorted((demo_dir / "photos").rglob("*.jpg"))[:6]
+    msgs = [(p.read_bytes(), make_headers("image", p.parent.name, p.name)) for p in photos]
+    asyncio.run(publish(nats_server.url, "images.in", msgs))
+    with lookalike.open_catalog(tmp_path / "cat", extractor="cnn") as cat:
+        add_many = cat.add_many
+
+        def slow_add_many(items, *args, **kwargs):
+            time.sleep(6.0)  # ack_wait is 2 s
+            return add_many(items, *args, **kwargs)
+
+        cat.add_many = slow_add_many  # type: ignore[method-assign]
+        ingest = StreamIngest(cat, url=nats_server.url, ack_wait=2.0, batch_size=10)
+        asyncio.run(ingest.run(idle_exit=4))
+    assert ingest.counts.added == 6
+    assert ingest.counts.redelivered == 0 and ingest.counts.unchanged == 0
+    assert ingest.counts.batches == 1
+    assert count_rows(tmp_path / "cat") == (6, 6)
+
+
+def test_a_delivery_handed_over_twice_is_answered_as_before_and_not_written_again(tmp_path):
+    """nats-py can repeat a delivery (same stream sequence and delivery count) in a later
+    fetch: the consumer skips it and answers it as the first copy was answered."""
+    from types import SimpleNamespace
+
+    answers: list[tuple[int, str]] = []
+
+    def delivery(seq: int, delivered: int) -> SimpleNamespace:
+        async def ack() -> None:
+            answers.append((seq, "ack"))
+
+        async def nak(delay: float | None = None) -> None:
+            answers.append((seq, "nak"))
+
+        meta = SimpleNamespace(sequence=SimpleNamespace(stream=seq), num_delivered=delivered)
+        return SimpleNamespace(metadata=meta, ack=ack, nak=nak)
+
+    with lookalike.open_catalog(tmp_path / "cat", extractor="hog") as cat:
+        ingest = StreamIngest(cat)
+        first = [delivery(1, 1), delivery(2, 1)]
+        assert asyncio.run(ingest.fresh(first)) == first
+        ingest._answered(first[0], True)
+        ingest._answered(first[1], False)
+        again = [delivery(1, 1), delivery(2, 1), delivery(2, 2), delivery(3, 1)]
+        assert asyncio.run(ingest.fresh(again)) == again[2:]  # a redelivery is new
+    assert answers == [(1, "ack"), (2, "nak")]
+    assert ingest.counts.repeated_deliveries == 2
 
 
 def noise_jpeg(path: Path, size: int) -> int:

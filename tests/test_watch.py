@@ -527,12 +527,15 @@ def test_live_streams_uploads_and_matches_over_sse(cnn_catalog_copy, demo_dir):
     with serving(create_app(cnn_catalog_copy)) as url:
         seen: dict[str, list[tuple[str, dict]]] = {"all": [], "camera": []}
 
+        ready = {name: threading.Event() for name in seen}
+
         def listen(name: str, query: str, until: str) -> None:
             headers = {"Accept": "text/event-stream"}
             with httpx.stream("GET", url + "/live" + query, headers=headers, timeout=30) as res:
                 assert res.headers["content-type"].startswith("text/event-stream")
                 kind = ""
                 for line in res.iter_lines():
+                    ready[name].set()  # the head: subscribed, every later image comes
                     if line.startswith("event: "):
                         kind = line[7:]
                     elif line.startswith("data: "):
@@ -546,7 +549,8 @@ def test_live_streams_uploads_and_matches_over_sse(cnn_catalog_copy, demo_dir):
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        for event in ready.values():
+            assert event.wait(30), "no head from /live"
         data = (demo_dir / "photos" / "camera" / "camera-02.jpg").read_bytes()
         res = httpx.post(
             url + "/images",

@@ -138,16 +138,21 @@ class LiveHub:
                 client.dropped = True
                 self.clients.discard(client)
 
-    async def subscribe(self, watchlist: str | None) -> _Client:
-        """A new client; starts the poller of the ``matches`` table."""
+    def subscribe(self, watchlist: str | None) -> _Client:
+        """A new client: it gets every ``image`` event from now on; :meth:`follow` starts
+        its ``match`` events."""
         client = _Client(watchlist)
+        self.clients.add(client)
+        return client
+
+    async def follow(self) -> None:
+        """Start the poller of the ``matches`` table (from the newest row, on first use)."""
         if self.cursor is None:
             newest = await run_in_threadpool(self.catalog.latest_matches, 1)
-            self.cursor = (newest[-1].seq, newest[-1].id) if newest else (0, 0)
-        self.clients.add(client)
+            if self.cursor is None:
+                self.cursor = (newest[-1].seq, newest[-1].id) if newest else (0, 0)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
-        return client
 
     def unsubscribe(self, client: _Client) -> None:
         """Forget a client (its stream ended)."""
@@ -224,10 +229,12 @@ async def live(
     deadline = time.monotonic() + max_seconds
     left = MAX_EVENTS if max_events is None else max_events
     hub = hub_of(request)
-    # the answer's head and the reconnect delay go out before any store read
-    yield ServerSentEvent(comment="lookalike live", retry=RETRY_MS)
-    client = await hub.subscribe(watchlist)
+    # subscribed before the head goes out: a client that has read the head sees every image
+    # written after it; the head and the reconnect delay go out before any store read
+    client = hub.subscribe(watchlist)
     try:
+        yield ServerSentEvent(comment="lookalike live", retry=RETRY_MS)
+        await hub.follow()
         cat = hub.catalog
         after = None if last_event_id is None else parse_event_id(last_event_id)
         if after is not None:
