@@ -55,10 +55,10 @@ from lookalike.images import sha256_hex
 from lookalike.stream.jetstream import connect
 from lookalike.stream.localserver import LocalNatsServer
 from lookalike.stream.messages import make_headers
+from lookalike.stream.recognition import default_match_threshold
 
 LOOKALIKE = str(Path(sys.executable).with_name("lookalike"))
 CHUNK = 50_000
-THRESHOLD = 0.936  # the cnn extractor's measured near-duplicate threshold
 
 
 def shapes_jpeg(seed: int) -> bytes:
@@ -305,21 +305,23 @@ def main() -> None:
         cat = lookalike.open_catalog(cat_path, extractor="cnn")
         cat.index([tmp / "demo" / "photos"])
         d = cat.model.dim
+        # the cnn extractor's measured near-duplicate threshold (its model version's)
+        threshold, _ = default_match_threshold(cat)
         keys = sorted(k for batch in cat.iter_records() for k in (r.key for r in batch))
         half = args.watch // 2
-        cat.watch_add_stored("demo", keys[:half], THRESHOLD)
+        cat.watch_add_stored("demo", keys[:half], threshold)
         rng = np.random.default_rng(1)
         cat.watch_add(
             "synthetic",
             synthetic(rng, args.watch - half, d),
             [f"s{i}" for i in range(args.watch - half)],
-            THRESHOLD,
+            threshold,
         )
         watched = {iid for _, iid in keys[:half]}
         result: dict[str, float | int | str] = {"catalog_vectors": args.vectors + len(keys)}
         with LocalNatsServer(tmp / "nats") as server:
             cmd = [LOOKALIKE, "stream", "--catalog", str(cat_path), "--nats", server.url]
-            cmd += ["--match-threshold", str(THRESHOLD), "--format", "json"]
+            cmd += ["--match-threshold", str(threshold), "--format", "json"]
             err = (tmp / "consumer.err").open("w")  # closed after the consumer exits
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             listener = Listener()

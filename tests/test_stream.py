@@ -20,6 +20,7 @@ import pytest
 
 import lookalike
 from lookalike.demo import write_demo
+from lookalike.stream.deliveries import Deliveries
 from lookalike.stream.jetstream import (
     DEFAULT_MAX_DELIVER,
     StreamIngest,
@@ -353,7 +354,7 @@ def test_a_batch_slower_than_ack_wait_is_not_redelivered(nats_server, demo_dir, 
     assert count_rows(tmp_path / "cat") == (6, 6)
 
 
-def test_a_delivery_handed_over_twice_is_answered_as_before_and_not_written_again(tmp_path):
+def test_a_delivery_handed_over_twice_is_answered_as_before_and_not_written_again():
     """nats-py can repeat a delivery (same stream sequence and delivery count) in a later
     fetch: the consumer skips it and answers it as the first copy was answered."""
     from types import SimpleNamespace
@@ -370,16 +371,15 @@ def test_a_delivery_handed_over_twice_is_answered_as_before_and_not_written_agai
         meta = SimpleNamespace(sequence=SimpleNamespace(stream=seq), num_delivered=delivered)
         return SimpleNamespace(metadata=meta, ack=ack, nak=nak)
 
-    with lookalike.open_catalog(tmp_path / "cat", extractor="hog") as cat:
-        ingest = StreamIngest(cat)
-        first = [delivery(1, 1), delivery(2, 1)]
-        assert asyncio.run(ingest.fresh(first)) == first
-        ingest._answered(first[0], True)
-        ingest._answered(first[1], False)
-        again = [delivery(1, 1), delivery(2, 1), delivery(2, 2), delivery(3, 1)]
-        assert asyncio.run(ingest.fresh(again)) == again[2:]  # a redelivery is new
+    deliveries = Deliveries(retry_delay=0.5)
+    first = [delivery(1, 1), delivery(2, 1)]
+    assert asyncio.run(deliveries.fresh(first)) == first
+    deliveries.answered(first[0], True)
+    deliveries.answered(first[1], False)
+    again = [delivery(1, 1), delivery(2, 1), delivery(2, 2), delivery(3, 1)]
+    assert asyncio.run(deliveries.fresh(again)) == again[2:]  # a redelivery is new
     assert answers == [(1, "ack"), (2, "nak")]
-    assert ingest.counts.repeated_deliveries == 2
+    assert deliveries.repeated == 2
 
 
 def noise_jpeg(path: Path, size: int) -> int:

@@ -34,6 +34,9 @@ The consumer (:class:`StreamIngest`):
   forever): it is isolated and counted as above. A catalog of another version of the
   extractor (``ModelVersionError``: it waits for ``lookalike reindex``) counts as unavailable
   too: its messages are redelivered, not dead-lettered;
+* sends progress acknowledgements while a batch is in hand, so a slow one is not redelivered
+  after ``ack_wait``, and answers a delivery that the client library hands over twice as it
+  answered the first copy, without writing it again (:mod:`lookalike.stream.deliveries`);
 * on stop (SIGTERM in ``lookalike stream``) finishes the batch in hand (write, then ack) and
   exits;
 * **matches on arrival** (with ``match``, :class:`~lookalike.stream.recognition.MatchStep`):
@@ -56,7 +59,6 @@ The connection helpers live in :mod:`lookalike.stream.connection` and publishing
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -85,6 +87,7 @@ from .connection import (
     ensure_stream,
     stream_subject,
 )
+from .deliveries import Deliveries, cancel, keep_in_progress
 from .messages import BadMessageError, Event, parse_message
 from .publisher import (
     PUBLISH_CONNECT_ATTEMPTS,
@@ -136,8 +139,6 @@ DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_PAYLOAD = 8 * 2**20
 #: Deliveries of a message whose write keeps failing before it is dead-lettered.
 DEFAULT_MAX_DELIVER = 5
-#: Deliveries a consumer remembers to skip one handed over twice (:meth:`StreamIngest.fresh`).
-HANDLED_MEMORY = 100_000
 #: Seconds before a message whose write failed is redelivered.
 DEFAULT_RETRY_DELAY = 1.0
 #: Header of a dead letter: the deliveries of the message before it was dead-lettered.
@@ -165,8 +166,8 @@ class StreamCounts:
     matched: int = 0
     match_duplicates: int = 0
     watch_events: int = 0
-    #: deliveries the client library handed over twice (same stream sequence and delivery
-    #: count), skipped: see :meth:`StreamIngest.fresh`
+    #: deliveries the client library handed over twice, answered again and skipped
+    #: (:mod:`lookalike.stream.deliveries`)
     repeated_deliveries: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -236,8 +237,7 @@ class StreamIngest:
         self.notify: Notify = notify or (lambda text: log.warning("%s", text))
         self.counts = StreamCounts()
         self.match, self.relay = match, relay
-        # (stream sequence, delivery count) -> acknowledged (False: negatively)
-        self._handled: collections.OrderedDict[tuple[int, int], bool] = collections.OrderedDict()
+        self.deliveries = Deliveries(retry_delay)
         if match is not None and (
             subject_overlaps(subject, match.subject) or subject_overlaps(dead_letter, match.subject)
         ):
@@ -294,7 +294,8 @@ class StreamIngest:
                     if idle_exit is not None and time.monotonic() - last_message > idle_exit:
                         break
                     continue
-                msgs = await self.fresh(msgs)
+                msgs = await self.deliveries.fresh(msgs)
+                self.counts.repeated_deliveries = self.deliveries.repeated
                 if msgs:
                     await self._handle(js, msgs)
                 # idle time starts when the batch is done: a long batch (a model call, a
@@ -307,36 +308,6 @@ class StreamIngest:
                 await nc.flush(timeout=5)
             await nc.close()
         return self.counts
-
-    async def fresh(self, msgs: list[Any]) -> list[Any]:
-        """The messages of a fetch that are not a delivery already handled; a repeated one is
-        answered as its first copy was (acknowledged, or negatively acknowledged).
-
-        A delivery is ``(stream sequence, delivery count)``. On a loaded machine nats-py's
-        ``fetch`` sometimes hands one over twice (a pull request of an earlier fetch that
-        outlived its timeout, nats-io/nats.py#933 and #986), and the broker then waits for the
-        second copy's acknowledgement too: it is not written again (that would count it
-        ``unchanged`` and repeat its match event) but answered, or it would come back after
-        ``ack_wait``. The last :data:`HANDLED_MEMORY` deliveries are remembered."""
-        out = []
-        for msg in msgs:
-            meta = msg.metadata
-            key = (meta.sequence.stream, meta.num_delivered)
-            acked = self._handled.get(key)
-            if acked is None:
-                out.append(msg)
-                continue
-            self.counts.repeated_deliveries += 1
-            with contextlib.suppress(Exception):  # broker gone: it redelivers anyway
-                await (msg.ack() if acked else msg.nak(delay=self.retry_delay))
-        return out
-
-    def _answered(self, msg: Any, acked: bool) -> None:
-        """Remember how a delivery was answered (:meth:`fresh`)."""
-        meta = msg.metadata
-        self._handled[(meta.sequence.stream, meta.num_delivered)] = acked
-        if len(self._handled) > HANDLED_MEMORY:
-            self._handled.popitem(last=False)
 
     async def _handle(self, js: Any, msgs: list[Any]) -> None:
         """Process one fetched batch: parse, write (isolating failures), dead-letter, then
@@ -355,7 +326,7 @@ class StreamIngest:
         written_dead: list[tuple[Any, str]] = []
         failures: list[tuple[Any, Exception]] = []
         unavailable = False
-        heartbeat = asyncio.create_task(self._keep_in_progress(msgs))
+        heartbeat = asyncio.create_task(keep_in_progress(msgs, self.ack_wait))
         try:
             if self.match is None or not self.match.match_only:
                 written_dead, failures, unavailable = await asyncio.to_thread(
@@ -365,19 +336,7 @@ class StreamIngest:
                 js, msgs, events, dead, written_dead, failures, unavailable, heartbeat
             )
         finally:
-            await _cancel(heartbeat)
-
-    async def _keep_in_progress(self, msgs: list[Any]) -> None:
-        """Tell the broker every ``ack_wait / 3`` seconds that the batch's messages are still
-        being worked on (JetStream ``+WPI``: it restarts their ``ack_wait``), so that a slow
-        batch (a cold model, a loaded machine, a bisected write) is not redelivered to another
-        consumer while this one writes it. Stops when cancelled (before the acks)."""
-        period = max(0.5, self.ack_wait / 3)
-        while True:
-            await asyncio.sleep(period)
-            for msg in msgs:
-                with contextlib.suppress(Exception):  # broker gone: it redelivers anyway
-                    await msg.in_progress()
+            await cancel(heartbeat)
 
     async def _finish(
         self,
@@ -447,13 +406,13 @@ class StreamIngest:
                     await asyncio.to_thread(self.match.record, matches)
                 except Exception as exc:  # history only: the events are out
                     log.warning("could not record the catalog matches: %s", _reason(exc))
-            await _cancel(heartbeat)
+            await cancel(heartbeat)
             for msg in msgs:
                 if id(msg) in retrying:
                     await msg.nak(delay=self.retry_delay)
                 else:
                     await msg.ack()
-                self._answered(msg, id(msg) not in retrying)
+                self.deliveries.answered(msg, id(msg) not in retrying)
         except Exception as exc:  # broker gone mid-batch: written rows are idempotent
             err = broker_error(exc, "could not finish the batch")
             log.warning("%s; the broker will redeliver it", err)
@@ -589,13 +548,6 @@ class StreamIngest:
                 self.counts.deleted += cat.delete(ev.image_id or "", ev.listing_id)
             i += 1
         return dead
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait until it has stopped."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def _reason(exc: BaseException) -> str:
