@@ -29,11 +29,16 @@ from .calibrate import Calibration, near_duplicate_threshold, similar_threshold
 
 #: The bands, from the closest to the farthest.
 BANDS: tuple[str, ...] = ("same image", "near copy", "similar", "unrelated")
-#: "same image" limits per extractor name without a calibration: the 1st percentile of
-#: JPEG-q90 re-saved copies vs. originals on the 84 demo photos (``lookalike demo``;
-#: ``benchmarks/calibrate.py`` prints it as ``same_image``): cnn 0.9804, hog 0.9935; rounded
-#: down. colorhist has none measured.
-DEFAULT_SAME_IMAGE: dict[str, float] = {"cnn": 0.98, "hog": 0.993}
+#: "same image" limits per model (name and version, ``ModelInfo.tag``) without a calibration:
+#: the 1st percentile of JPEG-q90 re-saved copies vs. originals on the 84 demo photos
+#: (``lookalike demo``; ``benchmarks/calibrate.py`` prints it as ``same_image``), rounded down:
+#: cnn 0.9914 (the pad-gem3 version; 0.9804 for the version before), hog 0.9935. colorhist has
+#: none measured.
+DEFAULT_SAME_IMAGE: dict[str, float] = {
+    "cnn@efficientnet-lite0-0.1.0-pad-gem3/1": 0.991,
+    "cnn@efficientnet-lite0-0.1.0-gap/1": 0.98,
+    "hog@opencv-hog-w128-c16-b32-s16-n9/1": 0.993,
+}
 
 
 @dataclass(frozen=True)
@@ -92,5 +97,5 @@ def score_bands(cat: Catalog) -> ScoreBands:
         near: float | None = near_duplicate_threshold(cat)[0]
     except LookalikeError:  # vectors from an outside model: no near-copy limit known
         near = None
-    same = DEFAULT_SAME_IMAGE.get(model.name)
+    same = DEFAULT_SAME_IMAGE.get(model.tag)
     return ScoreBands(same, near, similar_threshold(cat), f"{model.name} defaults")
