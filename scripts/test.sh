@@ -34,6 +34,8 @@ command -v chromium >/dev/null || missing+=("chromium (web page tests)")
 { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
     || missing+=("postgresql (PostgreSQL store tests)")
 command -v java >/dev/null || missing+=("openjdk-17-jre-headless (Spark tests)")
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=("dataset-fashion-mnist (descriptor tests)")
+[ -d /usr/share/tuxpaint/stamps ] || missing+=("tuxpaint-stamps-default (descriptor tests)")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "[test] not installed, their tests will be skipped: ${missing[*]}" >&2
     echo "[test] Debian/Ubuntu: apt-get install nats-server chromium postgresql openjdk-17-jre-headless" >&2
