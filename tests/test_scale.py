@@ -252,7 +252,10 @@ def test_the_coalescer_serves_what_queued_during_a_batch_in_one_call():
     assert entered.wait(30)  # the first caller leads, and its batch is running
     for t in threads[1:]:
         t.start()
-    time.sleep(0.2)  # the others queue behind the running batch
+    deadline = time.monotonic() + 30
+    while co.queued < 5 and time.monotonic() < deadline:  # the others queue behind it
+        time.sleep(0.01)
+    assert co.queued == 5
     gate.set()
     for t in threads:
         t.join(30)

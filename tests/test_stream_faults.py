@@ -63,15 +63,19 @@ def test_a_message_failing_busy_in_a_working_store_is_dead_lettered(
                 return add_many(items, *args, **kwargs)
 
             cat.add_many = failing  # type: ignore[method-assign]
-            ingest = StreamIngest(cat, url=nats_server.url, retry_delay=0.3, max_deliver=3)
+            # ack_wait 5 s, idle for 6 s: a negative acknowledgement that the broker loses on
+            # a loaded machine still comes back (after ack_wait) before the consumer exits
+            ingest = StreamIngest(
+                cat, url=nats_server.url, retry_delay=0.3, max_deliver=3, ack_wait=5.0
+            )
             stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(30, stop.set)  # the old code never idles
-            await ingest.run(stop, idle_exit=3)
+            asyncio.get_running_loop().call_later(45, stop.set)  # the old code never idles
+            await ingest.run(stop, idle_exit=6)
             return ingest
 
     t0 = time.monotonic()
     ingest = asyncio.run(scenario())
-    assert time.monotonic() - t0 < 25, "the consumer never went idle"
+    assert time.monotonic() - t0 < 40, "the consumer never went idle"
     assert count_rows(cat_path) == (6, 6)
     assert ingest.counts.added == 6 and ingest.counts.dead == 1
     dead = asyncio.run(read_dead(nats_server.url))["moon/poison.jpg"]
@@ -130,10 +134,16 @@ def test_an_unavailable_store_counts_no_delivery_against_the_messages(
     async def scenario() -> tuple[StreamIngest, OutageCatalog]:
         with lookalike.open_catalog(cat_path, extractor="cnn") as cat:
             flaky = OutageCatalog(cat, outage=3.0)
-            ingest = StreamIngest(flaky, url=nats_server.url, retry_delay=0.2, max_deliver=1)  # type: ignore[arg-type]
+            ingest = StreamIngest(
+                flaky,  # type: ignore[arg-type]
+                url=nats_server.url,
+                retry_delay=0.2,
+                max_deliver=1,
+                ack_wait=5.0,  # a lost negative acknowledgement comes back before idle_exit
+            )
             stop = asyncio.Event()
-            asyncio.get_running_loop().call_later(40, stop.set)
-            await ingest.run(stop, idle_exit=3)
+            asyncio.get_running_loop().call_later(50, stop.set)
+            await ingest.run(stop, idle_exit=6)
             return ingest, flaky
 
     ingest, flaky = asyncio.run(scenario())

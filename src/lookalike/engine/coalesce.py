@@ -71,6 +71,12 @@ class Coalescer(Generic[Req, Res]):
         self.batches = 0
         self.requests = 0
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (not the ones of the batch being served)."""
+        with self._lock:
+            return len(self._queue)
+
     def submit(self, request: Req) -> Res:
         """Serve ``request`` (in a batch with concurrent ones) and return its result.
 
