@@ -227,6 +227,8 @@ def test_the_live_tab_follows_arrivals_with_the_read_token(server_url, page, dem
     page.click("#tab-search")
     page.wait_for_function("document.getElementById('view-live').hidden")
     assert page.evaluate("live.ctrl === null")
+    page.wait_for_timeout(1500)  # nothing that was under way when the tab closed reopens it
+    assert page.evaluate("live.ctrl === null")
 
 
 def test_the_page_parses_server_sent_events_as_the_specification_says(server_url, page):

@@ -350,6 +350,9 @@ function stopLive() {
 
 function startLive() {
   stopLive();
+  // a late caller (a watchlist list that loaded after the user left the tab) starts nothing:
+  // the Live tab reads the stream only while it is shown
+  if ($("view-live").hidden) return;
   const watchlist = $("live-watchlist").value;
   const url = "/live" + (watchlist ? `?watchlist=${encodeURIComponent(watchlist)}` : "");
   $("live-feed").replaceChildren(); live.cards.clear();
