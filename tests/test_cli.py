@@ -120,6 +120,28 @@ def test_group_by_agg_options(catalog, demo_dir):
         assert res["hits"][0]["n_images"] == 6
 
 
+def test_listing_import_sets_attributes_from_csv(tmp_path):
+    cat = str(tmp_path / "cat")
+    good = tmp_path / "good.csv"
+    good.write_text("listing_id,stock_level,color\na,3,red\nb,0,\na,1,blue\n")
+    assert "updated 2 listing(s)" in cli("listing", "import", str(good), "-c", cat).stdout
+    assert json.loads(cli("listing", "show", "a", "-c", cat).stdout) == {
+        "listing_id": "a",
+        "stock_level": 1,  # the last row of a listing wins
+        "color": "blue",
+    }
+    assert json.loads(cli("listing", "show", "b", "-c", cat).stdout) == {
+        "listing_id": "b",
+        "stock_level": 0,
+    }
+    bad = tmp_path / "bad.csv"
+    bad.write_text("listing_id,stock_level\nc,2\nd,1.5\n")
+    proc = cli("listing", "import", str(bad), "-c", cat, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "'d'" in proc.stderr and "stock_level" in proc.stderr
+    assert cli("listing", "show", "c", "-c", cat, check=False).returncode != 0  # none written
+
+
 def test_listing_set_delete_and_stats(catalog, demo_dir):
     q = str(demo_dir / "queries" / "page" / "q-01.jpg")
     cli("listing", "set", "page", "stock_level=0", "-c", catalog)

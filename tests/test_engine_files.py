@@ -253,3 +253,79 @@ def test_a_compaction_writes_a_new_generation(catalog, monkeypatch):
         got = answers(cat, queries)
         assert cat.stats()["cache_source"] == "files"
     assert got == store_answers(path, queries, monkeypatch)
+
+
+def test_the_first_load_builds_the_files_batch_by_batch(tmp_path, monkeypatch):
+    """Without files, the first load streams the store's rows into them one batch at a time
+    (a collection larger than RAM) and maps them; rows written while the batches are read
+    (a replaced row already passed, a deleted one not reached yet, a new one) are applied after,
+    and the chunk digests span batch boundaries (a new process verifies every vector)."""
+    from lookalike.catalog import cachesource
+    from lookalike.engine import mapped
+    from lookalike.store.sqlite import SqliteStore
+
+    monkeypatch.setattr(cachesource, "BUILD_BATCH", 7)  # 300 rows: 43 batches
+    monkeypatch.setattr(mapped, "CHUNK_ROWS", 16)  # chunks that straddle the batches
+    rng = np.random.default_rng(11)
+    keys = [(f"L{i:02d}", f"L{i:02d}/{j}.jpg") for i in range(60) for j in range(5)]
+    vectors = oracle.quantized(rng, len(keys), 16)
+    path = tmp_path / "cat"
+    with lookalike.open_catalog(path) as cat:
+        cat.add_vectors(
+            [k[0] for k in keys], [k[1] for k in keys], vectors, model=MODEL, normalize=False
+        )
+        for i in range(60):
+            cat.update_listing(f"L{i:02d}", stock_level=i % 3)
+    assert not (path / "engine" / "header.json").exists()
+    sizes: list[int] = []
+    read = SqliteStore.iter_vectors
+    writer = lookalike.open_catalog(path)  # another connection writes between the batches
+
+    def spy(self, batch_size=65536):
+        for i, batch in enumerate(read(self, batch_size)):
+            sizes.append(len(batch[0]))
+            if i == 3:
+                writer.add_vectors(["L00"], ["L00/0.jpg"], np.full((1, 16), 0.5), model=MODEL)
+                writer.add_vectors(["zz"], ["zz/0.jpg"], np.full((1, 16), 0.25), model=MODEL)
+                writer.delete("L50/2.jpg")
+            yield batch
+
+    monkeypatch.setattr(SqliteStore, "iter_vectors", spy)
+    queries = [np.full(16, 0.5, np.float32), *oracle.quantized(rng, 2, 16)]
+    try:
+        with lookalike.open_catalog(path) as cat:
+            got = answers(cat, queries)
+            facts = cat.stats()
+            assert facts["cache_source"] == "store" and facts["images"] == 300
+            assert cat.search(vector=queries[0], k=1).image_ids == ["L00/0.jpg"]
+            assert "L50/2.jpg" not in cat.search(vector=queries[0], k=400).image_ids
+    finally:
+        writer.close()
+    assert max(sizes) == 7 and sum(sizes) >= 299  # batch by batch, every row
+    assert got == store_answers(path, queries, monkeypatch)
+    monkeypatch.setattr(SqliteStore, "iter_vectors", read)  # as a new process: maps the files
+    # and verifies every chunk digest (CHUNK_ROWS as written)
+    with lookalike.open_catalog(path) as cat:
+        assert answers(cat, queries) == got
+        assert cat.stats()["cache_source"] == "files"
+        assert cat._engines.source.await_verified(30)
+
+
+def test_rows_the_files_cannot_hold_leave_them_as_they_were(tmp_path):
+    """Batches out of key order, or of another dimension, are refused: no header, no files."""
+    from lookalike.engine.mapped import EngineFiles
+
+    files = EngineFiles(tmp_path / "engine", {"name": "external", "version": "1", "dim": 4})
+    good = np.ones((2, 4), np.float32)
+    for batches in (
+        [([("b", "1"), ("b", "2")], good), ([("a", "1"), ("a", "2")], good)],
+        [([("a", "1"), ("a", "2")], np.ones((2, 3), np.float32))],
+    ):
+        with files.exclusive():
+            assert files.build(5, iter(batches)) is False
+        assert files.load() is None and not list((tmp_path / "engine").glob("g-*"))
+    with files.exclusive():
+        assert files.build(5, iter([([("a", "1"), ("b", "1")], good)])) is True
+    cache = files.load()
+    assert cache is not None and cache.n_rows == 2 and cache.seq == 5
+    assert list(cache.keys) == [("a", "1"), ("b", "1")] and files.verify_vectors(cache.vectors)

@@ -122,6 +122,25 @@ def test_iter_records_pages_every_row_in_key_order(store):
     assert next(iter(store.iter_records(100)))[0].model == "test@1"
 
 
+def test_iter_vectors_pages_keys_and_vectors_in_key_order(store):
+    keys = [(f"L{i % 5}", f"L{i % 5}/{i:03d}") for i in range(13)]
+    b = batch(keys)
+    store.upsert(b)
+    store.delete([keys[2]])
+    seq = store.seq()
+    assert seq == store.changes_since(0).seq
+    pages = list(store.iter_vectors(5))
+    assert [len(k) for k, _ in pages] == [5, 5, 2]
+    got = [k for page, _ in pages for k in page]
+    assert got == sorted(k for k in keys if k != keys[2])
+    by_key = {k: b.vectors[i] for i, k in enumerate(keys)}
+    vectors = np.concatenate([v for _, v in pages])
+    assert vectors.dtype == np.float32 and vectors.shape == (12, 4)
+    assert all(v.tobytes() == by_key[k].tobytes() for k, v in zip(got, vectors, strict=True))
+    store.upsert(batch([("z", "z/1")], seed=2))
+    assert store.seq() > seq
+
+
 def test_changes_since_reports_upserts_then_deletes(store):
     store.upsert(batch([("b", "b/1"), ("a", "a/1")]))
     full = store.changes_since(0)
@@ -143,6 +162,18 @@ def test_listing_attributes_merge_and_remove(store):
     assert store.get_listing("a").attrs == {"stock_level": 0, "etag": "x1"}
     seq, changed = store.listings_since(0)
     assert [r.listing_id for r in changed] == ["a"] and seq > 0
+    assert store.listings_since(seq)[1] == []
+
+
+def test_many_listings_update_in_one_call_in_order(store):
+    store.upsert_listing("a", {"stock_level": 3, "color": "red"})
+    seq0, _ = store.listings_since(0)
+    store.upsert_listings([("a", {"stock_level": 0}), ("b", {"etag": "e"}), ("a", {"color": None})])
+    assert store.get_listing("a").attrs == {"stock_level": 0}  # merged, in order
+    assert store.get_listing("b").attrs == {"etag": "e"}
+    seq, changed = store.listings_since(seq0)
+    assert sorted(r.listing_id for r in changed) == ["a", "b"] and seq == seq0 + 3
+    store.upsert_listings([])
     assert store.listings_since(seq)[1] == []
 
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,6 +42,9 @@ CHECKED_ROWS = 16
 #: A long-running process rewrites the engine files once this many rows (or a tenth of the
 #: collection) were added since they were last written.
 SAVE_EVERY_ROWS = 100_000
+#: Rows read from the store per batch while the engine files are built from it (128 MiB at
+#: d = 512).
+BUILD_BATCH = 65536
 #: Reads of the cache before giving up while the catalog's model keeps changing under them.
 LOAD_ATTEMPTS = 5
 
@@ -118,6 +121,10 @@ class CacheSource:
                     self._verify_in_background(self.files, cache, drop)
                     return cache
                 log.warning("engine files of %s not used: %s", self.store.uri, problem)
+            stale = self.files.state.generation if self.files.state else None
+            built = self._build(model, stale, drop)
+            if built is not False:
+                return built
         cache = VectorCache(model.dim)
         changes = self.store.changes_since(cache.seq)
         if changes.model not in (None, model):
@@ -125,6 +132,57 @@ class CacheSource:
         cache.apply(changes)
         cache.model = model.tag
         self.save(cache)
+        return cache
+
+    def _build(
+        self, model: ModelInfo, stale: str | None, drop: Callable[[VectorCache], None]
+    ) -> VectorCache | Literal[False] | None:
+        """Write the engine files straight from the store's rows, one batch of
+        :data:`BUILD_BATCH` rows in memory at a time (:meth:`EngineFiles.build`), and map
+        them: a collection larger than RAM loads, and rows are never read into RAM twice.
+        Files that another process wrote while this one waited for the lock are mapped
+        instead (checked like any files), unless they are generation ``stale`` (found wrong).
+        None when the store holds another model; False when the files cannot be written or
+        do not hold the store's rows after all (then the rows are read into RAM)."""
+        files = self.files
+        assert files is not None
+        try:
+            with files.exclusive():
+                cache = files.load()  # written by another process while this one waited
+                if cache is not None and files.state and files.state.generation == stale:
+                    cache = None
+                built = cache is None
+                if built:
+                    seq = self.store.seq()
+                    if self.store.model() not in (None, model):
+                        return None
+                    if not files.build(seq, self.store.iter_vectors(BUILD_BATCH)):
+                        return False
+                    cache = files.load()
+        except OSError as exc:  # a read-only folder, a full disk
+            log.warning("engine files of %s not written: %s", self.store.uri, exc)
+            self.files = None
+            return False
+        if cache is None:
+            return False
+        self._saved_version = cache.version
+        changes = self.store.changes_since(cache.seq)
+        if changes.model not in (None, model):
+            return None
+        cache.apply(changes)
+        problem = self._mismatch(cache)
+        if problem is not None:
+            log.warning("engine files of %s built wrong: %s", self.store.uri, problem)
+            files.discard()
+            return False
+        self._saved_rows = files.state.n_rows if files.state else 0
+        if built:
+            self.verified = True  # digested as they were written
+        else:
+            self.from_files = True
+            self._verify_in_background(files, cache, drop)
+        cache.model = model.tag
+        self.save_if_changed(cache)
         return cache
 
     def _mismatch(self, cache: VectorCache) -> str | None:

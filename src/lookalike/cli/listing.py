@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,6 +29,9 @@ from .common import (
 listing_app = typer.Typer(
     help="Read and set live listing attributes (stock_level, ...).", no_args_is_help=True
 )
+
+#: CSV rows written per transaction by ``listing import``.
+IMPORT_BATCH = 10_000
 
 
 @command(listing_app, "set")
@@ -70,16 +73,22 @@ def listing_import(
     ],
     catalog: CatalogOpt,
 ) -> None:
-    """Set listing attributes from a CSV file (numbers and true/false are parsed)."""
+    """Set listing attributes from a CSV file (numbers and true/false are parsed; an empty
+    cell removes the attribute). Written 10,000 rows a transaction."""
     n = 0
     with open(csv_file, newline="", encoding="utf-8") as fh, opened(catalog, create=True) as cat:
         reader = csv.DictReader(fh)
         if "listing_id" not in (reader.fieldnames or []):
             raise SourceError(f"{csv_file}: no listing_id column")
+        batch: dict[str, dict[str, Any]] = {}
         for i, row in enumerate(reader, start=1):
             lid = (row.pop("listing_id") or "").strip()
             if not lid:
                 raise SourceError(f"{csv_file}: row {i}: empty listing_id")
-            cat.update_listing(lid, **{k: parse_value(v or "") for k, v in row.items()})
-            n += 1
+            batch.pop(lid, None)  # every row names every column: the last one wins
+            batch[lid] = {k: parse_value(v or "") for k, v in row.items()}
+            if len(batch) == IMPORT_BATCH:
+                n += cat.update_listings(batch)
+                batch = {}
+        n += cat.update_listings(batch)
     say(f"updated {n} listing(s)")

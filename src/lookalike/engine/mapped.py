@@ -44,8 +44,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_path, atomic_write
-from .cache import VectorCache
+from ..types import Key
+from .cache import VectorCache, key_hash
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,10 @@ class FileState:
     n_listings: int
     layout: int
     sums: bytes
+
+
+class _UnwritableError(ValueError):
+    """Rows the engine files cannot hold (:meth:`EngineFiles.build`)."""
 
 
 class EngineFiles:
@@ -286,6 +291,11 @@ class EngineFiles:
 
     # ------------------------------------------------------------------ writing
 
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold the files' exclusive lock (``flock`` on ``<folder>/lock``; not re-entrant:
+        :meth:`save`, :meth:`save_codes` and :meth:`discard` take it themselves)."""
+        return self._locked()
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -334,6 +344,133 @@ class EngineFiles:
                 self._write_generation(cache, images, listings)
         return True
 
+    def build(self, seq: int, batches: Iterable[tuple[Sequence[Key], np.ndarray]]) -> bool:
+        """Write a new generation straight from a store's rows, holding one batch in memory at
+        a time (a 10M x 512 collection is 20 GB of float32: more than this machine's RAM),
+        then switch the header to it; :meth:`load` maps it next. Call it inside
+        :meth:`exclusive` (a process that waited there maps what the first one built).
+
+        Args:
+            seq: the store's change sequence read *before* the rows (the caller applies
+                ``changes_since(seq)`` after mapping: a row written meanwhile is then right
+                whether or not the batches saw it).
+            batches: ``(keys, (m, d) float32)`` ordered by ``(listing_id, image_id)``
+                (``Store.iter_vectors``).
+
+        Returns:
+            False when a batch cannot be written (an id with a NUL or a lone surrogate, rows
+            out of key order, another dimension): the header is left as it was.
+
+        Raises:
+            OSError: the folder cannot be written.
+        """
+        dim = int(self.model["dim"])
+        gen = f"g-{uuid.uuid4().hex[:12]}"
+        folder = self.folder / gen
+        folder.mkdir(parents=True)
+        try:
+            texts, arrays = self._stream_rows(folder / "vectors.f32", dim, batches)
+        except _UnwritableError as exc:
+            log.warning("engine files in %s not built: %s", self.folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            return False
+        row_listing, hashes = arrays
+        n = len(row_listing)
+        alive = np.ones(n, dtype=bool)
+        small = self._small(row_listing, hashes, alive, texts)
+        for name, data in small.items():
+            with open(folder / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        n_listings = int(row_listing[-1]) + 1 if n else 0
+        self._commit_head(
+            gen,
+            small,
+            seq=seq,
+            n_rows=n,
+            n_alive=n,
+            n_listings=n_listings,
+            listings_with_rows=n_listings,
+        )
+        for old in self.folder.glob("g-*"):
+            if old.name != gen:
+                shutil.rmtree(old, ignore_errors=True)
+        self.state = None  # the next load reads the new generation
+        return True
+
+    @staticmethod
+    def _stream_rows(
+        path: Path, dim: int, batches: Iterable[tuple[Sequence[Key], np.ndarray]]
+    ) -> tuple[dict[str, bytes], tuple[np.ndarray, np.ndarray]]:
+        """Write the batches' vectors to ``path`` (with sparse spare rows); the text files,
+        the chunk digests, and ``(row_listing int32, hashes int64)``.
+
+        Raises:
+            _UnwritableError: an id or a batch the files cannot hold.
+        """
+        listing_ids: list[str] = []
+        numbers: list[np.ndarray] = []
+        hashes: list[np.ndarray] = []
+        images = bytearray()
+        sums = bytearray()
+        chunk, in_chunk, n = hashlib.blake2b(digest_size=16), 0, 0
+        last: Key | None = None
+        with open(path, "wb") as fh:
+            for keys, vectors in batches:
+                m = len(keys)
+                if not m:
+                    continue
+                v = np.ascontiguousarray(vectors, dtype=np.float32)
+                if v.shape != (m, dim):
+                    raise _UnwritableError(f"a batch of shape {v.shape}, d = {dim} expected")
+                if last is not None and keys[0] <= last:
+                    raise _UnwritableError("rows out of (listing_id, image_id) order")
+                last = keys[-1]
+                nums = np.empty(m, dtype=np.int32)
+                for i, (lid, _) in enumerate(keys):
+                    if not listing_ids or listing_ids[-1] != lid:
+                        listing_ids.append(lid)
+                    nums[i] = len(listing_ids) - 1
+                numbers.append(nums)
+                hashes.append(np.fromiter((key_hash(k) for k in keys), np.int64, count=m))
+                try:
+                    text = "\x00".join(k[1] for k in keys).encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise _UnwritableError("an image id that is not valid UTF-8") from exc
+                if text.count(b"\x00") != m - 1:
+                    raise _UnwritableError("an image id holds a NUL")
+                images += (b"\x00" if n else b"") + text
+                fh.write(v.data.cast("B"))
+                i = 0
+                while i < m:  # the digests of CHUNK_ROWS-row chunks, as chunk_digests
+                    take = min(CHUNK_ROWS - in_chunk, m - i)
+                    chunk.update(v[i : i + take].data.cast("B"))
+                    in_chunk, i = in_chunk + take, i + take
+                    if in_chunk == CHUNK_ROWS:
+                        sums += chunk.digest()
+                        chunk, in_chunk = hashlib.blake2b(digest_size=16), 0
+                n += m
+            if in_chunk:
+                sums += chunk.digest()
+            fh.truncate((n + max(MIN_SPARE_ROWS, n // 4)) * 4 * dim)  # sparse spare rows
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            listings = "\x00".join(listing_ids).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _UnwritableError("a listing id that is not valid UTF-8") from exc
+        if listings.count(b"\x00") != max(len(listing_ids) - 1, 0):
+            raise _UnwritableError("a listing id holds a NUL")
+        texts = {
+            "vectors.b2": bytes(sums),
+            "image_ids.txt": bytes(images),
+            "listing_ids.txt": listings,
+        }
+        row_listing = np.concatenate(numbers) if numbers else np.zeros(0, np.int32)
+        key_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
+        return texts, (row_listing, key_hashes)
+
     def _write_generation(self, cache: VectorCache, images: bytes, listings: bytes) -> None:
         gen = f"g-{uuid.uuid4().hex[:12]}"
         folder = self.folder / gen
@@ -347,7 +484,7 @@ class EngineFiles:
             fh.flush()
             os.fsync(fh.fileno())
         sums = self.chunk_digests(cache.vectors, 0, n)
-        for name, data in self._small(cache, images, listings, sums).items():
+        for name, data in self._small_of(cache, images, listings, sums).items():
             with open(folder / name, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -371,42 +508,64 @@ class EngineFiles:
             os.fsync(fh.fileno())
         kept = n0 // CHUNK_ROWS  # whole chunks already written keep their digests
         sums = state.sums[: 16 * kept] + self.chunk_digests(cache.vectors, kept * CHUNK_ROWS, n)
-        for name, data in self._small(cache, images, listings, sums).items():
+        for name, data in self._small_of(cache, images, listings, sums).items():
             # whole small files are rewritten (the live flags change anywhere); atomically, so
             # a reader of the old header reads consistent old contents
             atomic_write(folder / name, data)
         self._commit(cache, state.generation, images, listings, sums)
 
     @staticmethod
-    def _small(cache: VectorCache, images: bytes, listings: bytes, sums: bytes) -> dict[str, bytes]:
-        """The small files, in the order the header's digest covers them."""
+    def _small(
+        row_listing: np.ndarray, hashes: np.ndarray, alive: np.ndarray, texts: dict[str, bytes]
+    ) -> dict[str, bytes]:
+        """The small files, in the order the header's digest covers them (``texts``:
+        ``vectors.b2``, ``image_ids.txt``, ``listing_ids.txt``)."""
         return {
-            "row_listing.i32": cache.row_listing.astype(np.int32).tobytes(),
-            "hashes.i64": cache.hashes.astype(np.int64).tobytes(),
-            "alive.u8": cache.alive.astype(np.uint8).tobytes(),
-            "vectors.b2": sums,
-            "image_ids.txt": images,
-            "listing_ids.txt": listings,
+            "row_listing.i32": row_listing.astype(np.int32).tobytes(),
+            "hashes.i64": hashes.astype(np.int64).tobytes(),
+            "alive.u8": alive.astype(np.uint8).tobytes(),
+            "vectors.b2": texts["vectors.b2"],
+            "image_ids.txt": texts["image_ids.txt"],
+            "listing_ids.txt": texts["listing_ids.txt"],
         }
+
+    @classmethod
+    def _small_of(
+        cls, cache: VectorCache, images: bytes, listings: bytes, sums: bytes
+    ) -> dict[str, bytes]:
+        """:meth:`_small` of a cache."""
+        texts = {"vectors.b2": sums, "image_ids.txt": images, "listing_ids.txt": listings}
+        return cls._small(cache.row_listing, cache.hashes, cache.alive, texts)
 
     def _commit(
         self, cache: VectorCache, gen: str, images: bytes, listings: bytes, sums: bytes
     ) -> None:
+        rows = cache.row_listing[cache.alive]
+        self._commit_head(
+            gen,
+            self._small_of(cache, images, listings, sums),
+            seq=cache.seq,
+            n_rows=cache.n_rows,
+            n_alive=cache.n_alive,
+            n_listings=len(cache.listings),
+            listings_with_rows=int(np.unique(rows).size),
+        )
+        self.state = FileState(gen, cache.n_rows, len(cache.listings), cache.layout, sums)
+
+    def _commit_head(self, gen: str, small: dict[str, bytes], **counts: int) -> None:
+        """Replace the header (the commit point): ``gen``, the digest of ``small``, and
+        ``counts`` (``seq``, ``n_rows``, ``n_alive``, ``n_listings``,
+        ``listings_with_rows``)."""
         digest = hashlib.blake2b(digest_size=16)
-        for data in self._small(cache, images, listings, sums).values():
+        for data in small.values():
             digest.update(data)
         head = {
             "format": FORMAT,
             "model": self.model,
             "generation": gen,
-            "seq": cache.seq,
-            "n_rows": cache.n_rows,
-            "n_alive": cache.n_alive,
-            "n_listings": len(cache.listings),
-            "listings_with_rows": int(np.unique(cache.row_listing[cache.alive]).size),
-            "image_ids.txt_bytes": len(images),
-            "listing_ids.txt_bytes": len(listings),
+            **counts,
+            "image_ids.txt_bytes": len(small["image_ids.txt"]),
+            "listing_ids.txt_bytes": len(small["listing_ids.txt"]),
             "digest": digest.hexdigest(),
         }
         atomic_write(self.folder / HEADER, json.dumps(head, indent=1))
-        self.state = FileState(gen, cache.n_rows, len(cache.listings), cache.layout, sums)

@@ -23,6 +23,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..types import (
     Changes,
     FeatureBatch,
@@ -86,6 +88,16 @@ class Store(Protocol):
         ``batch_size`` (one query per batch)."""
         ...
 
+    def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
+        """Every stored row as ``(keys, (m, d) float32)`` batches of at most ``batch_size``,
+        ordered by ``(listing_id, image_id)``, one query a batch (not one snapshot: read
+        :meth:`seq` before and apply ``changes_since`` of it after)."""
+        ...
+
+    def seq(self) -> int:
+        """The newest change-sequence number (the ``seq`` ``changes_since`` reports)."""
+        ...
+
     def find_image(self, image_id: str) -> list[Key]:
         """Keys of every row whose ``image_id`` equals ``image_id``."""
         ...
@@ -108,6 +120,10 @@ class Store(Protocol):
 
     def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
         """Merge ``attrs`` into a listing (a value of None removes that attribute)."""
+        ...
+
+    def upsert_listings(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Merge each ``(listing_id, attrs)`` into its listing in order, one transaction."""
         ...
 
     def listings_since(self, seq: int) -> tuple[int, list[ListingRecord]]:

@@ -392,26 +392,44 @@ class SqliteStore(SqliteReindex, SqliteWatch):
     def iter_records(self, batch_size: int = 1024) -> Iterator[list[ImageRecord]]:
         """Every stored image, ordered by ``(listing_id, image_id)``, ``batch_size`` rows a
         batch (keyset pagination: one query per batch, no lock held between batches)."""
+        for rows in self._pages(RECORD_COLUMNS, batch_size):
+            yield [record_from_row(r) for r in rows]
+
+    def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[list[Key], np.ndarray]]:
+        """Every stored row as ``(keys, (m, d) float32)`` batches of at most ``batch_size``,
+        ordered by ``(listing_id, image_id)`` (keyset pagination: one query a batch, no lock
+        held between batches; a row written meanwhile may or may not be seen, so read
+        :meth:`seq` before and apply ``changes_since`` of it after)."""
+        for rows in self._pages("listing_id, image_id, vector", batch_size):
+            keys = [(r[0], r[1]) for r in rows]
+            yield keys, np.frombuffer(b"".join(r[2] for r in rows), "<f4").reshape(len(rows), -1)
+
+    def _pages(self, columns: str, batch_size: int) -> Iterator[list[Any]]:
+        """``columns`` (the first two ``listing_id, image_id``) of every row, ordered by key,
+        ``batch_size`` rows a page."""
         last: Key | None = None
         while True:
             with self._lock:
                 if last is None:
                     rows = self._conn.execute(
-                        f"SELECT {RECORD_COLUMNS} FROM features "
-                        "ORDER BY listing_id, image_id LIMIT ?",
+                        f"SELECT {columns} FROM features ORDER BY listing_id, image_id LIMIT ?",
                         (batch_size,),
                     ).fetchall()
                 else:
                     rows = self._conn.execute(
-                        f"SELECT {RECORD_COLUMNS} FROM features "
+                        f"SELECT {columns} FROM features "
                         "WHERE (listing_id, image_id) > (?, ?) "
                         "ORDER BY listing_id, image_id LIMIT ?",
                         (*last, batch_size),
                     ).fetchall()
             if not rows:
                 return
-            yield [record_from_row(r) for r in rows]
+            yield rows
             last = (rows[-1][0], rows[-1][1])
+
+    def seq(self) -> int:
+        """The newest change-sequence number (the ``seq`` :meth:`changes_since` reports)."""
+        return int(self._meta("seq") or 0)
 
     def find_image(self, image_id: str) -> list[Key]:
         """Keys of every row whose ``image_id`` equals ``image_id``."""
@@ -449,32 +467,39 @@ class SqliteStore(SqliteReindex, SqliteWatch):
 
     def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
         """Merge ``attrs`` into a listing (None removes an attribute); one transaction."""
+        self.upsert_listings([(listing_id, attrs)])
+
+    def upsert_listings(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Merge each ``(listing_id, attrs)`` into its listing in order (None removes an
+        attribute), all in one transaction, one change-sequence number each."""
         with self._write() as cur:
-            seq = self._next_seq(cur)
-            row = cur.execute(
-                "SELECT stock_level, etag, attrs FROM listings WHERE listing_id = ?", (listing_id,)
-            ).fetchone()
-            current = self._listing_attrs(row) if row else {}
-            for name, value in attrs.items():
-                if value is None:
-                    current.pop(name, None)
-                else:
-                    current[name] = value
-            extra = {k: v for k, v in current.items() if k not in LISTING_COLUMNS}
-            cur.execute(
-                "INSERT INTO listings (listing_id, stock_level, etag, attrs, updated_at, seq) "
-                "VALUES (?,?,?,?,?,?) ON CONFLICT (listing_id) DO UPDATE SET "
-                "stock_level = excluded.stock_level, etag = excluded.etag, "
-                "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
-                (
-                    listing_id,
-                    current.get("stock_level"),
-                    current.get("etag"),
-                    json.dumps(extra) if extra else None,
-                    time.time(),
-                    seq,
-                ),
-            )
+            for listing_id, attrs in updates:
+                seq = self._next_seq(cur)
+                row = cur.execute(
+                    "SELECT stock_level, etag, attrs FROM listings WHERE listing_id = ?",
+                    (listing_id,),
+                ).fetchone()
+                current = self._listing_attrs(row) if row else {}
+                for name, value in attrs.items():
+                    if value is None:
+                        current.pop(name, None)
+                    else:
+                        current[name] = value
+                extra = {k: v for k, v in current.items() if k not in LISTING_COLUMNS}
+                cur.execute(
+                    "INSERT INTO listings (listing_id, stock_level, etag, attrs, updated_at, seq) "
+                    "VALUES (?,?,?,?,?,?) ON CONFLICT (listing_id) DO UPDATE SET "
+                    "stock_level = excluded.stock_level, etag = excluded.etag, "
+                    "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
+                    (
+                        listing_id,
+                        current.get("stock_level"),
+                        current.get("etag"),
+                        json.dumps(extra) if extra else None,
+                        time.time(),
+                        seq,
+                    ),
+                )
 
     @staticmethod
     def _listing_attrs(row: Sequence[Any]) -> dict[str, Any]:
