@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -263,6 +264,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--threads", default="1,4,16", help="thread counts ('' to skip)")
     ap.add_argument("--skip-cli", action="store_true", help="no cold CLI / API processes")
+    ap.add_argument(
+        "--first-load",
+        action="store_true",
+        help="on an existing catalog: remove its engine files and time the first load again",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     report = Report(args.json)
@@ -271,6 +277,10 @@ def main() -> None:
         if not (path / "catalog.db").exists():
             log(f"building {args.n:,} x {args.d} ({args.dist}) in {path}")
             build(path, args.n, args.d, args.per_listing, args.dist, report)
+        elif args.first_load:
+            log("first load: the engine files removed, built again from the store")
+            shutil.rmtree(path / "engine", ignore_errors=True)
+            first_load(path, args.d, report)
         if not args.skip_cli:
             log("cold starts")
             cold(path, args.d, report)

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_path, atomic_write
+from ..files import atomic_path, atomic_write, map_private
 from ..types import Key
 from .cache import VectorCache, key_hash
 
@@ -177,7 +177,7 @@ class EngineFiles:
         capacity = path.stat().st_size // (4 * dim)
         if capacity < max(n, 1):
             raise ValueError(f"vectors.f32 holds {capacity} rows, the header says {n}")
-        vectors = np.memmap(path, dtype=np.float32, mode="c", shape=(capacity, dim))
+        vectors = map_private(path, np.float32, (capacity, dim))
         cache = VectorCache.from_arrays(
             vectors,
             n,
@@ -232,7 +232,7 @@ class EngineFiles:
             path = folder / f"codes-{kind}.bin"
             if path.stat().st_size != size or size == 0:
                 return None
-            packed = np.memmap(path, dtype=np.uint8, mode="c", shape=(size,))
+            packed = map_private(path, np.uint8, (size,))
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             log.info("saved codes in %s not used: %s", folder, exc)
             return None
