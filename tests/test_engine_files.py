@@ -329,3 +329,31 @@ def test_rows_the_files_cannot_hold_leave_them_as_they_were(tmp_path):
     cache = files.load()
     assert cache is not None and cache.n_rows == 2 and cache.seq == 5
     assert list(cache.keys) == [("a", "1"), ("b", "1")] and files.verify_vectors(cache.vectors)
+
+
+def test_a_file_larger_than_memory_maps_copy_on_write(tmp_path):
+    """The vector file of a collection larger than RAM + swap maps (np.memmap's copy-on-write
+    mode is refused with ENOMEM there: its whole length is charged to the commit limit); a
+    write stays in the process, and a file shorter than asked is an error."""
+    from lookalike.files import map_private
+
+    mode = open("/proc/sys/vm/overcommit_memory").read().strip()
+    if mode == "2":
+        pytest.skip("strict overcommit accounting: no mapping larger than the commit limit")
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    total = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    path = tmp_path / "big.f32"
+    rows = total // (4 * 512) + 1024
+    with open(path, "wb") as fh:
+        fh.truncate(rows * 4 * 512)  # sparse: no disk used
+    if mode == "0":  # the default heuristic refuses the whole length up front
+        with pytest.raises(OSError):
+            np.memmap(path, dtype=np.float32, mode="c", shape=(rows, 512))
+    vectors = map_private(path, np.float32, (rows, 512))
+    assert vectors.shape == (rows, 512) and vectors[rows - 1, 7] == 0.0
+    vectors[3, 0] = 1.5
+    assert vectors[3, 0] == 1.5
+    assert np.fromfile(path, dtype=np.float32, count=4 * 512)[3 * 512] == 0.0  # file unchanged
+    del vectors
+    with pytest.raises(OSError, match="shorter"):
+        map_private(path, np.float32, (rows + 1, 512))
