@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,10 +338,10 @@ def test_a_file_larger_than_memory_maps_copy_on_write(tmp_path):
     write stays in the process, and a file shorter than asked is an error."""
     from lookalike.files import map_private
 
-    mode = open("/proc/sys/vm/overcommit_memory").read().strip()
+    mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
     if mode == "2":
         pytest.skip("strict overcommit accounting: no mapping larger than the commit limit")
-    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     total = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
     path = tmp_path / "big.f32"
     rows = total // (4 * 512) + 1024
