@@ -39,18 +39,17 @@ from ..types import (
     FeatureBatch,
     ImageRecord,
     Key,
-    ListingRecord,
     MatchRecord,
     ModelInfo,
     SavedHit,
 )
 from . import results
+from .listings import PostgresListings
 from .records import RECORD_COLUMNS, record_from_row
 from .reindex import parse_model
 from .reindex_pg import PostgresReindex
 from .watch import PostgresWatch
 
-LISTING_COLUMNS = ("stock_level", "etag")
 _LOCK_ID = 0x6C6F6F6B  # advisory lock key for migrations ("look")
 
 
@@ -76,7 +75,7 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
-class PostgresStore(PostgresReindex, PostgresWatch):
+class PostgresStore(PostgresListings, PostgresReindex, PostgresWatch):
     """:class:`~lookalike.store.Store` on PostgreSQL (see the module docstring).
 
     Args:
@@ -425,78 +424,6 @@ class PostgresStore(PostgresReindex, PostgresWatch):
         with self._tx(read_only=True) as cur:
             cur.execute("SELECT listing_id, image_id, source FROM features")
             return {(r[0], r[1]): r[2] for r in cur.fetchall()}
-
-    # ------------------------------------------------------------------ listings
-
-    def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
-        """Merge ``attrs`` into a listing (None removes an attribute); one transaction."""
-        self.upsert_listings([(listing_id, attrs)])
-
-    def upsert_listings(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Merge each ``(listing_id, attrs)`` into its listing in order (None removes an
-        attribute), all in one transaction, one change-sequence number each."""
-        from psycopg.types.json import Jsonb
-
-        with self._tx() as cur:
-            for listing_id, attrs in updates:
-                seq = self._next_seq(cur)
-                cur.execute(
-                    "SELECT stock_level, etag, attrs FROM listings "
-                    "WHERE listing_id = %s FOR UPDATE",
-                    (listing_id,),
-                )
-                row = cur.fetchone()
-                current = self._listing_attrs(row) if row else {}
-                for name, value in attrs.items():
-                    if value is None:
-                        current.pop(name, None)
-                    else:
-                        current[name] = value
-                extra = {k: v for k, v in current.items() if k not in LISTING_COLUMNS}
-                cur.execute(
-                    "INSERT INTO listings (listing_id, stock_level, etag, attrs, updated_at, seq) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (listing_id) DO UPDATE SET "
-                    "stock_level = excluded.stock_level, etag = excluded.etag, "
-                    "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
-                    (
-                        listing_id,
-                        current.get("stock_level"),
-                        current.get("etag"),
-                        Jsonb(extra) if extra else None,
-                        time.time(),
-                        seq,
-                    ),
-                )
-
-    @staticmethod
-    def _listing_attrs(row: Sequence[Any]) -> dict[str, Any]:
-        attrs: dict[str, Any] = dict(row[2]) if row[2] else {}
-        if row[0] is not None:
-            attrs["stock_level"] = int(row[0])
-        if row[1] is not None:
-            attrs["etag"] = row[1]
-        return attrs
-
-    def listings_since(self, seq: int) -> tuple[int, list[ListingRecord]]:
-        """Listings whose attributes changed after ``seq``, and the new high-water mark."""
-        with self._tx(read_only=True) as cur:
-            cur.execute("SELECT value FROM counters WHERE name = 'seq'")
-            high = int(cur.fetchone()[0])
-            cur.execute(
-                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE seq > %s", (seq,)
-            )
-            rows = cur.fetchall()
-        return high, [ListingRecord(r[0], self._listing_attrs(r[1:])) for r in rows]
-
-    def get_listing(self, listing_id: str) -> ListingRecord | None:
-        """One listing, or None."""
-        with self._tx(read_only=True) as cur:
-            cur.execute(
-                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE listing_id = %s",
-                (listing_id,),
-            )
-            r = cur.fetchone()
-        return ListingRecord(r[0], self._listing_attrs(r[1:])) if r else None
 
     # ------------------------------------------------------------------ analysis & results
 

@@ -31,12 +31,12 @@ from ..types import (
     FeatureBatch,
     ImageRecord,
     Key,
-    ListingRecord,
     MatchRecord,
     ModelInfo,
     SavedHit,
 )
 from . import results
+from .listings import SqliteListings
 from .records import RECORD_COLUMNS, record_from_row
 from .reindex import SQLITE_SCHEMA as REINDEX_SCHEMA
 from .reindex import SqliteReindex, parse_model
@@ -45,8 +45,6 @@ from .watch import SQLITE_SCHEMA, SqliteWatch
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384  # bytes, for new catalogs (see SqliteStore.__init__)
-#: Listing attributes stored as their own columns; all others go to the ``attrs`` JSON column.
-LISTING_COLUMNS = ("stock_level", "etag")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,7 +108,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-class SqliteStore(SqliteReindex, SqliteWatch):
+class SqliteStore(SqliteListings, SqliteReindex, SqliteWatch):
     """:class:`~lookalike.store.Store` on SQLite. Thread-safe (one connection, one lock).
 
     Args:
@@ -462,71 +460,6 @@ class SqliteStore(SqliteReindex, SqliteWatch):
         with self._lock:
             sql = "SELECT COUNT(DISTINCT listing_id) FROM features"
             return int(self._conn.execute(sql).fetchone()[0])
-
-    # ------------------------------------------------------------------ listings
-
-    def upsert_listing(self, listing_id: str, attrs: dict[str, Any]) -> None:
-        """Merge ``attrs`` into a listing (None removes an attribute); one transaction."""
-        self.upsert_listings([(listing_id, attrs)])
-
-    def upsert_listings(self, updates: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Merge each ``(listing_id, attrs)`` into its listing in order (None removes an
-        attribute), all in one transaction, one change-sequence number each."""
-        with self._write() as cur:
-            for listing_id, attrs in updates:
-                seq = self._next_seq(cur)
-                row = cur.execute(
-                    "SELECT stock_level, etag, attrs FROM listings WHERE listing_id = ?",
-                    (listing_id,),
-                ).fetchone()
-                current = self._listing_attrs(row) if row else {}
-                for name, value in attrs.items():
-                    if value is None:
-                        current.pop(name, None)
-                    else:
-                        current[name] = value
-                extra = {k: v for k, v in current.items() if k not in LISTING_COLUMNS}
-                cur.execute(
-                    "INSERT INTO listings (listing_id, stock_level, etag, attrs, updated_at, seq) "
-                    "VALUES (?,?,?,?,?,?) ON CONFLICT (listing_id) DO UPDATE SET "
-                    "stock_level = excluded.stock_level, etag = excluded.etag, "
-                    "attrs = excluded.attrs, updated_at = excluded.updated_at, seq = excluded.seq",
-                    (
-                        listing_id,
-                        current.get("stock_level"),
-                        current.get("etag"),
-                        json.dumps(extra) if extra else None,
-                        time.time(),
-                        seq,
-                    ),
-                )
-
-    @staticmethod
-    def _listing_attrs(row: Sequence[Any]) -> dict[str, Any]:
-        attrs: dict[str, Any] = json.loads(row[2]) if row[2] else {}
-        if row[0] is not None:
-            attrs["stock_level"] = row[0]
-        if row[1] is not None:
-            attrs["etag"] = row[1]
-        return attrs
-
-    def listings_since(self, seq: int) -> tuple[int, list[ListingRecord]]:
-        """Listings whose attributes changed after ``seq``, and the new high-water mark."""
-        with self._read() as cur:
-            high = int(cur.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
-            rows = cur.execute(
-                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE seq > ?", (seq,)
-            ).fetchall()
-        return high, [ListingRecord(r[0], self._listing_attrs(r[1:])) for r in rows]
-
-    def get_listing(self, listing_id: str) -> ListingRecord | None:
-        """One listing, or None."""
-        with self._lock:
-            r = self._conn.execute(
-                "SELECT listing_id, stock_level, etag, attrs FROM listings WHERE listing_id = ?",
-                (listing_id,),
-            ).fetchone()
-        return ListingRecord(r[0], self._listing_attrs(r[1:])) if r else None
 
     # ------------------------------------------------------------------ analysis
 
