@@ -60,7 +60,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "lite2-pad-gem": ("cnn", {"model": "efficientnet-lite2", "fit": "pad", "pooling": "gem"}),
     "pad-gem-flip": ("cnn", {"fit": "pad", "pooling": "gem", "flip": True}),
     "pad-gem-ms": ("cnn", {"fit": "pad", "pooling": "gem", "scales": (1.0, 0.707)}),
-    "pad-gem-int8": ("cnn", {"fit": "pad", "pooling": "gem", "int8": True}),
+    "pad-gem-int8": ("cnn", {"fit": "pad", "pooling": "gem", "int8": True}),  # 7-bit weights
+    "pad-gem-int8w8": ("cnn", {"fit": "pad", "pooling": "gem", "int8": True, "int8_bits": 8}),
     "colorhist": ("colorhist", {}),
     "hog": ("hog", {}),
 }

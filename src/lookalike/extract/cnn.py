@@ -216,7 +216,7 @@ def convert_onnx(spec: GraphSpec | None = None) -> bytes:
     if spec.int8:
         from .quantize import quantize_int8
 
-        data = quantize_int8(data, spec.size, scale_input)
+        data = quantize_int8(data, spec.size, scale_input, weight_bits=spec.int8_bits)
     probe = scale_input(
         np.random.default_rng(0).integers(0, 256, (2, spec.size, spec.size, 3), np.uint8)
     )

@@ -18,7 +18,10 @@ options (compared on public sets by ``benchmarks/descriptors.py``, README "Evalu
 * ``flip``: average the descriptors of the photo and its mirror image (2x the compute);
 * ``scales``: multi-scale: average the descriptors of the input at these fractions of the
   model size (e.g. ``(1, 0.707)``: 1.5x the compute; Radenović et al. use 1, 1/sqrt 2, 1/2);
-* ``int8``: the network quantized to 8-bit integers by ONNX Runtime (static, calibrated).
+* ``int8``: the network quantized to 8-bit integers by ONNX Runtime (static, calibrated),
+  with weights of ``int8_bits`` bits: 7 (the default, ``-int8w7``: the same vectors on every
+  x86 CPU) or 8 (``-int8``, the first recipe: CPUs without AVX-512 VNNI saturate its 16-bit
+  sums, so its vectors depend on the machine; kept to reopen catalogs made with it).
 
 Views (flips, scales) are combined as the sum of their L2-normalized descriptors, normalized.
 The version of the original configuration (Lite0, crop, average pooling, one view) is
@@ -67,6 +70,7 @@ class GraphSpec:
     gem_p: float
     size: int
     int8: bool = False
+    int8_bits: int = 7
 
     @property
     def tag(self) -> str:
@@ -74,7 +78,7 @@ class GraphSpec:
         tag = "gap" if self.pooling == "avg" else f"gem{self.gem_p:g}"
         if self.size != MODEL_SIZES[self.model]:
             tag += f"-s{self.size}"
-        return tag + ("-int8" if self.int8 else "")
+        return tag + (_int8_part(self.int8_bits) if self.int8 else "")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class CnnOptions:
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
     int8: bool = False
+    int8_bits: int = 7
 
     def __post_init__(self) -> None:
         if self.model not in WEIGHTS_PACKAGES:
@@ -104,6 +109,8 @@ class CnnOptions:
         if not scales or len(set(scales)) != len(scales) or not all(0.25 <= s <= 2 for s in scales):
             raise LookalikeError(f"cnn scales must be distinct numbers in [0.25, 2], not {scales}")
         object.__setattr__(self, "scales", scales)
+        if self.int8_bits not in (7, 8):
+            raise LookalikeError(f"int8 weights have 7 or 8 bits, not {self.int8_bits}")
 
     @property
     def size(self) -> int:
@@ -122,7 +129,10 @@ class CnnOptions:
 
     def graphs(self) -> list[GraphSpec]:
         """One network per scale."""
-        return [GraphSpec(self.model, self.pooling, self.gem_p, s, self.int8) for s in self.sizes]
+        return [
+            GraphSpec(self.model, self.pooling, self.gem_p, s, self.int8, self.int8_bits)
+            for s in self.sizes
+        ]
 
     @property
     def views(self) -> int:
@@ -142,7 +152,7 @@ class CnnOptions:
         if self.scales != (1.0,):
             parts.append("ms" + "+".join(f"{s:g}" for s in self.scales))
         if self.int8:
-            parts.append("int8")
+            parts.append(_int8_part(self.int8_bits)[1:])
         return "-".join(parts) + "/1"
 
     @classmethod
@@ -165,6 +175,7 @@ class CnnOptions:
             flip=bool(m["flip"]),
             scales=scales,
             int8=bool(m["int8"]),
+            int8_bits=8 if m["int8"] == "-int8" else 7,
         )
         if options.version != version:  # e.g. "gem3.0" for "gem3": one name per configuration
             raise LookalikeError(f"not a cnn version lookalike makes: {version!r}")
@@ -188,8 +199,13 @@ class CnnOptions:
 _VERSION_RE = re.compile(
     r"(?P<model>efficientnet-lite\d)-" + re.escape(WEIGHTS_PACKAGE_VERSION) + r"-"
     r"(?:(?P<fit>pad|squash)-)?(?P<pool>gap|gem[0-9.]+)(?P<flip>-flip)?"
-    r"(?:-ms(?P<ms>[0-9.]+(?:\+[0-9.]+)*))?(?P<int8>-int8)?/1"
+    r"(?:-ms(?P<ms>[0-9.]+(?:\+[0-9.]+)*))?(?P<int8>-int8(?:w7)?)?/1"
 )
+
+
+def _int8_part(bits: int) -> str:
+    """The version and file-name part of an int8 network with ``bits``-bit weights."""
+    return "-int8" if bits == 8 else f"-int8w{bits}"
 
 
 def pad_resize(image: Image.Image, size: int, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:
