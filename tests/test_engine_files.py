@@ -29,19 +29,25 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture
-def catalog(tmp_path):
-    """300 quantized vectors (d=16) in 60 listings, stock 0/1/2; its engine files written."""
-    rng = np.random.default_rng(5)
+def write_catalog(path, rng):
+    """300 quantized vectors (d=16) in 60 listings, stock 0/1/2, at ``path`` (no search)."""
     keys = [(f"L{i:02d}", f"L{i:02d}/{j}.jpg") for i in range(60) for j in range(5)]
     vectors = oracle.quantized(rng, len(keys), 16)
-    path = tmp_path / "cat"
     with lookalike.open_catalog(path) as cat:
         cat.add_vectors(
             [k[0] for k in keys], [k[1] for k in keys], vectors, model=MODEL, normalize=False
         )
-        for i in range(60):
-            cat.update_listing(f"L{i:02d}", stock_level=i % 3)
+        cat.update_listings({f"L{i:02d}": {"stock_level": i % 3} for i in range(60)})
+    return vectors
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """:func:`write_catalog`, its engine files written by a first search."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "cat"
+    vectors = write_catalog(path, rng)
+    with lookalike.open_catalog(path) as cat:
         cat.search(vector=vectors[0], k=1)  # loads from the store and writes the files
         assert cat.stats()["cache_source"] == "store"
     assert (path / "engine" / "header.json").exists()
@@ -268,15 +274,8 @@ def test_the_first_load_builds_the_files_batch_by_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(cachesource, "BUILD_BATCH", 7)  # 300 rows: 43 batches
     monkeypatch.setattr(mapped, "CHUNK_ROWS", 16)  # chunks that straddle the batches
     rng = np.random.default_rng(11)
-    keys = [(f"L{i:02d}", f"L{i:02d}/{j}.jpg") for i in range(60) for j in range(5)]
-    vectors = oracle.quantized(rng, len(keys), 16)
     path = tmp_path / "cat"
-    with lookalike.open_catalog(path) as cat:
-        cat.add_vectors(
-            [k[0] for k in keys], [k[1] for k in keys], vectors, model=MODEL, normalize=False
-        )
-        for i in range(60):
-            cat.update_listing(f"L{i:02d}", stock_level=i % 3)
+    write_catalog(path, rng)
     assert not (path / "engine" / "header.json").exists()
     sizes: list[int] = []
     read = SqliteStore.iter_vectors

@@ -45,6 +45,8 @@ SAVE_EVERY_ROWS = 100_000
 #: Rows read from the store per batch while the engine files are built from it (128 MiB at
 #: d = 512).
 BUILD_BATCH = 65536
+#: :meth:`CacheSource._catch_up`'s answer when a reindex switched the catalog's model.
+OTHER_MODEL = "the store holds another model"
 #: Reads of the cache before giving up while the catalog's model keeps changing under them.
 LOAD_ATTEMPTS = 5
 
@@ -109,12 +111,9 @@ class CacheSource:
             self.files = EngineFiles(self.folder, model_dict(model))
             cache = self.files.load()
             if cache is not None:
-                self._saved_version = cache.version
-                changes = self.store.changes_since(cache.seq)
-                if changes.model not in (None, model):
+                problem = self._catch_up(cache, model)
+                if problem == OTHER_MODEL:
                     return None
-                cache.apply(changes)
-                problem = self._mismatch(cache)
                 if problem is None:
                     self._saved_rows = self.files.state.n_rows if self.files.state else 0
                     self.from_files = True
@@ -165,12 +164,9 @@ class CacheSource:
             return False
         if cache is None:
             return False
-        self._saved_version = cache.version
-        changes = self.store.changes_since(cache.seq)
-        if changes.model not in (None, model):
+        problem = self._catch_up(cache, model)
+        if problem == OTHER_MODEL:
             return None
-        cache.apply(changes)
-        problem = self._mismatch(cache)
         if problem is not None:
             log.warning("engine files of %s built wrong: %s", self.store.uri, problem)
             files.discard()
@@ -184,6 +180,17 @@ class CacheSource:
         cache.model = model.tag
         self.save_if_changed(cache)
         return cache
+
+    def _catch_up(self, cache: VectorCache, model: ModelInfo) -> str | None:
+        """Apply the store's changes since the sequence number of a cache read from files, then
+        :meth:`_mismatch`: None when it holds the store's rows, else why not
+        (:data:`OTHER_MODEL` when the store holds another model by now)."""
+        self._saved_version = cache.version
+        changes = self.store.changes_since(cache.seq)
+        if changes.model not in (None, model):
+            return OTHER_MODEL
+        cache.apply(changes)
+        return self._mismatch(cache)
 
     def _mismatch(self, cache: VectorCache) -> str | None:
         """Why a cache read from files does not hold the store's rows, or None: the live count,
