@@ -1,5 +1,7 @@
 """Where a process's live vector cache comes from: the engine files beside the catalog, checked
-against the store, or the store itself (then the files are written for the next process).
+against the store; or, when there are none (or they are wrong), files written from the store
+batch by batch and then mapped, so that a collection larger than RAM loads (10M x 512 is 20 GB
+of float32 rows); or, with the files off or unwritable, the store's rows read into RAM.
 
 :class:`CacheSource` is used by :class:`~lookalike.catalog.engines.EngineSet` under its sync
 lock. The engine files (:mod:`lookalike.engine.mapped`) are never trusted blindly: after the

@@ -26,7 +26,11 @@ and checks the live count and a sample of rows against the store (``catalog/engi
 and checks every vector against the chunk digests in the background
 (:meth:`EngineFiles.verify_vectors`, about a second per GB), dropping the files on a mismatch.
 
-**Updates**: a process maps the vectors copy-on-write (``MAP_PRIVATE``): rows it appends go
+**Building**: :meth:`EngineFiles.build` writes a generation straight from a store's rows, one
+batch at a time (digests computed on the way), so a first load never holds every row in RAM.
+
+**Updates**: a process maps the vectors copy-on-write (``MAP_PRIVATE | MAP_NORESERVE``,
+:func:`lookalike.files.map_private`: a file larger than RAM + swap maps): rows it appends go
 to its own pages, never into the shared file. :meth:`EngineFiles.save` (under an exclusive
 ``flock``) appends the rows added since the files were written, when the files are still
 the ones this process read and its rows have not been renumbered; otherwise it writes a new
