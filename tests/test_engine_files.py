@@ -312,7 +312,8 @@ def test_the_first_load_builds_the_files_batch_by_batch(tmp_path, monkeypatch):
 
 
 def test_rows_the_files_cannot_hold_leave_them_as_they_were(tmp_path):
-    """Batches out of key order, or of another dimension, are refused: no header, no files."""
+    """Batches out of key order, or of another dimension, are refused, and a build that fails
+    midway (a full disk) leaves no half-written generation: no header, no files."""
     from lookalike.engine.mapped import EngineFiles
 
     files = EngineFiles(tmp_path / "engine", {"name": "external", "version": "1", "dim": 4})
@@ -324,6 +325,14 @@ def test_rows_the_files_cannot_hold_leave_them_as_they_were(tmp_path):
         with files.exclusive():
             assert files.build(5, iter(batches)) is False
         assert files.load() is None and not list((tmp_path / "engine").glob("g-*"))
+
+    def failing():
+        yield [("a", "1")], good[:1]
+        raise OSError(28, "No space left on device")
+
+    with files.exclusive(), pytest.raises(OSError, match="No space"):
+        files.build(5, failing())
+    assert files.load() is None and not list((tmp_path / "engine").glob("g-*"))  # no half
     with files.exclusive():
         assert files.build(5, iter([([("a", "1"), ("b", "1")], good)])) is True
     cache = files.load()
@@ -357,3 +366,21 @@ def test_a_file_larger_than_memory_maps_copy_on_write(tmp_path):
     del vectors
     with pytest.raises(OSError, match="shorter"):
         map_private(path, np.float32, (rows + 1, 512))
+
+
+def test_rows_that_cannot_fit_in_ram_are_refused_with_a_clear_error(catalog, monkeypatch):
+    """Without engine files the rows are read into RAM; when they would not fit, the search
+    says so in one line (how much, and why the files are not used) instead of exhausting
+    the machine's memory."""
+    from lookalike.catalog import cachesource
+    from lookalike.errors import StoreError
+
+    path, _ = catalog
+    monkeypatch.setenv("LOOKALIKE_ENGINE_FILES", "0")
+    monkeypatch.setattr(cachesource, "ram_bytes", lambda: 300 * 16 * 4)  # the rows need more
+    refused = pytest.raises(StoreError, match=r"need .* GiB of RAM .*LOOKALIKE_ENGINE_FILES=0")
+    with lookalike.open_catalog(path) as cat, refused:
+        cat.search(vector=np.ones(16), k=1)
+    monkeypatch.setattr(cachesource, "ram_bytes", lambda: 10 * 300 * 16 * 4)  # they fit
+    with lookalike.open_catalog(path) as cat:
+        assert len(cat.search(vector=np.ones(16), k=1).hits) == 1

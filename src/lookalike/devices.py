@@ -1,4 +1,5 @@
-"""Accelerator detection shared by the extractors and the engine (a leaf module)."""
+"""Accelerator detection and the machine's memory, shared by the extractors and the engine (a
+leaf module)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def ram_bytes() -> int | None:
+    """The machine's physical memory in bytes (``sysconf``), or None where it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..devices import ram_bytes
 from ..engine import VectorCache
 from ..engine.codes import BLOCK, CodeTable
 from ..engine.mapped import EngineFiles
@@ -47,6 +48,9 @@ SAVE_EVERY_ROWS = 100_000
 #: Rows read from the store per batch while the engine files are built from it (128 MiB at
 #: d = 512).
 BUILD_BATCH = 65536
+#: The largest share of the machine's memory the rows may take when read into RAM (without
+#: the engine files, :meth:`CacheSource._check_fits`).
+RAM_FRACTION = 0.6
 #: :meth:`CacheSource._catch_up`'s answer when a reindex switched the catalog's model.
 OTHER_MODEL = "the store holds another model"
 #: Reads of the cache before giving up while the catalog's model keeps changing under them.
@@ -126,6 +130,7 @@ class CacheSource:
             built = self._build(model, stale, drop)
             if built is not False:
                 return built
+        self._check_fits(model)
         cache = VectorCache(model.dim)
         changes = self.store.changes_since(cache.seq)
         if changes.model not in (None, model):
@@ -182,6 +187,29 @@ class CacheSource:
         cache.model = model.tag
         self.save_if_changed(cache)
         return cache
+
+    def _check_fits(self, model: ModelInfo) -> None:
+        """Refuse to read the store's rows into RAM when they would take more than
+        :data:`RAM_FRACTION` of the machine's memory (the engine files were off or could not
+        be written): a clear error instead of the machine running out of memory.
+
+        Raises:
+            StoreError: the rows do not fit (the message says how much they need and why the
+                files were not used).
+        """
+        ram = ram_bytes()
+        need = self.store.count() * model.dim * 4
+        if ram is None or need <= RAM_FRACTION * ram:
+            return
+        why = (
+            f"{FILES_ENV}=0 turns them off"
+            if os.environ.get(FILES_ENV, "1") == "0"
+            else "they could not be written; see the warning above"
+        )
+        raise StoreError(
+            f"the catalog's vectors need {need / 2**30:.1f} GiB of RAM without its engine files "
+            f"({why}); this machine has {ram / 2**30:.1f} GiB"
+        )
 
     def _catch_up(self, cache: VectorCache, model: ModelInfo) -> str | None:
         """Apply the store's changes since the sequence number of a cache read from files, then

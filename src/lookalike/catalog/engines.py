@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import ram_bytes
 from ..engine import (
     Expr,
     NumpyEngine,
@@ -64,11 +64,8 @@ WARM_VALUES = 2**26
 def warm_limit() -> int:
     """The most float32 values a numpy scan may read while codes are built: a quarter of the
     machine's RAM (past it the mapped vectors would not stay in the page cache)."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2**28
-    return ram // 16
+    ram = ram_bytes()
+    return 2**28 if ram is None else ram // 16
 
 
 #: Catalog settings and their defaults (``Catalog.configure``, ``lookalike config``).

@@ -374,19 +374,21 @@ class EngineFiles:
         folder.mkdir(parents=True)
         try:
             texts, arrays = self._stream_rows(folder / "vectors.f32", dim, batches)
+            row_listing, hashes = arrays
+            n = len(row_listing)
+            small = self._small(row_listing, hashes, np.ones(n, dtype=bool), texts)
+            for name, data in small.items():
+                with open(folder / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
         except _UnwritableError as exc:
             log.warning("engine files in %s not built: %s", self.folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
             return False
-        row_listing, hashes = arrays
-        n = len(row_listing)
-        alive = np.ones(n, dtype=bool)
-        small = self._small(row_listing, hashes, alive, texts)
-        for name, data in small.items():
-            with open(folder / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        except BaseException:  # a full disk, a store error, an interrupt: no half generation
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         n_listings = int(row_listing[-1]) + 1 if n else 0
         self._commit_head(
             gen,
