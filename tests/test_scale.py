@@ -184,6 +184,35 @@ def test_concurrent_searches_are_coalesced_and_every_answer_is_exact(mid_catalog
         assert _tuples(result) == [(a, b, pytest.approx(s, abs=1e-6)) for a, b, s in want]
 
 
+def test_the_batch_policy_measures_a_single_scan_on_one_query():
+    from lookalike.engine.coalesce import BatchPolicy
+
+    policy = BatchPolicy(explore=4)
+    assert policy.singles(8) == 0  # batches first
+    policy.record(True, 8, 0.08)  # 10 ms a query in a batch
+    assert policy.singles(8) == 1  # a single scan not measured yet: on one query only
+    policy.record(False, 1, 0.05)  # 50 ms alone: batches are cheaper
+    plan = [policy.singles(8) for _ in range(8)]
+    assert plan.count(1) == 2 and plan.count(0) == 6  # every 4th decision, one query alone
+    policy.record(True, 8, 8.0)  # batches turn dear (widening on crowded scores)
+    plan = [policy.singles(8) for _ in range(8)]
+    assert plan.count(8) == 6 and plan.count(0) == 2  # one by one; a whole batch now and then
+
+
+def test_a_batch_split_to_measure_a_single_scan_answers_exactly(mid_catalog, monkeypatch):
+    from lookalike.engine.coalesce import BatchPolicy
+
+    cat, keys, vectors, stock, rng = mid_catalog
+    monkeypatch.setattr(BatchPolicy, "singles", lambda self, n: 1)  # one alone, then a batch
+    queries = rng.standard_normal((6, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for options in OPTIONS:
+        got = cat.search_batch(queries, **options)
+        for q, result in zip(queries, got, strict=True):
+            want = _oracle(keys, vectors, q, stock, **options)
+            assert _tuples(result) == [(a, b, pytest.approx(s, abs=1e-6)) for a, b, s in want]
+
+
 def test_a_scan_holds_no_catalog_wide_lock_and_reads_one_snapshot(mid_catalog, monkeypatch):
     """While a scan runs, stats, the vector cache and writes go on; the running scan answers
     from the snapshot it started with, the queued one sees the write."""

@@ -505,17 +505,20 @@ class EngineSet:
         return self.coalescer.submit(request)
 
     def _scan(self, engine: SearchEngine, queries: np.ndarray, spec: SearchSpec) -> list[RawHits]:
-        """``engine.search`` of ``(n, d)`` queries: as one batch, or one by one when that
-        measured cheaper per query (:class:`~lookalike.engine.coalesce.BatchPolicy`)."""
+        """``engine.search`` of ``(n, d)`` queries: as one batch, one by one when that measured
+        cheaper per query, or one alone and the rest as a batch to measure a single scan
+        (:class:`~lookalike.engine.coalesce.BatchPolicy`)."""
         policy = self._policies.setdefault(_policy_key(spec), BatchPolicy())
         n = len(queries)
-        batched = n == 1 or policy.batched(n)
+        alone = 0 if n == 1 else policy.singles(n)
         t0 = time.perf_counter()
-        if batched:
-            hits = engine.search(queries, spec)
-        else:
-            hits = [engine.search(q, spec)[0] for q in queries]
-        policy.record(batched and n > 1, n, time.perf_counter() - t0)
+        hits = [engine.search(q, spec)[0] for q in queries[:alone]]
+        t1 = time.perf_counter()
+        if alone:
+            policy.record(False, alone, t1 - t0)
+        if alone < n:
+            hits += engine.search(queries[alone:], spec)
+            policy.record(n - alone > 1, n - alone, time.perf_counter() - t1)
         return hits
 
     def _run_batch(self, requests: list[SearchRequest]) -> list[SearchAnswer | BaseException]:
