@@ -322,16 +322,10 @@ class EngineFiles:
             OSError: the folder cannot be written.
         """
         ids = cache.listings.ids
-        try:
-            keys = itertools.islice(cache.keys, cache.n_rows)
-            images = "\x00".join(k[1] for k in keys).encode("utf-8")
-            listings = "\x00".join(ids).encode("utf-8")
-        except UnicodeEncodeError:
+        images = _join_ids([k[1] for k in itertools.islice(cache.keys, cache.n_rows)])
+        listings = _join_ids(ids)
+        if images is None or listings is None:
             return False
-        if images.count(b"\x00") != max(cache.n_rows - 1, 0) or listings.count(b"\x00") != max(
-            len(ids) - 1, 0
-        ):
-            return False  # an id holds a NUL: it cannot be told apart from the separator
         with self._locked():
             head, state = self.header(), self.state
             if (
@@ -377,11 +371,7 @@ class EngineFiles:
             row_listing, hashes = arrays
             n = len(row_listing)
             small = self._small(row_listing, hashes, np.ones(n, dtype=bool), texts)
-            for name, data in small.items():
-                with open(folder / name, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            _write_synced(folder, small)
         except _UnwritableError as exc:
             log.warning("engine files in %s not built: %s", self.folder, exc)
             shutil.rmtree(folder, ignore_errors=True)
@@ -399,9 +389,7 @@ class EngineFiles:
             n_listings=n_listings,
             listings_with_rows=n_listings,
         )
-        for old in self.folder.glob("g-*"):
-            if old.name != gen:
-                shutil.rmtree(old, ignore_errors=True)
+        self._drop_generations_but(gen)
         self.state = None  # the next load reads the new generation
         return True
 
@@ -440,12 +428,9 @@ class EngineFiles:
                     nums[i] = len(listing_ids) - 1
                 numbers.append(nums)
                 hashes.append(np.fromiter((key_hash(k) for k in keys), np.int64, count=m))
-                try:
-                    text = "\x00".join(k[1] for k in keys).encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise _UnwritableError("an image id that is not valid UTF-8") from exc
-                if text.count(b"\x00") != m - 1:
-                    raise _UnwritableError("an image id holds a NUL")
+                text = _join_ids([k[1] for k in keys])
+                if text is None:
+                    raise _UnwritableError("an image id with a NUL or not valid UTF-8")
                 images += (b"\x00" if n else b"") + text
                 fh.write(v.data.cast("B"))
                 i = 0
@@ -462,12 +447,9 @@ class EngineFiles:
             fh.truncate((n + max(MIN_SPARE_ROWS, n // 4)) * 4 * dim)  # sparse spare rows
             fh.flush()
             os.fsync(fh.fileno())
-        try:
-            listings = "\x00".join(listing_ids).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _UnwritableError("a listing id that is not valid UTF-8") from exc
-        if listings.count(b"\x00") != max(len(listing_ids) - 1, 0):
-            raise _UnwritableError("a listing id holds a NUL")
+        listings = _join_ids(listing_ids)
+        if listings is None:
+            raise _UnwritableError("a listing id with a NUL or not valid UTF-8")
         texts = {
             "vectors.b2": bytes(sums),
             "image_ids.txt": bytes(images),
@@ -490,12 +472,13 @@ class EngineFiles:
             fh.flush()
             os.fsync(fh.fileno())
         sums = self.chunk_digests(cache.vectors, 0, n)
-        for name, data in self._small_of(cache, images, listings, sums).items():
-            with open(folder / name, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        _write_synced(folder, self._small_of(cache, images, listings, sums))
         self._commit(cache, gen, images, listings, sums)
+        self._drop_generations_but(gen)
+
+    def _drop_generations_but(self, gen: str) -> None:
+        """Remove every generation folder but ``gen`` (processes that mapped one keep its
+        inodes)."""
         for old in self.folder.glob("g-*"):
             if old.name != gen:
                 shutil.rmtree(old, ignore_errors=True)
@@ -575,3 +558,23 @@ class EngineFiles:
             "digest": digest.hexdigest(),
         }
         atomic_write(self.folder / HEADER, json.dumps(head, indent=1))
+
+
+def _join_ids(ids: Sequence[str]) -> bytes | None:
+    """``ids`` joined by NUL, UTF-8 (the files' id lists), or None when one cannot be stored
+    that way: it holds a NUL (it could not be told apart from the separator) or a lone
+    surrogate."""
+    try:
+        data = "\x00".join(ids).encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return data if data.count(b"\x00") == max(len(ids) - 1, 0) else None
+
+
+def _write_synced(folder: Path, files: dict[str, bytes]) -> None:
+    """Write each ``name -> data`` into ``folder`` and sync it to disk."""
+    for name, data in files.items():
+        with open(folder / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
