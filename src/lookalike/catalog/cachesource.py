@@ -115,6 +115,7 @@ class CacheSource:
         self._codes, self._saved_codes = None, {}
         if self.folder is not None and os.environ.get(FILES_ENV, "1") != "0":
             self.files = EngineFiles(self.folder, model_dict(model))
+            seen = (self.files.header() or {}).get("generation")
             cache = self.files.load()
             if cache is not None:
                 problem = self._catch_up(cache, model)
@@ -126,8 +127,7 @@ class CacheSource:
                     self._verify_in_background(self.files, cache, drop)
                     return cache
                 log.warning("engine files of %s not used: %s", self.store.uri, problem)
-            stale = self.files.state.generation if self.files.state else None
-            built = self._build(model, stale, drop)
+            built = self._build(model, seen, drop)
             if built is not False:
                 return built
         self._check_fits(model)
@@ -141,22 +141,23 @@ class CacheSource:
         return cache
 
     def _build(
-        self, model: ModelInfo, stale: str | None, drop: Callable[[VectorCache], None]
+        self, model: ModelInfo, seen: str | None, drop: Callable[[VectorCache], None]
     ) -> VectorCache | Literal[False] | None:
         """Write the engine files straight from the store's rows, one batch of
         :data:`BUILD_BATCH` rows in memory at a time (:meth:`EngineFiles.build`), and map
         them: a collection larger than RAM loads, and rows are never read into RAM twice.
-        Files that another process wrote while this one waited for the lock are mapped
-        instead (checked like any files), unless they are generation ``stale`` (found wrong).
+        Files that another process committed while this one waited for the lock (a header of
+        another generation than ``seen``, the one this load found missing, unreadable or
+        wrong) are mapped instead, checked like any files; ``seen`` itself is not read again.
         None when the store holds another model; False when the files cannot be written or
         do not hold the store's rows after all (then the rows are read into RAM)."""
         files = self.files
         assert files is not None
         try:
             with files.exclusive():
-                cache = files.load()  # written by another process while this one waited
-                if cache is not None and files.state and files.state.generation == stale:
-                    cache = None
+                head = files.header()
+                fresh = head is not None and head.get("generation") != seen
+                cache = files.load() if fresh else None  # another process built them meanwhile
                 built = cache is None
                 if built:
                     seq = self.store.seq()
