@@ -11,9 +11,12 @@ Two sets, each indexed into a fresh catalog per extractor:
 For each, :func:`lookalike.analytics.calibrate.score_pairs` makes one copy of sampled images per
 edit kind (crop, flip, rotation, colour, blur, JPEG) and scores copy-vs-original (positives)
 against copy-vs-other-listings (each copy's 50 best: negatives). Printed per extractor and
-set: the lowest threshold with precision >= 0.99, and precision/recall at the proposed
-default (the highest of the per-set thresholds, so it keeps the target on both) and at the old
-fixed default 0.95. The defaults are ``lookalike.extract.NEAR_DUPLICATE_THRESHOLDS``.
+set: the lowest threshold with precision >= 0.99, and precision/recall at the installed
+default (``lookalike.extract.NEAR_DUPLICATE_THRESHOLDS``; for a model without one, the
+proposed default: the highest of the per-set thresholds, so it keeps the target on both) and
+at the old fixed default 0.95. The proposed default is printed in a comment line; the installed
+``cnn`` one is the highest of these sets' and the near-duplicate set's of
+``benchmarks/descriptors.py``.
 
 Run: ``.venv/bin/python benchmarks/calibrate.py [--extractors cnn,hog,colorhist]
 [--fashion 2000] [--sample 300] [--seed 0]``
@@ -38,6 +41,7 @@ from lookalike.analytics.calibrate import (
     score_pairs,
 )
 from lookalike.demo import write_demo
+from lookalike.extract import default_near_duplicate_threshold
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 OLD_DEFAULT = 0.95
@@ -88,7 +92,9 @@ def main() -> None:
                 s: choose_threshold(p.positives, p.negatives, args.precision)
                 for s, p in pairs.items()
             }
-            default = max(t for t, _, _ in own.values())
+            proposed = max(t for t, _, _ in own.values())
+            installed = default_near_duplicate_threshold(model) if model else None
+            default = proposed if installed is None else installed
             for set_name, p in pairs.items():
                 t, _, r = own[set_name]
                 dp, dr, _ = p.at(default)
@@ -98,7 +104,7 @@ def main() -> None:
                     f"{len(p.negatives)} negatives) | {t:.3f} | {r:.3f} | "
                     f"{default:.3f}, {dp:.3f}, {dr:.3f} | {op:.3f}, {orc:.3f} |"
                 )
-            print(f"<!-- {model.tag if model else name}: {default:.3f} -->")
+            print(f"<!-- {model.tag if model else name}: proposed {proposed:.3f} -->")
             for set_name, p in pairs.items():  # the "same image" score band (analytics.bands)
                 if len(p.resaved):
                     q = float(np.quantile(p.resaved, SAME_IMAGE_QUANTILE))

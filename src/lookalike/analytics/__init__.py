@@ -10,9 +10,11 @@ and the web page's Explore view read them. One module per concern:
   image, a representative (the image nearest its centroid) per cluster;
 * :mod:`.outliers`: :func:`knn_outliers` / :func:`isolation_outliers`, an outlier score per
   image;
-* :mod:`.dedup`: :func:`near_duplicates`, groups of images with ``score > t`` (connected
-  components of the threshold graph; no ``n x n`` matrix), and :func:`exact_duplicates` by
-  file hash;
+* :mod:`.dedup`: :func:`near_duplicate_report` / :func:`near_duplicates`, groups of images
+  with ``score > t`` or verified by :mod:`.verify` (connected components; no ``n x n``
+  matrix), and :func:`exact_duplicates` by file hash;
+* :mod:`.verify`: :func:`~.verify.same_photo`, two thumbnails' SIFT keypoints under one
+  RANSAC similarity transform (crops and rotations that the cosine misses);
 * :mod:`.bands`: :func:`score_bands`, the readable band of a score ("same image", "near copy",
   "similar", "unrelated");
 * :mod:`.calibrate`: :func:`calibrate`, the near-duplicate threshold measured on edited copies
@@ -28,7 +30,7 @@ from __future__ import annotations
 from .bands import BANDS, ScoreBands, score_bands
 from .calibrate import Calibration, calibrate, near_duplicate_threshold
 from .clusters import Cluster, ClusterReport, default_k, kmeans
-from .dedup import UnionFind, exact_duplicates, near_duplicates
+from .dedup import DedupReport, UnionFind, exact_duplicates, near_duplicate_report, near_duplicates
 from .neighbours import JOIN_NPROBE, cell_blocks, ivf_index, live_vectors, neighbours
 from .outliers import OutlierReport, isolation_outliers, knn_outliers
 from .projection import map_points, pca_2d, project, render_map_png
@@ -39,6 +41,7 @@ __all__ = [
     "Calibration",
     "Cluster",
     "ClusterReport",
+    "DedupReport",
     "OutlierReport",
     "ScoreBands",
     "UnionFind",
@@ -52,6 +55,7 @@ __all__ = [
     "knn_outliers",
     "live_vectors",
     "map_points",
+    "near_duplicate_report",
     "near_duplicate_threshold",
     "near_duplicates",
     "neighbours",

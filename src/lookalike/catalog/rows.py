@@ -22,7 +22,7 @@ from ..types import (
     SearchResult,
 )
 from .base import CatalogBase
-from .thumbs import ensure_thumbnail
+from .thumbs import ensure_thumbnail, thumbnail_bytes
 from .validate import check_lookup_id
 
 #: The store setting that holds the near-duplicate calibration (JSON).
@@ -174,3 +174,16 @@ class CatalogRows(CatalogBase):
         """
         rec = self.get_image(image_id, listing_id)
         return ensure_thumbnail(self.folder, rec.sha256, rec.source)
+
+    def thumbnail_data(self, key: Key) -> bytes:
+        """The JPEG bytes of a stored image's thumbnail (at most 192 px; cached in the catalog
+        folder, made from the source file on first use).
+
+        Raises:
+            NotFoundError: no such image. ImageError: no thumbnail can be made (the source
+                file is gone, remote or changed, and none was cached).
+        """
+        rec = self._store.get(key)
+        if rec is None:
+            raise NotFoundError(f"no image {key[1]!r} in listing {key[0]!r}")
+        return thumbnail_bytes(self.folder, rec.sha256, rec.source)

@@ -10,6 +10,7 @@ request, from the source path recorded in the store.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -63,10 +64,31 @@ def ensure_thumbnail(folder: str | os.PathLike[str], sha256: str, source: str | 
     path = thumbnail_path(folder, sha256)
     if path.exists():
         return path
+    return atomic_write(path, _from_source(sha256, source))
+
+
+def thumbnail_bytes(folder: str | os.PathLike[str], sha256: str, source: str | None) -> bytes:
+    """The JPEG bytes of an image's thumbnail: the cached one, else one made from the recorded
+    ``source`` file and cached when the folder is writable (a read-only catalog still gets
+    the bytes).
+
+    Raises:
+        ImageError: not cached and the source is gone, remote, or no longer the same image.
+    """
+    path = thumbnail_path(folder, sha256)
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_bytes()
+    data = _from_source(sha256, source)
+    with contextlib.suppress(OSError):
+        atomic_write(path, data)
+    return data
+
+
+def _from_source(sha256: str, source: str | None) -> bytes:
+    """A new thumbnail made from the recorded source file, checked against its SHA-256."""
     if not source or is_url(source) or not os.path.isfile(source):
         raise ImageError("no thumbnail cached and the source file is not available")
-    data = read_bytes(source)
-    decoded = decode_image(data, name=source, draft_size=THUMB_SIZE)
+    decoded = decode_image(read_bytes(source), name=source, draft_size=THUMB_SIZE)
     if decoded.sha256 != sha256:
         raise ImageError("the source file has changed since it was indexed")
-    return save_thumbnail(folder, sha256, decoded.image)
+    return make_thumbnail(decoded.image)

@@ -263,6 +263,23 @@ def dedup(
             "measured default."
         ),
     ] = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Also check pairs scoring between the verification floor and THRESHOLD on "
+            "their thumbnails (SIFT keypoints + RANSAC): finds crops and rotations, which "
+            "score among mere look-alikes. Needs the source files or cached thumbnails."
+        ),
+    ] = True,
+    floor: Annotated[
+        float | None,
+        typer.Option(
+            help="Lowest score (cosine) checked by --verify (default: the extractor's "
+            "measured floor, cnn 0.5; none known: no check).",
+            min=-1.0,
+            max=1.0,
+        ),
+    ] = None,
     exact: Annotated[
         bool, typer.Option(help="Identical files (SHA-256) instead of near-duplicates.")
     ] = False,
@@ -275,26 +292,40 @@ def dedup(
     fmt: FormatOpt = OutputFormat.TABLE,
 ) -> None:
     """Find groups of near-duplicate (or identical) images: connected components of the
-    score > threshold graph, from the engine's threshold search (no n x n matrix).
+    score > threshold graph, from the engine's threshold search (no n x n matrix), plus the
+    pairs below the threshold that their thumbnails show to be the same photo (--verify).
 
     On millions of images, build an IVF index first (`lookalike ann build --kind ivf`) and
     pass --index ivf: each cell of the index is then joined with its 16 nearest cells only
     (float32 block products, exact scores), a fraction of the all-pairs work; it may miss a
     pair, never invent one. (--exact here means identical files; the exact engine is
     --index exact, the default.)
+
+    Examples:
+
+      lookalike dedup -c ./cat                      # threshold auto, verified
+      lookalike dedup -c ./cat --no-verify --threshold 0.95 --csv dups.csv
     """
-    from ..analytics import exact_duplicates, near_duplicate_threshold, near_duplicates
+    from ..analytics import exact_duplicates, near_duplicate_report, near_duplicate_threshold
 
     value = parse_threshold(threshold)
     with opened(catalog) as cat:
         used, source = 0.0, ""
+        report = None
         if exact:
             groups = exact_duplicates(cat)
         else:
             used, source = (value, "given") if value is not None else near_duplicate_threshold(cat)
-            groups = near_duplicates(
-                cat, threshold=used, index=index, nprobe=nprobe, progress=progress
+            report = near_duplicate_report(
+                cat,
+                threshold=used,
+                index=index,
+                nprobe=nprobe,
+                progress=progress,
+                verify=verify,
+                floor=floor,
             )
+            groups = report.groups
     if csv_out:
         with open(csv_out, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
@@ -303,14 +334,34 @@ def dedup(
                 writer.writerows([i, lid, iid] for lid, iid in g)
     if fmt == OutputFormat.JSON:
         doc: dict[str, object] = {"groups": [[iid for _, iid in g] for g in groups]}
-        if not exact:
+        if report is not None:
             doc.update(threshold=round(used, 6), threshold_source=source)
+            doc["verification"] = {
+                "floor": report.floor,
+                "candidates": report.candidates,
+                "verified": report.verified,
+                "joined": report.joined,
+                "unreadable": report.unreadable,
+            }
         print_json(doc)
         return
-    if exact:
+    if report is None:
         say(f"{len(groups)} group(s) of identical images")
     else:
         say(f"{len(groups)} group(s) of near-duplicate images (score > {used:.4f}: {source})")
+        if report.floor is not None:
+            say(
+                f"verified {report.verified} of {report.candidates} pair(s) scoring "
+                f"{report.floor:.4f}-{used:.4f} on their thumbnails: {report.joined} the same "
+                "photo"
+            )
+        elif verify:
+            say("no pair verified: no verification floor is known for this extractor (--floor)")
+        if report.unreadable:
+            say(
+                f"warning: {report.unreadable} image(s) have no readable thumbnail, their "
+                f"pairs were not verified; first: {report.problems[0]}"
+            )
     for i, g in enumerate(groups[:DEDUP_SHOWN]):
         more = " ..." if len(g) > 8 else ""
         say(f"{i:>4}  ({len(g)})  " + ", ".join(iid for _, iid in g[:8]) + more)

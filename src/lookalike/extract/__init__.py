@@ -33,10 +33,29 @@ from .base import BaseExtractor, Extractor, center_crop_resize, l2_normalize
 #: "Near-duplicate thresholds"). ``colorhist`` has none: no threshold reaches that precision on
 #: Fashion-MNIST. A catalog's own calibration (``lookalike calibrate``) takes precedence.
 NEAR_DUPLICATE_THRESHOLDS: dict[str, float] = {
-    "cnn@efficientnet-lite0-0.1.0-pad-gem3/1": 0.876,  # the cnn default
+    # the cnn default: the highest of three public sets' thresholds at precision 0.99
+    # (benchmarks/calibrate.py: demo 0.535, Fashion-MNIST 0.876; benchmarks/descriptors.py:
+    # the near-duplicate set 0.903)
+    "cnn@efficientnet-lite0-0.1.0-pad-gem3/1": 0.903,
     "cnn@efficientnet-lite0-0.1.0-gap/1": 0.936,  # the cnn default before the pad-gem3 version
     "hog@opencv-hog-w128-c16-b32-s16-n9/1": 0.981,
 }
+
+
+#: Lowest cosine at which ``dedup`` checks a pair of images geometrically
+#: (:mod:`lookalike.analytics.verify`): below the near-duplicate threshold, crops and rotations
+#: of a photo score among look-alike photos. Measured with ``benchmarks/dedup.py``: on the
+#: public near-duplicate set every copy of the cnn default scores above 0.5 with its original
+#: (the lowest 0.564, the 1st percentile 0.679).
+VERIFY_FLOORS: dict[str, float] = {
+    "cnn@efficientnet-lite0-0.1.0-pad-gem3/1": 0.5,
+}
+
+
+def default_verify_floor(model: ModelInfo) -> float | None:
+    """The cosine above which ``dedup`` verifies candidate pairs of an extractor's vectors
+    geometrically (:data:`VERIFY_FLOORS`), or None when the model was never measured."""
+    return VERIFY_FLOORS.get(model.tag)
 
 
 def default_near_duplicate_threshold(model: ModelInfo) -> float | None:
@@ -97,6 +116,7 @@ __all__ = [
     "available_extractors",
     "center_crop_resize",
     "default_near_duplicate_threshold",
+    "default_verify_floor",
     "get_extractor",
     "l2_normalize",
     "register",
