@@ -28,10 +28,17 @@ def _loopback(host: str) -> bool:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a port in use is one line, not a log."""
+    """The listening socket, bound here so that a port in use is one line, not a log.
+
+    Made with ``IPPROTO_TCP`` named, and ``TCP_NODELAY`` set: asyncio turns Nagle's algorithm
+    off only on connections whose socket says TCP (``proto``), and a socket made with proto 0
+    lets every response that goes out in two writes wait for the client's delayed ACK (40 ms
+    on Linux; at 1 client a 20 ms search took 68 ms).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
