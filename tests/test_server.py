@@ -100,8 +100,15 @@ def test_facts_endpoints(client):
     xs = [p["x"] for p in m["points"]]
     assert max(xs) - min(xs) > 0.1  # a real spread, not a constant
     client.post("/search", json={"image_id": "coins/coins-01.jpg"})
+    assert client.get("/images/no/such.jpg").status_code == 404
+    assert client.get("/no/such/route").status_code == 404
     metrics = client.get("/metrics").text
     assert 'lookalike_http_requests_total{method="POST",route="/search",status="200"}' in metrics
+    assert (
+        'lookalike_http_requests_total{method="GET",route="/images/{image_id:path}",status="404"}'
+        in metrics
+    )
+    assert 'lookalike_http_requests_total{method="GET",route="unmatched",status="404"}' in metrics
     assert "lookalike_catalog_images 84.0" in metrics
     assert "lookalike_http_request_seconds_bucket" in metrics
     page = client.get("/")

@@ -47,7 +47,7 @@ from fastapi.staticfiles import StaticFiles
 from ..catalog import Catalog, open_catalog
 from ..images import MAX_UPLOAD_PIXELS
 from . import errors, expiry, openapi, routing
-from .metrics import Metrics, count_requests
+from .metrics import CountRequests, Metrics
 from .routes import ROUTERS
 from .state import (
     DEFAULT_MAX_DECODES,
@@ -131,7 +131,7 @@ def create_app(
     # BodyLimit's 413 is raised from receive() straight into the handler.
     app.add_middleware(routing.BodyLimit, limit=settings.max_body, json_limit=max_json)
     app.add_middleware(routing.CatchAll)
-    app.middleware("http")(count_requests)
+    app.add_middleware(CountRequests)
     for router in ROUTERS:
         app.include_router(router)
 

@@ -4,13 +4,11 @@ middleware that counts every answered request by method, route and status."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class Metrics:
@@ -52,14 +50,35 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-async def count_requests(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """HTTP middleware: observe each request in ``app.state.server.metrics`` under its route
-    template (``/images/{image_id:path}``), or ``unmatched``."""
-    t0 = time.perf_counter()
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    metrics: Metrics = request.app.state.server.metrics
-    metrics.observe(request.method, route, response.status_code, time.perf_counter() - t0)
-    return response
+class CountRequests:
+    """ASGI middleware: observe each HTTP request in ``app.state.server.metrics`` under its
+    route template (``/images/{image_id:path}``), or ``unmatched``, with the status it was
+    answered with and the seconds until its last byte was handed to the server.
+
+    A plain ASGI class rather than ``app.middleware("http")``: Starlette's
+    ``BaseHTTPMiddleware`` runs every request through a task group and a memory stream, which
+    cost about a tenth of the server's time per vector search under 16 clients.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # an exception that escapes the app is answered 500 by the server
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics: Metrics = scope["app"].state.server.metrics
+            metrics.observe(scope["method"], route, status, time.perf_counter() - t0)
