@@ -586,6 +586,7 @@ coarse_group_avx512(const Table *t, const Query *qs, const int32_t *iq, const in
 #pragma GCC unroll 16
     for (int k = 0; k < nk; k++) a[k] = _mm512_setzero_si512();
     for (int64_t g = 0; g < groups; g++) {
+        _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
         __m512i v = _mm512_loadu_si512(x + g * 64);
         const int32_t *step = iq + g * QB + o;
 #pragma GCC unroll 16
