@@ -534,6 +534,9 @@ static inline void block_scores(const Table *t, const Query *q, int64_t b, float
 /* read one cache line (with d = 4096, 16 separate query rows would not stay in L1).           */
 
 #define QB 16
+#ifndef BATCH_PREFETCH
+#define BATCH_PREFETCH 4096
+#endif
 
 /* Batch scores are coarse for int8 tables (refine_block adds the lo part where needed) and
  * final for float tables. */
@@ -570,35 +573,89 @@ LK_AVX512 static void block_coarse_avx512(const Table *t, const Query *q, int64_
 #endif
 
 #if LK_X86
-/* int8 coarse scores of queries o..o+nk-1 of a group (nk a constant at each call: 16, 8 or 4,
- * so the accumulators stay in registers): each 64-byte load of 16 rows x 4 dims feeds nk
- * VPDPBUSD, one per query, with the query's 4 bytes broadcast from the interleaved group
- * (stride QB). Queries from nqb on are the group's zero padding: computed, not stored. A
- * partial group runs as chunks of 8 and 4 (a batch of 8 is what a busy server coalesces);
- * before, it ran one query at a time, reloading the block per query. Padding a partial group
- * to 16 measured slower than that at 12 queries. */
-__attribute__((always_inline)) LK_AVX512 static inline void
-coarse_group_avx512(const Table *t, const Query *qs, const int32_t *iq, const int nk, int o,
-                    int nqb, int64_t b, float sc[QB][BLOCK]) {
-    const int64_t groups = t->dp / 4;
-    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-    __m512i a[QB];
-#pragma GCC unroll 16
-    for (int k = 0; k < nk; k++) a[k] = _mm512_setzero_si512();
-    for (int64_t g = 0; g < groups; g++) {
-        _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);
-        __m512i v = _mm512_loadu_si512(x + g * 64);
-        const int32_t *step = iq + g * QB + o;
-#pragma GCC unroll 16
-        for (int k = 0; k < nk; k++)
-            a[k] = _mm512_dpbusd_epi32(a[k], v, _mm512_set1_epi32(step[k]));
+/* int8 coarse scores of queries o..o+N-1 of a group, N = 4, 8 or 16 accumulators kept in
+ * registers: each 64-byte load of 16 rows x 4 dims feeds N VPDPBUSD, one per query, each with
+ * its query's 4 bytes broadcast from the interleaved group (stride QB) as a memory operand
+ * ({1to16}). Queries from nqb on are the group's zero padding: computed, not stored. A partial
+ * group runs as chunks of 8 and 4 (a batch of 8 is what a busy server coalesces); before, it
+ * ran one query at a time, reloading the block per query.
+ *
+ * VPDPBUSD is written as inline assembly: GCC 12 compiles _mm512_dpbusd_epi32 on an
+ * accumulator array into a register-to-register copy of every accumulator per step (16
+ * VMOVDQA per 8 VPDPBUSD on the same vector ports; the 16-wide loop spilled to the stack). */
+#define LK_DPB(acc, v, p)                                                                      \
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*(const int32_t *)(p)))
+#define LK_STORE_COARSE(k, acc)                                                                \
+    if (o + (k) < nqb)                                                                         \
+    _mm512_storeu_ps(sc[o + (k)], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),                     \
+                                                  _mm512_set1_ps(qs[o + (k)].scale),           \
+                                                  _mm512_set1_ps(qs[o + (k)].bias_coarse)))
+#define LK_COARSE_LOOP(BODY)                                                                   \
+    const int64_t groups = t->dp / 4;                                                          \
+    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;                             \
+    for (int64_t g = 0; g < groups; g++) {                                                     \
+        _mm_prefetch((const char *)(x + g * 64 + PREFETCH_BYTES), _MM_HINT_T0);                \
+        const __m512i v = _mm512_loadu_si512(x + g * 64);                                      \
+        const int32_t *s = iq + g * QB + o;                                                    \
+        BODY                                                                                   \
     }
-#pragma GCC unroll 16
-    for (int k = 0; k < nk; k++)
-        if (o + k < nqb)
-            _mm512_storeu_ps(sc[o + k], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k]),
-                                                        _mm512_set1_ps(qs[o + k].scale),
-                                                        _mm512_set1_ps(qs[o + k].bias_coarse)));
+
+LK_AVX512 static void coarse4_avx512(const Table *t, const Query *qs, const int32_t *iq, int o,
+                                     int nqb, int64_t b, float sc[QB][BLOCK]) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    LK_COARSE_LOOP(LK_DPB(a0, v, s); LK_DPB(a1, v, s + 1); LK_DPB(a2, v, s + 2);
+                   LK_DPB(a3, v, s + 3);)
+    LK_STORE_COARSE(0, a0);
+    LK_STORE_COARSE(1, a1);
+    LK_STORE_COARSE(2, a2);
+    LK_STORE_COARSE(3, a3);
+}
+
+LK_AVX512 static void coarse8_avx512(const Table *t, const Query *qs, const int32_t *iq, int o,
+                                     int nqb, int64_t b, float sc[QB][BLOCK]) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+            a7 = a0;
+    LK_COARSE_LOOP(LK_DPB(a0, v, s); LK_DPB(a1, v, s + 1); LK_DPB(a2, v, s + 2);
+                   LK_DPB(a3, v, s + 3); LK_DPB(a4, v, s + 4); LK_DPB(a5, v, s + 5);
+                   LK_DPB(a6, v, s + 6); LK_DPB(a7, v, s + 7);)
+    LK_STORE_COARSE(0, a0);
+    LK_STORE_COARSE(1, a1);
+    LK_STORE_COARSE(2, a2);
+    LK_STORE_COARSE(3, a3);
+    LK_STORE_COARSE(4, a4);
+    LK_STORE_COARSE(5, a5);
+    LK_STORE_COARSE(6, a6);
+    LK_STORE_COARSE(7, a7);
+}
+
+LK_AVX512 static void coarse16_avx512(const Table *t, const Query *qs, const int32_t *iq,
+                                      int nqb, int64_t b, float sc[QB][BLOCK]) {
+    const int o = 0;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+            a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0,
+            a15 = a0;
+    LK_COARSE_LOOP(LK_DPB(a0, v, s); LK_DPB(a1, v, s + 1); LK_DPB(a2, v, s + 2);
+                   LK_DPB(a3, v, s + 3); LK_DPB(a4, v, s + 4); LK_DPB(a5, v, s + 5);
+                   LK_DPB(a6, v, s + 6); LK_DPB(a7, v, s + 7); LK_DPB(a8, v, s + 8);
+                   LK_DPB(a9, v, s + 9); LK_DPB(a10, v, s + 10); LK_DPB(a11, v, s + 11);
+                   LK_DPB(a12, v, s + 12); LK_DPB(a13, v, s + 13); LK_DPB(a14, v, s + 14);
+                   LK_DPB(a15, v, s + 15);)
+    LK_STORE_COARSE(0, a0);
+    LK_STORE_COARSE(1, a1);
+    LK_STORE_COARSE(2, a2);
+    LK_STORE_COARSE(3, a3);
+    LK_STORE_COARSE(4, a4);
+    LK_STORE_COARSE(5, a5);
+    LK_STORE_COARSE(6, a6);
+    LK_STORE_COARSE(7, a7);
+    LK_STORE_COARSE(8, a8);
+    LK_STORE_COARSE(9, a9);
+    LK_STORE_COARSE(10, a10);
+    LK_STORE_COARSE(11, a11);
+    LK_STORE_COARSE(12, a12);
+    LK_STORE_COARSE(13, a13);
+    LK_STORE_COARSE(14, a14);
+    LK_STORE_COARSE(15, a15);
 }
 
 LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
@@ -607,13 +664,13 @@ LK_AVX512 static void block_scores_batch_avx512(const Table *t, const Query *qs,
     if (t->kind == KIND_INT8 && nqb > 1) {
         const int32_t *iq = (const int32_t *)inter;
         if (nqb == QB) {
-            coarse_group_avx512(t, qs, iq, QB, 0, nqb, b, sc);
+            coarse16_avx512(t, qs, iq, nqb, b, sc);
             return;
         }
         int o = 0;
-        for (; nqb - o > 4; o += 8) coarse_group_avx512(t, qs, iq, 8, o, nqb, b, sc);
+        for (; nqb - o > 4; o += 8) coarse8_avx512(t, qs, iq, o, nqb, b, sc);
         if (nqb - o > 1)
-            coarse_group_avx512(t, qs, iq, 4, o, nqb, b, sc);
+            coarse4_avx512(t, qs, iq, o, nqb, b, sc);
         else if (nqb - o == 1)
             block_coarse_avx512(t, &qs[o], b, sc[o]);
         return;
