@@ -61,6 +61,11 @@
 #include <immintrin.h>
 #define LK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 #define LK_AVX2 __attribute__((target("avx2,f16c,fma")))
+/* acc += VPDPBUSD(v, the 4 bytes at p broadcast to 16 lanes). Inline assembly because GCC 12
+ * compiles _mm512_dpbusd_epi32 in a loop into a register-to-register copy of the accumulator
+ * per step (VMOVDQA on the same vector ports, on the dependency chain); see coarse8_avx512. */
+#define LK_DPB(acc, v, p)                                                                      \
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*(const int32_t *)(p)))
 #else
 #define LK_X86 0
 #endif
@@ -337,19 +342,19 @@ LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_
             const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
             const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
             const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
-            h0 = _mm512_dpbusd_epi32(h0, v0, _mm512_set1_epi32(qh[g]));
-            l0 = _mm512_dpbusd_epi32(l0, v0, _mm512_set1_epi32(ql[g]));
-            h1 = _mm512_dpbusd_epi32(h1, v1, _mm512_set1_epi32(qh[g + 1]));
-            l1 = _mm512_dpbusd_epi32(l1, v1, _mm512_set1_epi32(ql[g + 1]));
-            h0 = _mm512_dpbusd_epi32(h0, v2, _mm512_set1_epi32(qh[g + 2]));
-            l0 = _mm512_dpbusd_epi32(l0, v2, _mm512_set1_epi32(ql[g + 2]));
-            h1 = _mm512_dpbusd_epi32(h1, v3, _mm512_set1_epi32(qh[g + 3]));
-            l1 = _mm512_dpbusd_epi32(l1, v3, _mm512_set1_epi32(ql[g + 3]));
+            LK_DPB(h0, v0, qh + g);
+            LK_DPB(l0, v0, ql + g);
+            LK_DPB(h1, v1, qh + g + 1);
+            LK_DPB(l1, v1, ql + g + 1);
+            LK_DPB(h0, v2, qh + g + 2);
+            LK_DPB(l0, v2, ql + g + 2);
+            LK_DPB(h1, v3, qh + g + 3);
+            LK_DPB(l1, v3, ql + g + 3);
         }
         for (; g < groups; g++) {
             const __m512i v = _mm512_loadu_si512(x + g * 64);
-            h0 = _mm512_dpbusd_epi32(h0, v, _mm512_set1_epi32(qh[g]));
-            l0 = _mm512_dpbusd_epi32(l0, v, _mm512_set1_epi32(ql[g]));
+            LK_DPB(h0, v, qh + g);
+            LK_DPB(l0, v, ql + g);
         }
         const __m512 hs = _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1));
         const __m512 ls = _mm512_cvtepi32_ps(_mm512_add_epi32(l0, l1));
@@ -363,16 +368,24 @@ LK_AVX512 static void refine_block_avx512(const Table *t, const Query *q, int64_
     const int64_t groups = t->dp / 4;
     const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
     const int32_t *ql = (const int32_t *)q->i8lo;
-    __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+    __m512i l0 = _mm512_setzero_si512(), l1 = l0, l2 = l0, l3 = l0;
     int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-        l0 = _mm512_dpbusd_epi32(l0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(ql[g]));
-        l1 = _mm512_dpbusd_epi32(l1, _mm512_loadu_si512(x + (g + 1) * 64),
-                                 _mm512_set1_epi32(ql[g + 1]));
+    for (; g + 4 <= groups; g += 4) { /* four chains: VPDPBUSD's latency is 4-5 cycles */
+        const __m512i v0 = _mm512_loadu_si512(x + g * 64);
+        const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
+        const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
+        const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
+        LK_DPB(l0, v0, ql + g);
+        LK_DPB(l1, v1, ql + g + 1);
+        LK_DPB(l2, v2, ql + g + 2);
+        LK_DPB(l3, v3, ql + g + 3);
     }
-    if (g < groups)
-        l0 = _mm512_dpbusd_epi32(l0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(ql[g]));
-    const __m512 ls = _mm512_cvtepi32_ps(_mm512_add_epi32(l0, l1));
+    for (; g < groups; g++) {
+        const __m512i v = _mm512_loadu_si512(x + g * 64);
+        LK_DPB(l0, v, ql + g);
+    }
+    const __m512 ls =
+        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3)));
     const __m512 c = _mm512_add_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(q->bias - q->bias_coarse));
     _mm512_storeu_ps(sc, _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c));
 }
@@ -557,16 +570,24 @@ LK_AVX512 static void block_coarse_avx512(const Table *t, const Query *q, int64_
     const int64_t groups = t->dp / 4;
     const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
     const int32_t *qh = (const int32_t *)q->i8;
-    __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0;
     int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-        h0 = _mm512_dpbusd_epi32(h0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qh[g]));
-        h1 = _mm512_dpbusd_epi32(h1, _mm512_loadu_si512(x + (g + 1) * 64),
-                                 _mm512_set1_epi32(qh[g + 1]));
+    for (; g + 4 <= groups; g += 4) {
+        const __m512i v0 = _mm512_loadu_si512(x + g * 64);
+        const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
+        const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
+        const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
+        LK_DPB(h0, v0, qh + g);
+        LK_DPB(h1, v1, qh + g + 1);
+        LK_DPB(h2, v2, qh + g + 2);
+        LK_DPB(h3, v3, qh + g + 3);
     }
-    if (g < groups)
-        h0 = _mm512_dpbusd_epi32(h0, _mm512_loadu_si512(x + g * 64), _mm512_set1_epi32(qh[g]));
-    const __m512 hs = _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1));
+    for (; g < groups; g++) {
+        const __m512i v = _mm512_loadu_si512(x + g * 64);
+        LK_DPB(h0, v, qh + g);
+    }
+    const __m512 hs =
+        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3)));
     _mm512_storeu_ps(sc, _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale),
                                          _mm512_set1_ps(q->bias_coarse)));
 }
@@ -583,8 +604,6 @@ LK_AVX512 static void block_coarse_avx512(const Table *t, const Query *q, int64_
  * VPDPBUSD is written as inline assembly: GCC 12 compiles _mm512_dpbusd_epi32 on an
  * accumulator array into a register-to-register copy of every accumulator per step (16
  * VMOVDQA per 8 VPDPBUSD on the same vector ports; the 16-wide loop spilled to the stack). */
-#define LK_DPB(acc, v, p)                                                                      \
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*(const int32_t *)(p)))
 #define LK_STORE_COARSE(k, acc)                                                                \
     if (o + (k) < nqb)                                                                         \
     _mm512_storeu_ps(sc[o + (k)], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),                     \
