@@ -69,7 +69,8 @@ class Keypoints:
 
     Attributes:
         points: ``(m, 2) float32`` keypoint positions, pixels (x, y).
-        descriptors: ``(m, 128) float32`` SIFT descriptors (``m`` may be 0).
+        descriptors: ``(m, 128) uint8`` SIFT descriptors (``m`` may be 0; OpenCV's are
+            whole numbers 0-255 in float32, stored here in a quarter of the memory).
         shape: ``(height, width)`` of the image they were found in, pixels.
     """
 
@@ -107,8 +108,7 @@ def keypoints_of(gray: np.ndarray) -> Keypoints:
     """SIFT keypoints of a ``(h, w) uint8`` grayscale image (see :func:`keypoints`)."""
     kps, desc = _tools()[0].detectAndCompute(gray, None)
     points = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
-    if desc is None:
-        desc = np.zeros((0, 128), np.float32)
+    desc = np.zeros((0, 128), np.uint8) if desc is None else desc.astype(np.uint8)
     h, w = gray.shape
     inside = (
         (points[:, 0] >= BORDER_PX)
@@ -125,7 +125,8 @@ def inliers(a: Keypoints, b: Keypoints) -> int:
     if len(a.descriptors) < 3 or len(b.descriptors) < 3:
         return 0
     best: dict[int, tuple[float, int]] = {}  # b's keypoint -> (distance, a's keypoint)
-    for pair in _tools()[1].knnMatch(a.descriptors, b.descriptors, k=2):
+    da, db = a.descriptors.astype(np.float32), b.descriptors.astype(np.float32)
+    for pair in _tools()[1].knnMatch(da, db, k=2):
         if len(pair) == 2 and pair[0].distance < RATIO * pair[1].distance:
             m = pair[0]
             if m.trainIdx not in best or m.distance < best[m.trainIdx][0]:
