@@ -363,29 +363,34 @@ LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_
     }
 }
 
-/* coarse -> fine scores of block b (see refine_block_generic); the block's codes are in L1 */
-LK_AVX512 static void refine_block_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
+/* int32 dot products of the 16 rows of block b with one query's 4-byte groups iq
+ * (its hi or lo part), on four accumulator chains: VPDPBUSD's latency is 4-5 cycles */
+LK_AVX512 static inline __m512i block_dots_avx512(const Table *t, const int32_t *iq,
+                                                   int64_t b) {
     const int64_t groups = t->dp / 4;
     const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-    const int32_t *ql = (const int32_t *)q->i8lo;
-    __m512i l0 = _mm512_setzero_si512(), l1 = l0, l2 = l0, l3 = l0;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     int64_t g = 0;
-    for (; g + 4 <= groups; g += 4) { /* four chains: VPDPBUSD's latency is 4-5 cycles */
+    for (; g + 4 <= groups; g += 4) {
         const __m512i v0 = _mm512_loadu_si512(x + g * 64);
         const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
         const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
         const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
-        LK_DPB(l0, v0, ql + g);
-        LK_DPB(l1, v1, ql + g + 1);
-        LK_DPB(l2, v2, ql + g + 2);
-        LK_DPB(l3, v3, ql + g + 3);
+        LK_DPB(a0, v0, iq + g);
+        LK_DPB(a1, v1, iq + g + 1);
+        LK_DPB(a2, v2, iq + g + 2);
+        LK_DPB(a3, v3, iq + g + 3);
     }
     for (; g < groups; g++) {
         const __m512i v = _mm512_loadu_si512(x + g * 64);
-        LK_DPB(l0, v, ql + g);
+        LK_DPB(a0, v, iq + g);
     }
-    const __m512 ls =
-        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3)));
+    return _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+}
+
+/* coarse -> fine scores of block b (see refine_block_generic); the block's codes are in L1 */
+LK_AVX512 static void refine_block_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
+    const __m512 ls = _mm512_cvtepi32_ps(block_dots_avx512(t, (const int32_t *)q->i8lo, b));
     const __m512 c = _mm512_add_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(q->bias - q->bias_coarse));
     _mm512_storeu_ps(sc, _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c));
 }
@@ -567,27 +572,7 @@ static void block_scores_batch_generic(const Table *t, const Query *qs, const vo
 #if LK_X86
 /* int8 coarse scores of one query (partial query groups of a batch) */
 LK_AVX512 static void block_coarse_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
-    const int64_t groups = t->dp / 4;
-    const uint8_t *x = (const uint8_t *)t->data + b * groups * 64;
-    const int32_t *qh = (const int32_t *)q->i8;
-    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0;
-    int64_t g = 0;
-    for (; g + 4 <= groups; g += 4) {
-        const __m512i v0 = _mm512_loadu_si512(x + g * 64);
-        const __m512i v1 = _mm512_loadu_si512(x + (g + 1) * 64);
-        const __m512i v2 = _mm512_loadu_si512(x + (g + 2) * 64);
-        const __m512i v3 = _mm512_loadu_si512(x + (g + 3) * 64);
-        LK_DPB(h0, v0, qh + g);
-        LK_DPB(h1, v1, qh + g + 1);
-        LK_DPB(h2, v2, qh + g + 2);
-        LK_DPB(h3, v3, qh + g + 3);
-    }
-    for (; g < groups; g++) {
-        const __m512i v = _mm512_loadu_si512(x + g * 64);
-        LK_DPB(h0, v, qh + g);
-    }
-    const __m512 hs =
-        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3)));
+    const __m512 hs = _mm512_cvtepi32_ps(block_dots_avx512(t, (const int32_t *)q->i8, b));
     _mm512_storeu_ps(sc, _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale),
                                          _mm512_set1_ps(q->bias_coarse)));
 }
