@@ -26,6 +26,8 @@ one size are therefore measured at the same moments):
   exactness proof, so its recall@10 is 1.0 by construction), with the rows re-scored per query;
 * ``lookalike-int8-grouped-filtered``: per-listing max over 4 images per listing with a
   50 % listing filter;
+* ``lookalike-int8 (avx512-vnni)``: on a CPU with AMX-INT8, where the int8 batch runs on the
+  tile unit, the same batch on the AVX-512 VNNI kernel, in the same race;
 * ``api-*``: the public Python API: ``Catalog.add_vectors`` into a fresh SQLite catalog
   (8 images a listing, half the listings ``stock_level`` 1, half 0), then ``Catalog.search``
   with and without ``where="stock_level > 0"`` and ``group_by="listing"``, and
@@ -351,6 +353,15 @@ def faiss_indexes(x: np.ndarray, queries: np.ndarray, bw: Bandwidth) -> dict:
     return out
 
 
+def with_isa(isa: str, engine: FastEngine, queries: np.ndarray, spec: SearchSpec) -> list:
+    """``engine.search(queries, spec)`` on the kernels of ``isa``, then back to the best."""
+    kernels.set_isa(isa)
+    try:
+        return engine.search(queries, spec)
+    finally:
+        kernels.set_isa("auto")
+
+
 def run_engines(
     rows: Rows, x: np.ndarray, queries: np.ndarray, truth: list, bw: Bandwidth, nq_single: int
 ) -> None:
@@ -407,9 +418,14 @@ def run_engines(
         fns["numpy"] = lambda i: np.argpartition(queries @ x.T, -K, axis=1)[:, -K:]
     for codes, engine in engines.items():
         fns[codes] = lambda i, e=engine: e.search(queries, spec)
+    # on an AMX CPU the int8 batch uses tiles; the same race also times the VNNI kernel
+    vnni = "avx512-amx" in kernels.isas()
+    if vnni:
+        fns["int8-vnni"] = lambda i, e=engines["int8"]: with_isa("avx512-vnni", e, queries, spec)
     for name, (_, many, _, _, _) in faiss_ix.items():
         fns[name] = many
     nbytes = {k: float(n * bpv.get(k, d)) for k in fns}
+    nbytes["int8-vnni"] = float(n * bpv["int8"])
     timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3, warmup=False)
     if "numpy" in timing:
         top = np.argpartition(queries @ x.T, -K, axis=1)[:, -K:]
@@ -426,6 +442,10 @@ def run_engines(
             recall(found, truth),
             rescored,
         )
+    if vnni:
+        found = [r.rows for r in with_isa("avx512-vnni", engines["int8"], queries, spec)]
+        name = "lookalike-int8 (avx512-vnni)"
+        rows.add(name, NQ_BATCH, timing["int8-vnni"], bpv["int8"], recall(found, truth))
     for name, (_, many, fbpv, _, t64) in faiss_ix.items():
         found = list(many(0)[1])  # type: ignore[index]
         rows.add(f"{name} ({t64})", NQ_BATCH, timing[name], fbpv, recall(found, truth))

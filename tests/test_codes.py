@@ -171,19 +171,31 @@ def test_every_instruction_set_computes_the_same_scores():
 
 
 @pytest.mark.parametrize(
-    ("dist", "nq"), [("nonneg", 21), ("offset", 21), ("nonneg", 12), ("offset", 9), ("nonneg", 3)]
+    ("dist", "nq", "d"),
+    [
+        ("nonneg", 21, 48),
+        ("offset", 21, 48),
+        ("nonneg", 12, 48),
+        ("offset", 9, 48),
+        ("nonneg", 3, 48),
+        ("nonneg", 21, 100),
+        ("offset", 3, 100),
+    ],
 )
-def test_batches_and_single_queries_are_exact_on_crowded_scores(dist, nq, isa):
+def test_batches_and_single_queries_are_exact_on_crowded_scores(dist, nq, d, isa):
     """A batch scores coarse codes first and adds the fine part only where a block can still
     matter: its answers must equal the single queries' and the reference engine's, with
     filters, thresholds and every shape of a last partial group of queries (the AVX-512 kernel
     scores one in chunks of 8 and 4 queries: 21 = 16 + 5 (8, padded), 12 = 8 + 4, 9 = 8 + 1,
-    3 (4, padded))."""
+    3 (4, padded)). At d = 100 the AMX path runs (it needs d >= 64): the second 64-dim tile of
+    a block (dims 64-99 padded to 128) reads 7 dim groups of the next block against zero query
+    bytes, and the table's last block (40,003 rows: 2,501 blocks, the last one partial) goes
+    through the VNNI path."""
     rng = np.random.default_rng(5)
-    x = distribution(dist, rng, 40_000, 48)  # 40k rows: the kernels run on every core
+    x = distribution(dist, rng, 40_003, d)  # 40k rows: the kernels run on every core
     cache = make_cache(x)
     fast, exact = FastEngine(cache, codes="int8"), NumpyEngine(cache)
-    queries = distribution(dist, rng, nq, 48)
+    queries = distribution(dist, rng, nq, d)
     mask = rng.random(len(cache.listings)) < 0.6
     top = float(np.sort(x @ queries[0])[-30])
     for spec in (

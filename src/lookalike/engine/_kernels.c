@@ -27,7 +27,9 @@
  * part only for the (query, block) pairs where some coarse score exceeds the query's reservoir
  * floor minus `gap` (the difference of the two error margins, codes.py): a row below that
  * cannot enter the candidates with its fine score either, so the answer's proof is unchanged,
- * and once the reservoirs have filled almost no block needs the second pass.
+ * and once the reservoirs have filled almost no block needs the second pass. With AMX tiles a
+ * batch is bound by memory bandwidth instead, and topk_batch computes both parts for every row
+ * (amx_sums below).
  *
  * Excluded rows (deleted, or their listing filtered out) get the score -INFINITY in dense
  * output and never enter a top-k reservoir. The filter is checked only for rows whose score
@@ -35,8 +37,11 @@
  *
  * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) and AVX2 (+ FMA, F16C) paths are compiled
  * with target attributes and chosen at run time with __builtin_cpu_supports; every kernel has a
- * portable C fallback. LOOKALIKE_KERNEL_ISA=generic|avx2|avx512-vnni (or set_isa) picks one
- * (the tests run every path the CPU has).
+ * portable C fallback. On CPUs with AMX-INT8 (Intel Sapphire Rapids and later), when Linux
+ * grants the tile state, topk_batch computes its coarse sums with tile instructions instead
+ * (amx_sums below; the same int32 sums, so the same answers). LOOKALIKE_KERNEL_ISA=
+ * generic|avx2|avx512-vnni|avx512-amx (or set_isa) picks one (the tests run every path the CPU
+ * has).
  *
  * The module exports its constants (BLOCK, QUERY_BLOCK, MAX_TOP_N, QPARAMS, KIND_*, AGG_*) as
  * ints, so Python reads them from here instead of keeping copies; _kernels.pyi types every
@@ -70,6 +75,20 @@
 #define LK_X86 0
 #endif
 
+/* AMX needs a compiler that knows the tile instructions (GCC 11, Clang 12) and Linux, which
+ * hands the tile state to a process on request (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16). */
+#if LK_X86 && defined(__linux__) &&                                                            \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define LK_AMX_BUILD 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LK_AMX                                                                                 \
+    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+#else
+#define LK_AMX_BUILD 0
+#endif
+
 #define BLOCK 16
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
@@ -79,6 +98,7 @@ enum { AGG_MAX = 0, AGG_MEAN = 1, AGG_SUM_TOP_N = 2 };
 
 static int use_avx512 = 0;
 static int use_avx2 = 0; /* AVX2 + FMA + F16C, used when AVX-512 is not */
+static int use_amx = 0;  /* AMX-INT8 for the coarse sums of topk_batch (implies use_avx512) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* tables, filters, reservoirs                                                                 */
@@ -779,6 +799,175 @@ static inline int block_needs_refine(const Table *t, int64_t b, const float *sc,
     return m != 0;
 }
 
+/* After the coarse scores sc[k] of queries qs[0..nqb) for block b (int8; final scores for float
+ * tables): add the fine part where a coarse score could still enter the query's reservoir
+ * res[k] (see block_needs_refine), and offer the block's scores to it. */
+static inline void settle_block(const Table *t, const Query *qs, int nqb, Reservoir *res,
+                                int64_t b, float sc[QB][BLOCK]) {
+    for (int k = 0; k < nqb; k++) {
+        if (t->kind == KIND_INT8) {
+            if (!block_needs_refine(t, b, sc[k], reservoir_floor(&res[k]) - qs[k].gap)) continue;
+            refine_block(t, &qs[k], b, sc[k]);
+        }
+        offer_block(&res[k], t, b, sc[k]);
+    }
+}
+
+#if LK_AMX_BUILD
+/* AMX (Intel's Advanced Matrix Extensions; Intel Architecture Instruction Set Extensions
+ * Programming Reference, ch. 3). TDPBSUD C, A, B adds to the 16 x 16 int32 tile C the products
+ * of A, 16 rows x 64 signed bytes, with B, 16 rows of 16 x 4 unsigned bytes: C[m][s] +=
+ * sum_j A[m][j] B[j / 4][4 s + j % 4]. With A = one part (hi or lo) of 16 queries, 64 dims, and
+ * B = 16 dim groups of a block of codes, which the packed int8 layout already stores as B wants
+ * it (16 rows side by side per group of 4 dims, 1024 contiguous bytes per 64 dims), one
+ * instruction does 16 queries x 16 rows x 64 dims, the work of 16 VPDPBUSD. That leaves the
+ * batch pass bound by memory bandwidth even when it computes both parts for every row, so the
+ * AMX path scores fine (the single-query formula, bit for bit) and skips the coarse pass and
+ * its refinements (with 1,024 candidates a query, refinements took a third of a batch's time).
+ *
+ * The query matrix qa holds, per group of 16 queries, the 16 hi parts and then the 16 lo parts,
+ * each a row of dpa = 64 * ceil(dp / 64) bytes, zero past dp (zero rows past the batch). When
+ * dp is not a multiple of 64, the last B tile of a block reads up to 15 dim groups of the next
+ * block; they meet zero query bytes and add nothing, and the table's last block is never read
+ * that way (topk_batch scans it with the VNNI path, and uses AMX only when dp >= 64). Tiles:
+ * 0-3 the sums (hi, lo) x (2 blocks), 4-5 the query parts, 6-7 the two blocks' codes. */
+#define AMX_SPAN 2
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Whether this CPU has AMX-INT8, the OS enables its state (XCR0 bits 17-18) and Linux grants
+ * the tile data state to this process (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). */
+static int amx_probe(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1))
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    if ((lo & (3u << 17)) != (3u << 17)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+/* Configure every tile as 16 rows x 64 bytes (palette 1), in the calling thread. */
+LK_AMX static void amx_begin(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    /* not _tile_loadconfig: GCC 12's takes the config as an 8-byte memory operand, so the
+     * stores of the rest of it were deleted as dead (LDTILECFG then faulted) */
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+
+LK_AMX static void amx_end(void) { _tile_release(); }
+
+/* A (span, query group) whose sums are computed and whose scores are still to be offered. */
+typedef struct {
+    int64_t b0;  /* first block of the span */
+    int64_t q0;  /* first query of the group */
+    int nqb;     /* queries in the group */
+    int32_t (*sums)[2][QB][BLOCK]; /* [AMX_SPAN][2][QB][BLOCK] */
+} Pending;
+
+/* Offer items [from, to) of a pending span (item i * nqb + k: block b0 + i, query q0 + k) to the
+ * queries' reservoirs res[q0 + k]. Fine scores are computed as block_scores_avx512 computes
+ * them (bit for bit) and compared with the reservoir's floor in registers: most blocks of a
+ * long scan have no score above it. */
+LK_AVX512 static inline void offer_items(const Table *t, const Query *qs, Reservoir *res,
+                                         const Pending *p, int from, int to) {
+    for (int it = from; it < to; it++) {
+        const int i = it / p->nqb, k = it % p->nqb;
+        const Query *q = &qs[p->q0 + k];
+        Reservoir *h = &res[p->q0 + k];
+        const __m512 hs = _mm512_cvtepi32_ps(_mm512_loadu_si512(p->sums[i][0][k]));
+        const __m512 ls = _mm512_cvtepi32_ps(_mm512_loadu_si512(p->sums[i][1][k]));
+        const __m512 c = _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale), _mm512_set1_ps(q->bias));
+        const __m512 f = _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c);
+        unsigned m = _mm512_cmp_ps_mask(f, _mm512_set1_ps(h->floor), _CMP_GT_OQ);
+        if (!m) continue;
+        float sc[BLOCK];
+        _mm512_storeu_ps(sc, f);
+        const int64_t b = p->b0 + i;
+        while (m) {
+            const int s = __builtin_ctz(m);
+            m &= m - 1;
+            const int64_t row = b * BLOCK + s;
+            if (sc[s] > h->floor && row_ok(t, row)) reservoir_push(h, sc[s], row);
+        }
+    }
+}
+
+/* sums[i][p][m][s]: int32 sums of part p (0 hi, 1 lo) of query m of the group qa (see above)
+ * with row s of block b + i, i < AMX_SPAN (block b + AMX_SPAN must exist). When prev is not
+ * NULL its scores are offered meanwhile, a share after each 64-dim step: the tile unit runs
+ * the step's TDPBSUD while the core offers (a tile store waits for its sums, so offering
+ * between two calls left the tile unit idle: 64 queries at 1M x 512, ~42 ms of sums alone
+ * became ~64 ms with the offers after them). */
+LK_AMX static void amx_sums(const Table *t, const int8_t *qa, int64_t dpa, int64_t b,
+                            int32_t sums[AMX_SPAN][2][QB][BLOCK], const Query *qs,
+                            Reservoir *res, const Pending *prev) {
+    const int64_t bytes = t->dp * BLOCK; /* per block */
+    const uint8_t *x = (const uint8_t *)t->data + b * bytes;
+    const int8_t *qlo = qa + QB * dpa;
+    const int64_t steps = dpa / 64;
+    const int items = prev ? AMX_SPAN * prev->nqb : 0;
+    const int share = (int)((items + steps - 1) / steps);
+    int done = 0;
+    /* the tile intrinsics are asm statements that take addresses, not memory operands: the
+     * "memory" barriers tell the compiler that they read qa and the codes and write sums */
+    __asm__ volatile("" : : : "memory");
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < steps; k++) {
+        const uint8_t *p = x + k * 1024;
+        _tile_loadd(4, qa + k * 64, dpa);
+        _tile_loadd(6, p, 64);
+        _tile_dpbsud(0, 4, 6);
+        _tile_loadd(5, qlo + k * 64, dpa);
+        _tile_dpbsud(1, 5, 6);
+        _tile_loadd(7, p + bytes, 64);
+        _tile_dpbsud(2, 4, 7);
+        _tile_dpbsud(3, 5, 7);
+        if (done < items) {
+            const int to = done + share < items ? done + share : items;
+            offer_items(t, qs, res, prev, done, to);
+            done = to;
+        }
+    }
+    if (done < items) offer_items(t, qs, res, prev, done, items);
+    __asm__ volatile("" : : : "memory");
+    _tile_stored(0, sums[0][0], 64);
+    _tile_stored(1, sums[0][1], 64);
+    _tile_stored(2, sums[1][0], 64);
+    _tile_stored(3, sums[1][1], 64);
+    __asm__ volatile("" : : : "memory");
+}
+
+/* The query tiles of topk_batch (see above): int8 [ceil(nq / 16)][2][16][dpa], zero-padded;
+ * NULL when out of memory. */
+static int8_t *amx_queries(const Table *t, const Query *qs, int64_t nq, int64_t dpa) {
+    const int64_t groups = (nq + QB - 1) / QB;
+    int8_t *qa = (int8_t *)calloc((size_t)(groups * 2 * QB * dpa), 1);
+    if (!qa) return NULL;
+    for (int64_t k = 0; k < nq; k++) {
+        int8_t *g = qa + (k / QB) * 2 * QB * dpa;
+        memcpy(g + (k % QB) * dpa, qs[k].i8, (size_t)t->dp);
+        memcpy(g + (QB + k % QB) * dpa, qs[k].i8lo, (size_t)t->dp);
+    }
+    return qa;
+}
+#endif
+
 /* Interleave the queries group by group (see above): int8 -> int32 [groups][QB] per group of
  * QB queries, float -> float [d][QB]; a last partial group is zero-padded. */
 static void *interleave_queries(const Table *t, const Query *qs, int64_t nq, int64_t *stride) {
@@ -1252,6 +1441,7 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
     int64_t *rr_buf = NULL;
     void *inter = NULL;
     int64_t inter_stride = 0;
+    int8_t *qa = NULL; /* AMX query tiles */
     PyObject *result = NULL;
     int nt = 1;
     if (parse_table(&t, &b, kind, data, n, d, row_listing, lmask, alive, n_listings) < 0) goto done;
@@ -1294,6 +1484,19 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
         reservoirs[h].floor = has_floors ? (float)((double *)floors.buf)[h % nq] : -INFINITY;
     }
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    /* AMX scores blocks [0, first) in spans of AMX_SPAN; the per-block loop does the rest */
+    int64_t first = 0;
+#if LK_AMX_BUILD
+    const int64_t dpa = (t.dp + 63) / 64 * 64;
+    if (use_amx && t.kind == KIND_INT8 && t.dp >= 64 && blocks > AMX_SPAN) {
+        qa = amx_queries(&t, qs, nq, dpa);
+        if (!qa) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        first = (blocks - 1) / AMX_SPAN * AMX_SPAN; /* the last block is never in a span */
+    }
+#endif
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(nt)
     {
@@ -1303,22 +1506,38 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
 #endif
         Reservoir *mine = reservoirs + (int64_t)tid * nq;
         float sc[QB][BLOCK];
+#if LK_AMX_BUILD
+        if (first > 0) {
+            /* software-pipelined: a (span, query group)'s scores are offered while the tile
+             * unit computes the next one's sums (see amx_sums); sums[cur] receives the sums,
+             * sums[cur ^ 1] holds the pending item's */
+            int32_t sums[2][AMX_SPAN][2][QB][BLOCK] __attribute__((aligned(64)));
+            Pending pending = {0, 0, 0, NULL};
+            int cur = 0;
+            amx_begin();
 #pragma omp for schedule(static)
-        for (int64_t bi = 0; bi < blocks; bi++) {
+            for (int64_t b0 = 0; b0 < first; b0 += AMX_SPAN) {
+                for (int64_t q0 = 0; q0 < nq; q0 += QB) {
+                    amx_sums(&t, qa + q0 * 2 * dpa, dpa, b0, sums[cur], qs, mine,
+                             pending.sums ? &pending : NULL);
+                    pending.b0 = b0;
+                    pending.q0 = q0;
+                    pending.nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
+                    pending.sums = sums[cur];
+                    cur ^= 1;
+                }
+            }
+            if (pending.sums) offer_items(&t, qs, mine, &pending, 0, AMX_SPAN * pending.nqb);
+            amx_end();
+        }
+#endif
+#pragma omp for schedule(static)
+        for (int64_t bi = first; bi < blocks; bi++) {
             for (int64_t q0 = 0; q0 < nq; q0 += QB) {
-                int nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
+                const int nqb = (int)(nq - q0 < QB ? nq - q0 : QB);
                 block_scores_batch(&t, qs + q0, (const char *)inter + (q0 / QB) * inter_stride,
                                    nqb, bi, sc);
-                for (int k = 0; k < nqb; k++) {
-                    Reservoir *h = &mine[q0 + k];
-                    if (t.kind == KIND_INT8) {
-                        const Query *qk = &qs[q0 + k];
-                        if (!block_needs_refine(&t, bi, sc[k], reservoir_floor(h) - qk->gap))
-                            continue;
-                        refine_block(&t, qk, bi, sc[k]);
-                    }
-                    offer_block(h, &t, bi, sc[k]);
-                }
+                settle_block(&t, qs + q0, nqb, mine + q0, bi, sc);
             }
         }
     }
@@ -1345,6 +1564,7 @@ static PyObject *py_topk_batch(PyObject *self, PyObject *args) {
 done:
     free(qs);
     free(inter);
+    free(qa);
     free(reservoirs);
     if (has_floors) PyBuffer_Release(&floors);
     free(rs_buf);
@@ -1632,26 +1852,32 @@ static PyObject *py_info(PyObject *self, PyObject *noargs) {
 #ifdef _OPENMP
     max_threads = omp_get_max_threads();
 #endif
-    const char *isa = use_avx512 ? "avx512-vnni" : (use_avx2 ? "avx2" : "generic");
+    const char *isa =
+        use_amx ? "avx512-amx" : (use_avx512 ? "avx512-vnni" : (use_avx2 ? "avx2" : "generic"));
     return Py_BuildValue("{s:s,s:i,s:i}", "isa", isa,
                          "openmp", max_threads > 0 ? 1 : 0, "max_threads", max_threads);
 }
 
-static int avx512_supported = 0, avx2_supported = 0;
+static int avx512_supported = 0, avx2_supported = 0, amx_supported = 0;
 
-/* Select the kernels: "auto" (the best this CPU has), "avx512-vnni", "avx2" or "generic".
- * Returns 0, or -1 for an unknown or unsupported name. */
+/* Select the kernels: "auto" (the best this CPU has), "avx512-amx", "avx512-vnni", "avx2" or
+ * "generic". Returns 0, or -1 for an unknown or unsupported name. */
 static int select_isa(const char *name) {
     if (strcmp(name, "auto") == 0) {
         use_avx512 = avx512_supported;
         use_avx2 = avx2_supported;
+        use_amx = amx_supported;
     } else if (strcmp(name, "generic") == 0) {
-        use_avx512 = use_avx2 = 0;
+        use_avx512 = use_avx2 = use_amx = 0;
     } else if (strcmp(name, "avx2") == 0 && avx2_supported) {
-        use_avx512 = 0;
+        use_avx512 = use_amx = 0;
         use_avx2 = 1;
     } else if (strcmp(name, "avx512-vnni") == 0 && avx512_supported) {
         use_avx512 = 1;
+        use_avx2 = avx2_supported;
+        use_amx = 0;
+    } else if (strcmp(name, "avx512-amx") == 0 && amx_supported) {
+        use_avx512 = use_amx = 1;
         use_avx2 = avx2_supported;
     } else {
         return -1;
@@ -1670,6 +1896,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
+    if (amx_supported)
+        return Py_BuildValue("[ssss]", "generic", "avx2", "avx512-vnni", "avx512-amx");
     if (avx512_supported) return Py_BuildValue("[sss]", "generic", "avx2", "avx512-vnni");
     if (avx2_supported) return Py_BuildValue("[ss]", "generic", "avx2");
     return Py_BuildValue("[s]", "generic");
@@ -1704,6 +1932,10 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     avx2_supported = use_avx2;
     /* an AVX-512 CPU without AVX2 does not exist; keep the implication explicit */
     if (avx512_supported && !avx2_supported) avx512_supported = use_avx512 = 0;
+#endif
+#if LK_AMX_BUILD
+    /* the AMX path shares the AVX-512 kernels; asking Linux for the tile state only then */
+    amx_supported = use_amx = avx512_supported && amx_probe();
 #endif
     const char *isa = getenv("LOOKALIKE_KERNEL_ISA");
     if (isa) select_isa(isa); /* an unknown name keeps "auto" */

@@ -43,11 +43,12 @@ def set_isa(name: str, /) -> None:
     """
 
 def isas() -> list[str]:
-    """The kernel instruction sets this CPU supports: ``generic``, ``avx2``, ``avx512-vnni``."""
+    """The kernel instruction sets this CPU supports: ``generic``, ``avx2``, ``avx512-vnni``,
+    ``avx512-amx`` (AMX-INT8 tiles for the batch scan, where Linux grants the tile state)."""
 
 def info() -> _Info:
-    """The instruction set in use (``avx512-vnni``, ``avx2`` or ``generic``) and OpenMP
-    threads."""
+    """The instruction set in use (``avx512-amx``, ``avx512-vnni``, ``avx2`` or ``generic``)
+    and OpenMP threads."""
 
 def dot_rows(
     x: npt.NDArray[np.float32],
