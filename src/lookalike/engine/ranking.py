@@ -43,6 +43,11 @@ def order_hits(
     if k is not None and len(idx) > k:
         kth = np.partition(scores, len(scores) - k)[len(scores) - k]
         idx = np.flatnonzero(scores >= kth)  # keeps every row tied with the k-th
+    picked = scores[idx]
+    order = np.argsort(-picked, kind="stable")
+    ranked = picked[order]
+    if not np.any(ranked[1:] == ranked[:-1]):  # no ties: the keys cannot change the order
+        return idx[order][:k] if k is not None else idx[order]
     cand = rows[idx]
     lid = np.array([keys[r][0] for r in cand], dtype=object)
     iid = np.array([keys[r][1] for r in cand], dtype=object)
