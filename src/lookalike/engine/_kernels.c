@@ -38,8 +38,8 @@
  * Dispatch: AVX-512 (F, BW, VL, VNNI, F16C, FMA) and AVX2 (+ FMA, F16C) paths are compiled
  * with target attributes and chosen at run time with __builtin_cpu_supports; every kernel has a
  * portable C fallback. On CPUs with AMX-INT8 (Intel Sapphire Rapids and later), when Linux
- * grants the tile state, topk_batch computes its coarse sums with tile instructions instead
- * (amx_sums below; the same int32 sums, so the same answers). LOOKALIKE_KERNEL_ISA=
+ * grants the tile state, topk_batch computes the int32 sums of both query parts with tile
+ * instructions instead (amx_sums below; the same sums, so the same answers). LOOKALIKE_KERNEL_ISA=
  * generic|avx2|avx512-vnni|avx512-amx (or set_isa) picks one (the tests run every path the CPU
  * has).
  *
@@ -98,7 +98,7 @@ enum { AGG_MAX = 0, AGG_MEAN = 1, AGG_SUM_TOP_N = 2 };
 
 static int use_avx512 = 0;
 static int use_avx2 = 0; /* AVX2 + FMA + F16C, used when AVX-512 is not */
-static int use_amx = 0;  /* AMX-INT8 for the coarse sums of topk_batch (implies use_avx512) */
+static int use_amx = 0;  /* AMX-INT8 for the int8 sums of topk_batch (implies use_avx512) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* tables, filters, reservoirs                                                                 */
