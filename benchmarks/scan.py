@@ -425,7 +425,8 @@ def run_engines(
     for name, (_, many, _, _, _) in faiss_ix.items():
         fns[name] = many
     nbytes = {k: float(n * bpv.get(k, d)) for k in fns}
-    nbytes["int8-vnni"] = float(n * bpv["int8"])
+    if vnni:
+        nbytes["int8-vnni"] = nbytes["int8"]
     timing = race(fns, bw, nbytes, min_time=0.0, max_rounds=3, warmup=False)
     if "numpy" in timing:
         top = np.argpartition(queries @ x.T, -K, axis=1)[:, -K:]

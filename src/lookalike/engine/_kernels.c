@@ -225,11 +225,10 @@ static inline unsigned block_above(const float *sc, float floor) {
     return m;
 }
 
-/* Offer 16 scores of block b (rows b*16 ..) to a reservoir; only scores above its floor are
- * checked against the filter. */
-static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const float *sc) {
-    /* usually 0 once the reservoir has filled */
-    unsigned m = block_above(sc, reservoir_floor(h));
+/* Offer the scores sc[s] of block b (rows b*16 ..) with bit s set in m, the ones above the
+ * reservoir's floor, to the reservoir; only they are checked against the filter. */
+static inline void offer_above(Reservoir *h, const Table *t, int64_t b, const float *sc,
+                               unsigned m) {
     while (m) {
         const int s = __builtin_ctz(m);
         m &= m - 1;
@@ -237,6 +236,12 @@ static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const fl
         if (i >= t->n) break;
         if (sc[s] > reservoir_floor(h) && row_ok(t, i)) reservoir_push(h, sc[s], i);
     }
+}
+
+/* Offer 16 scores of block b to a reservoir (see offer_above). */
+static inline void offer_block(Reservoir *h, const Table *t, int64_t b, const float *sc) {
+    /* usually 0 once the reservoir has filled */
+    offer_above(h, t, b, sc, block_above(sc, reservoir_floor(h)));
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -323,6 +328,15 @@ LK_AVX512 static inline float dot_f32_avx512(const float *x, const float *q, int
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+/* The fine int8 scores of 16 rows from their int32 sums with the query's hi and lo parts
+ * (module docstring): one formula for the single-query kernel and the AMX batch, which must
+ * give the same floats. */
+LK_AVX512 static inline __m512 fine_avx512(__m512i hi, __m512i lo, const Query *q) {
+    const __m512 c = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(q->scale),
+                                     _mm512_set1_ps(q->bias));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(q->scale_lo), c);
+}
+
 LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_t b, float *sc) {
     const int64_t d = t->d;
     if (t->kind == KIND_FLOAT32) {
@@ -376,10 +390,7 @@ LK_AVX512 static void block_scores_avx512(const Table *t, const Query *q, int64_
             LK_DPB(h0, v, qh + g);
             LK_DPB(l0, v, ql + g);
         }
-        const __m512 hs = _mm512_cvtepi32_ps(_mm512_add_epi32(h0, h1));
-        const __m512 ls = _mm512_cvtepi32_ps(_mm512_add_epi32(l0, l1));
-        const __m512 c = _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale), _mm512_set1_ps(q->bias));
-        _mm512_storeu_ps(sc, _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c));
+        _mm512_storeu_ps(sc, fine_avx512(_mm512_add_epi32(h0, h1), _mm512_add_epi32(l0, l1), q));
     }
 }
 
@@ -878,30 +889,20 @@ typedef struct {
 } Pending;
 
 /* Offer items [from, to) of a pending span (item i * nqb + k: block b0 + i, query q0 + k) to the
- * queries' reservoirs res[q0 + k]. Fine scores are computed as block_scores_avx512 computes
- * them (bit for bit) and compared with the reservoir's floor in registers: most blocks of a
- * long scan have no score above it. */
+ * queries' reservoirs res[q0 + k]. The fine scores (fine_avx512) are compared with the
+ * reservoir's floor in registers first: most blocks of a long scan have no score above it. */
 LK_AVX512 static inline void offer_items(const Table *t, const Query *qs, Reservoir *res,
                                          const Pending *p, int from, int to) {
     for (int it = from; it < to; it++) {
         const int i = it / p->nqb, k = it % p->nqb;
-        const Query *q = &qs[p->q0 + k];
         Reservoir *h = &res[p->q0 + k];
-        const __m512 hs = _mm512_cvtepi32_ps(_mm512_loadu_si512(p->sums[i][0][k]));
-        const __m512 ls = _mm512_cvtepi32_ps(_mm512_loadu_si512(p->sums[i][1][k]));
-        const __m512 c = _mm512_fmadd_ps(hs, _mm512_set1_ps(q->scale), _mm512_set1_ps(q->bias));
-        const __m512 f = _mm512_fmadd_ps(ls, _mm512_set1_ps(q->scale_lo), c);
-        unsigned m = _mm512_cmp_ps_mask(f, _mm512_set1_ps(h->floor), _CMP_GT_OQ);
+        const __m512 f = fine_avx512(_mm512_loadu_si512(p->sums[i][0][k]),
+                                     _mm512_loadu_si512(p->sums[i][1][k]), &qs[p->q0 + k]);
+        const unsigned m = _mm512_cmp_ps_mask(f, _mm512_set1_ps(reservoir_floor(h)), _CMP_GT_OQ);
         if (!m) continue;
         float sc[BLOCK];
         _mm512_storeu_ps(sc, f);
-        const int64_t b = p->b0 + i;
-        while (m) {
-            const int s = __builtin_ctz(m);
-            m &= m - 1;
-            const int64_t row = b * BLOCK + s;
-            if (sc[s] > h->floor && row_ok(t, row)) reservoir_push(h, sc[s], row);
-        }
+        offer_above(h, t, p->b0 + i, sc, m);
     }
 }
 

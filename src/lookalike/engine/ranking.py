@@ -51,7 +51,7 @@ def order_hits(
     cand = rows[idx]
     lid = np.array([keys[r][0] for r in cand], dtype=object)
     iid = np.array([keys[r][1] for r in cand], dtype=object)
-    order = np.lexsort((iid, lid, -scores[idx].astype(np.float64)))
+    order = np.lexsort((iid, lid, -picked.astype(np.float64)))
     return idx[order][:k] if k is not None else idx[order]
 
 
