@@ -13,7 +13,14 @@ from lookalike.engine import NumpyEngine, SearchEngine, VectorCache, check_spec
 from lookalike.engine import _kernels as kernels
 from lookalike.engine.fast import FastEngine
 from lookalike.engine.gpu import TorchEngine
-from lookalike.engine.refine import RowFilter
+from lookalike.engine.refine import (
+    MAX_CANDIDATES_BATCH,
+    MIN_CANDIDATES_BATCH,
+    MIN_CANDIDATES_LEARNED,
+    NEEDED_WINDOW,
+    CandidateFloor,
+    RowFilter,
+)
 from lookalike.errors import QueryError
 from lookalike.types import Changes, SearchSpec
 
@@ -325,6 +332,57 @@ def test_proof_widens_when_ties_straddle_the_candidates(codes, grouped):
     assert got.rows.tolist() == want.rows.tolist()
     assert len(set(got.scores.tolist())) == 1  # all tied
     assert fast.widened == 1
+
+
+def test_candidate_floor_is_learned_from_the_needed_counts():
+    floor = CandidateFloor()
+    for _ in range(NEEDED_WINDOW // 4 - 1):
+        floor.record(50)
+    assert floor.value() == MIN_CANDIDATES_BATCH  # too few queries seen yet
+    floor.record(50)
+    assert floor.value() == MIN_CANDIDATES_LEARNED
+    floor.record(700)  # 1.5 x 700 = 1050, rounded up to a multiple of 128
+    assert floor.value() == 1152
+    floor.record(10**6)
+    assert floor.value() == MAX_CANDIDATES_BATCH
+    for _ in range(NEEDED_WINDOW - 1):  # the large counts leave the window...
+        floor.record(50)
+    assert floor.value() == MAX_CANDIDATES_BATCH
+    floor.record(50)  # ...one by one
+    assert floor.value() == MIN_CANDIDATES_LEARNED
+
+
+def test_batches_keep_as_many_candidates_as_their_queries_need():
+    """Ordinary queries need few candidates, so batches learn to keep few (cheaper reservoirs);
+    a query with 700 tied rows then needs more than that: it widens, its answer stays exact,
+    and the floor rises so that the next batch with it does not widen."""
+    rng = np.random.default_rng(8)
+    n, d = 300_000, 16  # n / 256 > MIN_CANDIDATES_BATCH: the learned floor is what counts
+    v = np.eye(d, dtype=np.float32)[0]  # only the tied rows have a first dimension
+    others = oracle.quantized(rng, n - 700, d)
+    others[:, 0] = 0
+    vectors = np.concatenate([np.tile(v, (700, 1)), others])
+    keys = [(f"L{i // 3:06d}", f"img{i:06d}") for i in range(n)]
+    cache = make_cache(keys, vectors)
+    fast, exact = FastEngine(cache, codes="int8"), NumpyEngine(cache)
+    spec = SearchSpec(k=10)
+    ordinary = oracle.quantized(rng, 64, d)
+    ordinary[:, 0] = 0
+    fast.search(ordinary, spec)
+    assert fast.widened == 0
+    assert fast.refiner.floor.value() == MIN_CANDIDATES_LEARNED
+    batch = np.concatenate([ordinary[:7], v[None]])
+    widened = []
+    for _ in range(2):
+        got = fast.search(batch, spec)
+        for q, g in zip(batch, got, strict=True):
+            w = exact.search(q, spec)[0]
+            assert g.rows.tolist() == w.rows.tolist()
+            assert g.scores.tolist() == w.scores.tolist()
+        widened.append(fast.widened)
+        assert fast.refiner.floor.value() >= 1.5 * 700
+    assert widened[0] > 0  # the first batch widened (its dense re-run counts too)...
+    assert widened[1] == widened[0]  # ...the second did not
 
 
 @pytest.mark.parametrize("codes", ["int8", "float16"])

@@ -29,8 +29,10 @@ Re-scoring, aggregation and top-k selection use the compiled kernels (``_kernels
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,8 +56,14 @@ KERNEL_AGG: dict[Aggregation, int] = {
 #: Candidates kept by the scan for one query, so that the exactness check rarely has to widen
 #: (only those that can matter are re-scored: see ``Refiner._rescore``).
 MIN_CANDIDATES = 256
-#: The same for queries of a batch, where widening costs a scan of its own.
+#: The same for queries of a batch, where widening costs a scan of its own, until the refiner
+#: has seen how many candidates its queries need (:class:`CandidateFloor`).
 MIN_CANDIDATES_BATCH = 1024
+#: The fewest candidates a batch query keeps once learned, and the most.
+MIN_CANDIDATES_LEARNED = 256
+MAX_CANDIDATES_BATCH = 4096
+#: Queries whose needed candidate counts :class:`CandidateFloor` looks back over.
+NEEDED_WINDOW = 256
 #: Candidates re-scored first, before the ones within the margin of the k-th score.
 MIN_RESCORE = 32
 
@@ -111,6 +119,41 @@ class Scratch:
         return buf[:size]
 
 
+class CandidateFloor:
+    """How many candidates each query of a batch keeps, learned from the queries searched.
+
+    A query's *needed* count is the number of rows whose scan score is within its margin of
+    its k-th exact score: the proof needs all of them among the candidates, else the query
+    widens with a dense scan of its own (~20 ms at 1M x 512 int8). Every candidate kept costs
+    the batch scan reservoir work for every query (1M x 512 non-negative, batch of 64 on the
+    AMX kernel: 66 ms at 256 candidates, 88 ms at 1,024), while crowded collections need many
+    (100 Gaussian clusters at 1M rows: 1,024 candidates take 99 ms; 256 take 1.4 s, nearly
+    every query widening). So the floor is 1.5 times the largest needed count of the last
+    :data:`NEEDED_WINDOW` top-k queries, rounded up to a multiple of 128, within
+    [:data:`MIN_CANDIDATES_LEARNED`, :data:`MAX_CANDIDATES_BATCH`]; before a quarter window is
+    seen, :data:`MIN_CANDIDATES_BATCH`. The floor changes only speed: answers are exact at
+    any floor. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._needed: deque[int] = deque(maxlen=NEEDED_WINDOW)
+        self._lock = threading.Lock()
+
+    def record(self, needed: int) -> None:
+        """Note one top-k query's needed candidate count (>= 0)."""
+        with self._lock:
+            self._needed.append(needed)
+
+    def value(self) -> int:
+        """The candidates a batch query should keep now (before clamping to the rows)."""
+        with self._lock:
+            if len(self._needed) < NEEDED_WINDOW // 4:
+                return MIN_CANDIDATES_BATCH
+            top = max(self._needed)
+        want = 128 * math.ceil(1.5 * top / 128)
+        return min(MAX_CANDIDATES_BATCH, max(MIN_CANDIDATES_LEARNED, want))
+
+
 class Scanner(Protocol):
     """What reads the codes for a :class:`Refiner`: scan scores of every row.
 
@@ -164,6 +207,7 @@ class Refiner:
         threads: threads of the aggregation kernel.
 
     Attributes:
+        floor: the candidates a batch query keeps (:class:`CandidateFloor`).
         widened: how many searches needed the proof's widening step (for tests, benchmarks).
         rescored: rows whose exact score was computed, over all searches (each row once per
             query; ``rescored / queries`` is the benchmarks' "rows re-scored per query").
@@ -178,6 +222,7 @@ class Refiner:
         self.rerank = max(1, int(rerank))
         self.threads = default_threads(threads)
         self.scratch = Scratch()
+        self.floor = CandidateFloor()
         self.widened = 0
         self.rescored = 0
         self.queries = 0
@@ -230,7 +275,9 @@ class Refiner:
         if lower is not None:
             self.widened += 1
             cand = np.flatnonzero(_at_least(dense, lower - margin))
-            res = self._rescore(cand, dense[cand], margin, spec, hits)
+            approx = dense[cand]
+            res = self._rescore(cand, approx, margin, spec, hits)
+        self._record_needed(res, approx, margin, spec.k)
         return res
 
     def _one_grouped(
@@ -265,9 +312,9 @@ class Refiner:
         n = self.cache.n_rows
         assert spec.k is not None
         prepared = [self.scanner.prepare(qv) for qv in q]
-        # at most 1024 candidates a query, fewer for short scans (a widening is cheap there,
-        # while large reservoirs for many queries would not stay in cache)
-        floor = min(MIN_CANDIDATES_BATCH, max(64, n // 256))
+        # as many candidates as recent queries needed (CandidateFloor), fewer for short scans
+        # (a widening is cheap there, while large reservoirs would not stay in cache)
+        floor = min(self.floor.value(), max(64, n // 256))
         kk = self._kk(spec.k, n, floor)
         floors = None
         if spec.threshold is not None:  # only rows that can pass the threshold are candidates
@@ -283,6 +330,8 @@ class Refiner:
             if self._must_widen(spec, res, full, bound) is not None:
                 self.widened += 1
                 res = self._one(qv, spec, rows)  # widens through the dense path
+            else:
+                self._record_needed(res, scan, margin, spec.k)
             out.append(res)
         return out
 
@@ -306,6 +355,13 @@ class Refiner:
         if t is None:  # fewer than k hits from a full candidate set: defensive, all rows
             return -np.inf
         return t if bound > t else None
+
+    def _record_needed(self, res: RawHits, approx: Scores, margin: float, k: int) -> None:
+        """Note how many of a proven top-k answer's candidates (scan scores ``approx``) were
+        within ``margin`` of its k-th exact score (:class:`CandidateFloor`)."""
+        if len(res.scores) >= k:
+            lower = np.float32(float(res.scores[k - 1]) - margin)
+            self.floor.record(int(np.count_nonzero(approx >= lower)))
 
     def _rescore(
         self,
