@@ -332,65 +332,80 @@ class CodeTable:
         return self._packed
 
     def prepare(self, q: np.ndarray) -> PreparedQuery:
-        """Turn a ``(d,) float32`` query into the kernel's form, with its error margin (call
-        :meth:`sync` first: the margin covers the rows encoded so far). The derivation is in
-        the module docstring."""
-        qn = float(np.linalg.norm(q))
-        rounding = 2 * gamma(self.dim) * self.max_norm * qn + 1e-7
-        if self.kind == _kernels.KIND_FLOAT32:
-            return PreparedQuery(np.ascontiguousarray(q, dtype=np.float32), 1.0, 0.0, rounding)
-        if self.kind == _kernels.KIND_FLOAT16:
-            margin = self.max_err_norm * qn + rounding
-            return PreparedQuery(np.ascontiguousarray(q, dtype=np.float32), 1.0, 0.0, margin)
-        lo, step, centre = self._fit
+        """Turn a ``(d,) float32`` query into the kernel's form, with its error margin
+        (:meth:`prepare_many` of one query)."""
+        return self.prepare_many(q[None])[0]
+
+    def prepare_many(self, q: np.ndarray) -> list[PreparedQuery]:
+        """Turn ``(m, d) float32`` queries into the kernel's form, each with its error margin
+        (call :meth:`sync` first: the margins cover the rows encoded so far). The derivation is
+        in the module docstring; the arithmetic runs on all queries at once (float64)."""
+        q = np.asarray(q, dtype=np.float32).reshape(-1, self.dim)
         q64 = q.astype(np.float64)
+        qn = np.sqrt((q64 * q64).sum(axis=1))
+        rounding = 2 * gamma(self.dim) * self.max_norm * qn + 1e-7
+        if self.kind != _kernels.KIND_INT8:
+            margin = rounding
+            if self.kind == _kernels.KIND_FLOAT16:
+                margin = self.max_err_norm * qn + rounding
+            return [
+                PreparedQuery(np.ascontiguousarray(v), 1.0, 0.0, float(m))
+                for v, m in zip(q, margin, strict=True)
+            ]
+        lo, step, centre = self._fit
         hi, b, r = _split(q64 * step)
         low, b_lo, delta = _split(r)
-        base = float(q64 @ lo)
-        fine_bias = base + float(delta @ centre)
-        coarse_bias = base + float(r @ centre)
+        base = q64 @ lo
+        fine_bias = base + delta @ centre
+        coarse_bias = base + r @ centre
         data_term = self.max_err_norm * qn
         magnitude = (
-            255.0 * (np.abs(hi).sum() / b + np.abs(low).sum() / b_lo)
-            + abs(fine_bias)
-            + abs(coarse_bias)
+            255.0 * (np.abs(hi).sum(axis=1) / b + np.abs(low).sum(axis=1) / b_lo)
+            + np.abs(fine_bias)
+            + np.abs(coarse_bias)
         )
-        evaluation = 16 * U32 * float(magnitude)
+        evaluation = 16 * U32 * magnitude
         slack = 1 + 1e-6  # the norms' own double-precision rounding
-        fine = (self.max_code_norm * float(np.linalg.norm(delta)) + data_term) * slack
-        coarse = (self.max_code_norm * float(np.linalg.norm(r)) + data_term) * slack
+        fine = (self.max_code_norm * np.sqrt((delta * delta).sum(axis=1)) + data_term) * slack
+        coarse = (self.max_code_norm * np.sqrt((r * r).sum(axis=1)) + data_term) * slack
         margin = fine + evaluation + rounding
         coarse_margin = coarse + evaluation + rounding
         # the kernel compares coarse scores with floor - gap in float32: |floor| is at most
         # a score plus its margin
         compare = 4 * U32 * (self.max_norm * qn + coarse_margin)
-        buf = np.zeros(2 * self.dp, dtype=np.int8)
-        buf[: self.dim] = hi.astype(np.int8)
-        buf[self.dp : self.dp + self.dim] = low.astype(np.int8)
-        return PreparedQuery(
-            buf,
-            1.0 / b,
-            fine_bias,
-            margin,
-            scale_lo=1.0 / b_lo,
-            coarse_offset=coarse_bias,
-            coarse_margin=coarse_margin,
-            gap=coarse_margin - margin + compare,
-        )
+        gap = coarse_margin - margin + compare
+        bufs = np.zeros((len(q), 2 * self.dp), dtype=np.int8)
+        bufs[:, : self.dim] = hi
+        bufs[:, self.dp : self.dp + self.dim] = low
+        return [
+            PreparedQuery(
+                bufs[i],
+                1.0 / float(b[i]),
+                float(fine_bias[i]),
+                float(margin[i]),
+                scale_lo=1.0 / float(b_lo[i]),
+                coarse_offset=float(coarse_bias[i]),
+                coarse_margin=float(coarse_margin[i]),
+                gap=float(gap[i]),
+            )
+            for i in range(len(q))
+        ]
 
     def nbytes(self) -> int:
         """Bytes held by the codes (0 for float32, which reads the cache's own array)."""
         return 0 if self.kind == _kernels.KIND_FLOAT32 else int(self._packed.nbytes)
 
 
-def _split(w: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """``w`` ``(d,) float64`` -> integer codes ``round(w b)`` in ``[-QUERY_LEVELS,
-    QUERY_LEVELS]`` (float64), the scale ``b = QUERY_LEVELS / max |w|`` (1 for a zero vector)
-    and the residual ``w - codes / b``."""
-    top = float(np.abs(w).max()) if len(w) else 0.0
-    b = QUERY_LEVELS / top if top > 0 else 1.0
-    codes = np.clip(np.rint(w * b), -QUERY_LEVELS, QUERY_LEVELS)
-    return codes, b, w - codes / b
+def _split(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``w`` ``(m, d) float64`` -> integer codes ``round(w b)`` in ``[-QUERY_LEVELS,
+    QUERY_LEVELS]`` ``(m, d) float64``, the scales ``b = QUERY_LEVELS / max |w|`` ``(m,)``
+    (1 for a zero row) and the residuals ``w - codes / b`` ``(m, d)``."""
+    top = np.abs(w).max(axis=1, initial=0.0)
+    b = QUERY_LEVELS / np.maximum(top, np.finfo(np.float64).tiny)
+    b[top == 0] = 1.0
+    codes = np.rint(w * b[:, None])
+    np.clip(codes, -QUERY_LEVELS, QUERY_LEVELS, out=codes)
+    return codes, b, w - codes / b[:, None]
 
 
 def fit_affine(x: np.ndarray, dim: int) -> np.ndarray:

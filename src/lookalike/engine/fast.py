@@ -51,6 +51,10 @@ class KernelScanner:
         """The table's form of the ``(d,) float32`` query, with its margin."""
         return self.table.prepare(q)
 
+    def prepare_many(self, q: npt.NDArray[np.float32]) -> list[PreparedQuery]:
+        """:meth:`prepare` of each query of ``(m, d) float32``, computed together."""
+        return self.table.prepare_many(q)
+
     def _row_listing(self, rows: RowFilter) -> npt.NDArray[np.int32] | None:
         return self.cache.row_listing if rows.lmask is not None else None
 

@@ -74,9 +74,15 @@ class TorchScanner:
 
     def prepare(self, q: npt.NDArray[np.float32]) -> PreparedQuery:
         """The float32 query, its margin widened by TF32 rounding when torch may use it."""
-        prepared = self.table.prepare(q)
+        return self.prepare_many(q[None])[0]
+
+    def prepare_many(self, q: npt.NDArray[np.float32]) -> list[PreparedQuery]:
+        """:meth:`prepare` of each query of ``(m, d) float32``, computed together."""
+        prepared = self.table.prepare_many(q)
         if self.device.type == "cuda" and self.torch.backends.cuda.matmul.allow_tf32:
-            prepared.margin += 2.0**-11 * self.table.max_norm * float(np.linalg.norm(q))
+            norms = np.linalg.norm(q.astype(np.float64), axis=1)
+            for p, qn in zip(prepared, norms, strict=True):
+                p.margin += 2.0**-11 * self.table.max_norm * float(qn)
         return prepared
 
     def _keep(self, rows: RowFilter) -> Any:

@@ -171,6 +171,10 @@ class Scanner(Protocol):
         """The query ``(d,) float32`` in scan form, its margin covering this scanner's error."""
         ...
 
+    def prepare_many(self, q: npt.NDArray[np.float32]) -> list[PreparedQuery]:
+        """:meth:`prepare` of each query of ``(m, d) float32``, computed together."""
+        ...
+
     def dense(self, prepared: PreparedQuery, rows: RowFilter) -> Scores:
         """``(n_rows,) float32`` scan scores, ``-inf`` where excluded (a scratch buffer: copy
         to keep)."""
@@ -311,7 +315,7 @@ class Refiner:
     ) -> list[RawHits]:
         n = self.cache.n_rows
         assert spec.k is not None
-        prepared = [self.scanner.prepare(qv) for qv in q]
+        prepared = self.scanner.prepare_many(q)
         # as many candidates as recent queries needed (CandidateFloor), fewer for short scans
         # (a widening is cheap there, while large reservoirs would not stay in cache)
         floor = min(self.floor.value(), max(64, n // 256))
