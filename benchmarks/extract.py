@@ -3,7 +3,8 @@
 Writes an enlarged demo collection (real photos, seeded variants) to a temp folder, then
 indexes it into fresh catalogs with each extractor and several worker counts, and measures the
 pieces on their own: decode + preprocess in one process, and the cnn model alone through ONNX
-Runtime and through eager torch (the peer that ONNX Runtime replaces), on the same batch.
+Runtime and through eager torch (the peer that ONNX Runtime replaces), on the same batch; the
+``cnn-int8`` extractor (the same network quantized to 8-bit integers) end to end and alone.
 
 The two ways to make the cnn ONNX file are compared in the same run: the torch-free converter
 (``export_onnx``: weights read with the restricted unpickler, graph built with batch norm
@@ -42,7 +43,7 @@ def index_rate(photos: Path, extractor: str, workers: int, batch_size: int) -> d
         lookalike.open_catalog(Path(tmp) / "cat", extractor=extractor) as cat,
     ):
         cat.extractor.embed_images([])  # load the model outside the timing
-        if extractor == "cnn":
+        if extractor.startswith("cnn"):
             cat.extractor.embed(np.zeros((1, 224, 224, 3), np.uint8))
         t0 = time.perf_counter()
         report = cat.index([photos], workers=workers, batch_size=batch_size)
@@ -71,8 +72,8 @@ def decode_rate(photos: Path, extractor: str) -> dict:
     }
 
 
-def model_rate(device: str, batch: np.ndarray, repeats: int) -> dict:
-    ext = get_extractor("cnn", device=device)
+def model_rate(device: str, batch: np.ndarray, repeats: int, name: str = "cnn") -> dict:
+    ext = get_extractor(name, device=device)
     ext.embed(batch[:2])  # load + warm up
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -80,7 +81,7 @@ def model_rate(device: str, batch: np.ndarray, repeats: int) -> dict:
     seconds = time.perf_counter() - t0
     n = len(batch) * repeats
     return {
-        "name": f"cnn model only, {ext.device}, batch {len(batch)}",
+        "name": f"{name} model only, {ext.device}, batch {len(batch)}",
         "images": n,
         "seconds": round(seconds, 3),
         "images_per_s": round(n / seconds, 1),
@@ -160,6 +161,7 @@ def main() -> None:
         if not args.models_only:
             for workers in sorted({cores, 1, 0}, reverse=True):
                 rows.append(index_rate(photos, "cnn", workers, args.batch_size))
+            rows.append(index_rate(photos, "cnn-int8", cores, args.batch_size))
             rows.append(index_rate(photos, "hog", cores, args.batch_size))
             rows.append(index_rate(photos, "colorhist", cores, args.batch_size))
             rows.append(decode_rate(photos, "cnn"))
@@ -172,9 +174,10 @@ def main() -> None:
         )
     graphs = onnx_graphs(batch, args.rounds)  # first: it times the import of torch
     onnx = model_rate("cpu", batch, repeats=args.rounds)
+    int8 = model_rate("cpu", batch, repeats=args.rounds, name="cnn-int8")
     eager = model_rate("torch-cpu", batch, repeats=1)
     onnx["vs_torch_eager"] = round(onnx["images_per_s"] / eager["images_per_s"], 1)
-    rows += [onnx, eager, *graphs]
+    rows += [onnx, int8, eager, *graphs]
 
     if args.json:
         for row in rows:

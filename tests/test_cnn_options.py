@@ -1,10 +1,12 @@
 """The cnn descriptor options: the version string names them exactly (the original one
 unchanged), each fit keeps what it promises of the photo, flips and scales combine as
-documented, and the other Lite models' real weights give the reference's features."""
+documented, the other Lite models' real weights give the reference's features, and the int8
+network runs as its own extractor, ``cnn-int8``."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -12,10 +14,12 @@ import torch
 from PIL import Image, ImageOps
 from skimage import data
 
-from lookalike.errors import LookalikeError
+import lookalike
+from lookalike.errors import LookalikeError, ModelMismatchError
 from lookalike.extract import get_extractor, l2_normalize
 from lookalike.extract.cnn import ONNX_TOLERANCE, build_torch_model, scale_input
 from lookalike.extract.cnn_options import PAD_FILL, CnnOptions, GraphSpec
+from lookalike.images import load_image
 
 ORIGINAL = "efficientnet-lite0-0.1.0-gap/1"
 
@@ -183,7 +187,6 @@ def test_the_default_beats_the_original_on_a_labelled_set(tmp_path):
     from lookalike import evalsets
     from lookalike.evaluate import average_precision
     from lookalike.extract.cnn import DEFAULT_OPTIONS
-    from lookalike.images import load_image
 
     fashion = evalsets.fashion_mnist(tmp_path, per_class=30)
     if fashion is None:
@@ -238,3 +241,60 @@ def test_the_int8_option_runs_a_quantized_network(cat, tmp_path, monkeypatch):
         get_extractor("cnn", device="torch-cpu", int8=True).embed(
             np.zeros((1, 224, 224, 3), np.uint8)
         )
+
+
+def test_a_cnn_int8_catalog_indexes_searches_and_keeps_its_extractor(demo_dir, tmp_path):
+    """``lookalike index --extractor cnn-int8`` makes a catalog of the int8 network's vectors;
+    reopened without naming an extractor it embeds queries with the same network (the held-out
+    photo finds its own listing), and it refuses ``cnn`` vectors (a catalog holds one
+    extractor's)."""
+    from test_cli import cli
+
+    path = tmp_path / "cat"
+    out = cli(
+        "index",
+        str(demo_dir / "photos"),
+        "--catalog",
+        str(path),
+        "--extractor",
+        "cnn-int8",
+        "--format",
+        "json",
+        "--no-progress",
+    )
+    assert json.loads(out.stdout)["added"] == 84
+    hits = json.loads(
+        cli(
+            "search",
+            str(demo_dir / "queries" / "chelsea" / "q-01.jpg"),
+            "--catalog",
+            str(path),
+            "--format",
+            "json",
+        ).stdout
+    )["hits"]
+    assert hits[0]["listing_id"] == "chelsea"
+    with lookalike.open_catalog(path) as cat:
+        assert cat.model == get_extractor("cnn-int8").info
+        assert cat.model.version == "efficientnet-lite0-0.1.0-pad-gem3-int8w7/1"
+        vector = cat.get_image_vector("chelsea/chelsea-01.jpg")
+        ext = get_extractor("cnn-int8")
+        photo = demo_dir / "photos" / "chelsea" / "chelsea-01.jpg"
+        image = load_image(photo, draft_size=ext.draft_size).image  # as index decodes it
+        np.testing.assert_allclose(ext.embed_images([image])[0], vector, atol=1e-6)
+    with pytest.raises(ModelMismatchError):
+        lookalike.open_catalog(path, extractor="cnn")
+    assert "cnn-int8" in cli("extractors").stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "cuda"}, "CPU only"),
+        ({"int8": False}, "int8 networks only"),
+        ({"version": "efficientnet-lite0-0.1.0-pad-gem3/1"}, "int8 networks only"),
+    ],
+)
+def test_cnn_int8_refuses_a_gpu_or_a_float_network(kwargs, message):
+    with pytest.raises(LookalikeError, match=message):
+        get_extractor("cnn-int8", **kwargs)

@@ -19,7 +19,7 @@ from ..errors import (
     ModelVersionError,
     NotFoundError,
 )
-from ..extract import BaseExtractor, available_extractors, get_extractor
+from ..extract import NETWORK_EXTRACTORS, BaseExtractor, available_extractors, get_extractor
 from ..images import decode_image, read_bytes
 from ..store import Store
 from ..types import (
@@ -147,12 +147,12 @@ class CatalogBase:
         return ext
 
     def make_extractor(self, name: str) -> BaseExtractor:
-        """A new extractor ``name`` with this catalog's device (``cnn``).
+        """A new extractor ``name`` with this catalog's device (the network extractors).
 
         Raises:
             LookalikeError: unknown name.
         """
-        options = {"device": self.device} if name == "cnn" else {}
+        options = {"device": self.device} if name in NETWORK_EXTRACTORS else {}
         return get_extractor(name, **options)
 
     def _check_model(self, info: ModelInfo, stored: ModelInfo | None = None) -> None:

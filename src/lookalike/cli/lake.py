@@ -80,7 +80,7 @@ def spark_extract(
         str, typer.Option("--input", help="Manifest (.parquet/.csv) with listing_id,image_id,path.")
     ],
     out_dir: Annotated[str, typer.Option("--out", help="Lake folder to write.")],
-    extractor: Annotated[str, typer.Option(help="cnn, hog or colorhist.")] = "cnn",
+    extractor: Annotated[str, typer.Option(help="cnn, cnn-int8, hog or colorhist.")] = "cnn",
     parts: Annotated[
         int, typer.Option(min=1, help="Partitions of features (hash of listing_id); also tasks.")
     ] = DEFAULT_PARTS,

@@ -43,7 +43,7 @@ def reindex(
         str,
         typer.Option(
             help="Extractor to move to: the catalog's own by default (as this install makes "
-            "it); another one (cnn, hog, colorhist) migrates the catalog to it."
+            "it); another one (cnn, cnn-int8, hog, colorhist) migrates the catalog to it."
         ),
     ] = "",
     batch_size: Annotated[

@@ -62,9 +62,9 @@ def index(
     extractor: Annotated[
         str,
         typer.Option(
-            help="Extractor for a new catalog: cnn (EfficientNet-Lite0, 1280-d), hog (1764-d), "
-            "colorhist (512-d); `lookalike extractors` lists them. An existing catalog keeps "
-            "its own."
+            help="Extractor for a new catalog: cnn (EfficientNet-Lite0, 1280-d), cnn-int8 (the "
+            "same network in 8-bit integers: CPU only, ~1.6x faster), hog (1764-d), colorhist "
+            "(512-d); `lookalike extractors` lists them. An existing catalog keeps its own."
         ),
     ] = "",
     workers: Annotated[

@@ -38,7 +38,7 @@ import numpy as np
 from ..catalog import DEFAULT_K
 from ..engine import NumpyEngine, VectorCache, check_queries, check_spec, parse_where
 from ..errors import ImageError, LookalikeError, QueryError
-from ..extract import l2_normalize
+from ..extract import NETWORK_EXTRACTORS, l2_normalize
 from ..lake import read_model
 from ..types import Changes, Hit, ListingRecord, SearchResult, SearchSpec
 
@@ -104,7 +104,7 @@ def _extract_batches(batches: Iterator[Any], extractor_name: str) -> Iterator[An
         # ONNX Runtime would start one thread per core in every Python worker; a task owns
         # spark.task.cpus cores (1 by default), so use that many
         ctx = TaskContext.get()
-        options = {"threads": ctx.cpus()} if extractor_name == "cnn" and ctx else {}
+        options = {"threads": ctx.cpus()} if extractor_name in NETWORK_EXTRACTORS and ctx else {}
         ext = _EXTRACTORS[extractor_name] = get_extractor(extractor_name, **options)
     for frame in batches:
         prepared = []
