@@ -14,7 +14,7 @@ name        d      what
 ========== ====== ===========================================================================
 ``cnn``     1280   EfficientNet-Lite0 (ImageNet), whole photo padded to a square, GeM pooling
                    (options and versions: :mod:`.cnn_options`)
-``cnn-int8`` 1280  the same on the network quantized to 8-bit integers (CPU, ~1.45x faster)
+``cnn-int8`` 1280  the same on the network quantized to 8-bit integers (CPU only, ~1.6x faster)
 ``hog``     1764   OpenCV histogram of oriented gradients, 128x128 grey window
 ``colorhist`` 512  8x8x8 HSV colour histogram (a baseline for evaluations)
 ========== ====== ===========================================================================
