@@ -33,7 +33,7 @@ import numpy as np
 
 import lookalike
 from lookalike.demo import write_demo
-from lookalike.extract import get_extractor
+from lookalike.extract import NETWORK_EXTRACTORS, get_extractor
 from lookalike.images import iter_folder, load_image
 
 
@@ -43,7 +43,7 @@ def index_rate(photos: Path, extractor: str, workers: int, batch_size: int) -> d
         lookalike.open_catalog(Path(tmp) / "cat", extractor=extractor) as cat,
     ):
         cat.extractor.embed_images([])  # load the model outside the timing
-        if extractor.startswith("cnn"):
+        if extractor in NETWORK_EXTRACTORS:
             cat.extractor.embed(np.zeros((1, 224, 224, 3), np.uint8))
         t0 = time.perf_counter()
         report = cat.index([photos], workers=workers, batch_size=batch_size)

@@ -401,8 +401,7 @@ def _split(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     QUERY_LEVELS]`` ``(m, d) float64``, the scales ``b = QUERY_LEVELS / max |w|`` ``(m,)``
     (1 for a zero row) and the residuals ``w - codes / b`` ``(m, d)``."""
     top = np.abs(w).max(axis=1, initial=0.0)
-    b = QUERY_LEVELS / np.maximum(top, np.finfo(np.float64).tiny)
-    b[top == 0] = 1.0
+    b = np.divide(QUERY_LEVELS, top, out=np.ones_like(top), where=top > 0)
     codes = np.rint(w * b[:, None])
     np.clip(codes, -QUERY_LEVELS, QUERY_LEVELS, out=codes)
     return codes, b, w - codes / b[:, None]
